@@ -1,0 +1,97 @@
+"""Assemble a GPT disk image from a labeled root tree, with no mount, loop device or
+device-mapper: every filesystem is written straight into the image file.
+
+    1  BIOS boot   1 MiB    GRUB's core.img for BIOS
+    2  ESP       128 MiB    FAT32, GRUB at the removable-media path EFI/BOOT/BOOTX64.EFI
+    3  root      the rest   ext4 filled from the tree by mkfs.ext4 -d, which keeps
+                            the security.selinux labels
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import bootloader
+from .run import run
+
+MiB = 2**20
+SECTOR = 512
+GPT_BACKUP = 33 * SECTOR        # backup GPT header and entries at the end of the disk
+BIOS_BOOT = (1 * MiB, 1 * MiB)  # (offset, size)
+ESP = (2 * MiB, 128 * MiB)
+ROOT_START = ESP[0] + ESP[1]
+X86_64_ROOT_TYPE = "4f68bce3-e8cd-4db1-96e7-fbcaf984b709"  # discoverable partitions spec
+
+
+@dataclass(frozen=True)
+class Layout:
+    disk_size: int
+    root_uuid: str
+    esp_serial: str       # FAT volume serial, 8 hex digits; fstab writes it as XXXX-XXXX
+
+    @property
+    def root(self) -> tuple[int, int]:
+        end = (self.disk_size - GPT_BACKUP) // MiB * MiB
+        return ROOT_START, end - ROOT_START
+
+    @property
+    def esp_uuid(self) -> str:
+        return f"{self.esp_serial[:4]}-{self.esp_serial[4:]}".upper()
+
+
+def new_layout(disk_size: int) -> Layout:
+    return Layout(disk_size=disk_size, root_uuid=str(uuid.uuid4()), esp_serial=uuid.uuid4().hex[:8])
+
+
+def write_fstab(tree: Path, layout: Layout) -> None:
+    (tree / "etc/fstab").write_text(
+        "# Written by the image pipeline: root and ESP by UUID.\n"
+        f"UUID={layout.root_uuid} / ext4 defaults,errors=remount-ro 0 1\n"
+        f"UUID={layout.esp_uuid} /boot/efi vfat umask=0077,nofail 0 2\n")
+
+
+def create_mount_points(tree: Path) -> None:
+    """DIB's tar has no /proc and /sys; without them the image cannot boot."""
+    for name, mode in (("proc", 0o555), ("sys", 0o555), ("dev", 0o755), ("run", 0o755),
+                       ("tmp", 0o1777), ("boot/efi", 0o700)):
+        path = tree / name
+        path.mkdir(parents=True, exist_ok=True)
+        path.chmod(mode)
+
+
+def _partition(disk: Path, layout: Layout) -> None:
+    def sectors(offset_size: tuple[int, int]) -> str:
+        offset, size = offset_size
+        return f"{offset // SECTOR}:{(offset + size) // SECTOR - 1}"
+
+    run(["sgdisk", "--clear",
+         "--new", f"1:{sectors(BIOS_BOOT)}", "--typecode", "1:ef02", "--change-name", "1:bios-boot",
+         "--new", f"2:{sectors(ESP)}", "--typecode", "2:ef00", "--change-name", "2:esp",
+         "--new", f"3:{sectors(layout.root)}", "--typecode", f"3:{X86_64_ROOT_TYPE}",
+         "--change-name", "3:root", disk])
+
+
+def _esp(work: Path, layout: Layout, efi_binary: Path) -> Path:
+    image = work / "esp.img"
+    run(["mkfs.vfat", "-F", "32", "-n", "ESP", "-i", layout.esp_serial, "-C", image, ESP[1] // 1024])
+    run(["mmd", "-i", image, "::/EFI", "::/EFI/BOOT"])
+    run(["mcopy", "-i", image, efi_binary, "::/EFI/BOOT/BOOTX64.EFI"])
+    return image
+
+
+def assemble(tree: Path, work: Path, layout: Layout, disk: Path) -> None:
+    """Write the partitioned, bootable raw disk image `disk` from the labeled tree."""
+    with open(disk, "wb") as f:
+        f.truncate(layout.disk_size)
+    _partition(disk, layout)
+    bios_core, efi_binary = bootloader.make_core_images(tree, work, layout.root_uuid)
+    esp = _esp(work, layout, efi_binary)
+    run(["dd", f"if={esp}", f"of={disk}", "bs=1M", f"seek={ESP[0] // MiB}", "conv=notrunc,sparse",
+         "status=none"])
+    esp.unlink()
+    offset, size = layout.root
+    run(["mkfs.ext4", "-q", "-F", "-L", "root", "-U", layout.root_uuid, "-d", tree,
+         "-E", f"offset={offset},nodiscard", disk, f"{size // 1024}k"])
+    bootloader.bios_setup(disk, tree, bios_core, *BIOS_BOOT)

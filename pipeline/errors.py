@@ -1,0 +1,35 @@
+"""Errors a user can act on. Each renders as one line, with no traceback."""
+
+
+class PipelineError(Exception):
+    """A problem the user can fix; the message is the whole story."""
+
+
+class SpecError(PipelineError):
+    """An image spec or profile is wrong. Names the file, the image and the key."""
+
+    def __init__(self, path, image: str | None, key: str | None, problem: str):
+        where = str(path)
+        if image:
+            where += f": image {image!r}"
+        if key:
+            where += f": key {key!r}"
+        super().__init__(f"{where}: {problem}")
+
+
+class ToolMissing(PipelineError):
+    """A host command is not installed."""
+
+
+class CommandFailed(PipelineError):
+    """A subprocess exited non-zero."""
+
+    def __init__(self, argv: list[str], returncode: int, detail: str = ""):
+        import shlex
+
+        self.argv = argv
+        self.returncode = returncode
+        message = f"command failed (exit {returncode}): {shlex.join(argv)}"
+        if detail:
+            message += f": {detail}"
+        super().__init__(message)

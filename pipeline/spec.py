@@ -1,0 +1,274 @@
+"""Declarative image specs (images.toml), loaded into typed, validated objects.
+
+Everything is checked before anything is built; each error names the file,
+the image and the key.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+from .errors import SpecError
+from .paths import DIB_ELEMENTS, ELEMENTS, PROFILES, SPEC_FILE
+
+DISTRO_ELEMENT = {"debian": "debian-minimal"}
+PACKAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
+KERNEL_ARG = re.compile(r"^[A-Za-z0-9_.,:=/+@-]+$")
+SIZE = re.compile(r"^(\d+)\s*(MiB|GiB|M|G)$")
+UNITS = {"M": 2**20, "MiB": 2**20, "G": 2**30, "GiB": 2**30}
+MIN_DISK = 2 * 2**30
+MAX_DISK = 2 * 2**40
+
+
+class SelinuxMode(StrEnum):
+    ENFORCING = "enforcing"
+    PERMISSIVE = "permissive"
+
+
+class OutputFormat(StrEnum):
+    QCOW2 = "qcow2"
+    RAW = "raw"
+
+
+@dataclass(frozen=True)
+class Mirrors:
+    debian: str = "http://deb.debian.org/debian"
+    security: str = "http://deb.debian.org/debian-security"
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    name: str
+    description: str
+    distro: str
+    release: str
+    elements: tuple[str, ...]
+    packages: tuple[str, ...]
+    tuned_profile: str
+    profile_dirs: tuple[Path, ...]
+    selinux: SelinuxMode
+    kernel_args: tuple[str, ...]
+    disk_size: int
+    formats: tuple[OutputFormat, ...]
+    mirrors: Mirrors
+    source: Path = field(compare=False)
+
+    @property
+    def distro_element(self) -> str:
+        return DISTRO_ELEMENT[self.distro]
+
+    @property
+    def profile_dir(self) -> Path:
+        """The directory that holds tuned_profile (validated at load time)."""
+        return next(d for d in self.profile_dirs if (d / self.tuned_profile / "tuned.conf").is_file())
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["profile_dirs"] = [str(p) for p in self.profile_dirs]
+        data["source"] = str(self.source)
+        return data
+
+
+@dataclass(frozen=True)
+class SpecFile:
+    path: Path
+    default: str
+    images: dict[str, ImageSpec]
+
+    def get(self, name: str | None) -> ImageSpec:
+        name = name or self.default
+        if name not in self.images:
+            known = ", ".join(sorted(self.images))
+            raise SpecError(self.path, None, None, f"unknown image {name!r}; known images: {known}")
+        return self.images[name]
+
+
+def known_elements() -> set[str]:
+    found = set()
+    for root in (ELEMENTS, DIB_ELEMENTS):
+        found |= {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("_")}
+    return found
+
+
+# --- one parser per key: (raw value, context) -> typed value, raising ValueError
+
+
+def _text(value: Any, _ctx) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("must be a non-empty string")
+    return value
+
+
+def _string_list(value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError("must be a list of strings")
+    return value
+
+
+def _distro(value: Any, _ctx) -> str:
+    if value not in DISTRO_ELEMENT:
+        raise ValueError(f"unsupported distro {value!r}; supported: {', '.join(DISTRO_ELEMENT)}")
+    return value
+
+
+def _release(value: Any, _ctx) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[a-z]+", value):
+        raise ValueError(f"release must be a code name such as 'bookworm', not {value!r}")
+    return value
+
+
+def _elements(value: Any, _ctx) -> tuple[str, ...]:
+    names = _string_list(value)
+    if not names:
+        raise ValueError("must name at least one element")
+    unknown = sorted(set(names) - known_elements())
+    if unknown:
+        raise ValueError(f"unknown element(s) {', '.join(unknown)}: not in {ELEMENTS} or diskimage-builder")
+    return tuple(names)
+
+
+def _packages(value: Any, _ctx) -> tuple[str, ...]:
+    names = _string_list(value)
+    bad = [n for n in names if not PACKAGE_NAME.match(n)]
+    if bad:
+        raise ValueError(f"not a Debian package name: {', '.join(bad)}")
+    return tuple(names)
+
+
+def _profile_dirs(value: Any, ctx) -> tuple[Path, ...]:
+    dirs = [(ctx["base"] / p).resolve() for p in _string_list(value)]
+    for d in dirs:
+        if not d.is_dir():
+            raise ValueError(f"profile directory {d} does not exist")
+    return (*dirs, PROFILES)
+
+
+def _selinux(value: Any, _ctx) -> SelinuxMode:
+    try:
+        return SelinuxMode(value)
+    except ValueError:
+        raise ValueError(f"must be one of {', '.join(SelinuxMode)}, not {value!r}") from None
+
+
+def _kernel_args(value: Any, _ctx) -> tuple[str, ...]:
+    args = _string_list(value)
+    for arg in args:
+        if not KERNEL_ARG.match(arg):
+            raise ValueError(f"kernel argument {arg!r} has a character (quote, space, newline, ...) "
+                             "that would break the bootloader configuration")
+    return tuple(args)
+
+
+def parse_size(value: Any) -> int:
+    match = SIZE.match(value) if isinstance(value, str) else None
+    if not match:
+        raise ValueError(f"size must look like '3GiB' or '2048MiB', not {value!r}")
+    size = int(match[1]) * UNITS[match[2]]
+    if not MIN_DISK <= size <= MAX_DISK:
+        raise ValueError(f"size {value} is outside 2GiB..2TiB")
+    return size
+
+
+def _disk_size(value: Any, _ctx) -> int:
+    return parse_size(value)
+
+
+def _formats(value: Any, _ctx) -> tuple[OutputFormat, ...]:
+    names = _string_list(value)
+    try:
+        formats = tuple(OutputFormat(n) for n in names)
+    except ValueError:
+        raise ValueError(f"formats must be among {', '.join(OutputFormat)}, not {names}") from None
+    if OutputFormat.QCOW2 not in formats:
+        raise ValueError("formats must include qcow2 (the artifact that is checked and boot-tested)")
+    return formats
+
+
+def check_url(url: Any) -> str:
+    parts = urlsplit(url) if isinstance(url, str) else None
+    if not parts or parts.scheme not in ("http", "https") or not parts.hostname or " " in url:
+        raise ValueError(f"not an http(s) URL: {url!r}")
+    return url.rstrip("/")
+
+
+def _mirrors(value: Any, _ctx) -> Mirrors:
+    if not isinstance(value, dict):
+        raise ValueError("must be a table")
+    unknown = set(value) - set(Mirrors.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown mirror {', '.join(sorted(unknown))}; known: debian, security")
+    checked = {}
+    for key, url in value.items():
+        try:
+            checked[key] = check_url(url)
+        except ValueError as error:
+            raise ValueError(f"{key}: {error}") from None
+    return Mirrors(**checked)
+
+
+# key -> (parser, default or REQUIRED). One table drives parsing and the docs in images.toml.
+REQUIRED = object()
+KEYS: dict[str, tuple[Callable[[Any, dict], Any], Any]] = {
+    "description": (_text, ""),
+    "distro": (_distro, "debian"),
+    "release": (_release, "bookworm"),
+    "elements": (_elements, REQUIRED),
+    "packages": (_packages, []),
+    "tuned_profile": (_text, REQUIRED),
+    "profile_dirs": (_profile_dirs, []),
+    "selinux": (_selinux, "enforcing"),
+    "kernel_args": (_kernel_args, []),
+    "disk_size": (_disk_size, "3GiB"),
+    "formats": (_formats, ["qcow2"]),
+    "mirrors": (_mirrors, {}),
+}
+
+
+def _image(path: Path, name: str, table: Any) -> ImageSpec:
+    if not isinstance(table, dict):
+        raise SpecError(path, name, None, "must be a table")
+    unknown = sorted(set(table) - set(KEYS))
+    if unknown:
+        raise SpecError(path, name, unknown[0], f"unknown key; known keys: {', '.join(KEYS)}")
+    ctx = {"base": path.parent}
+    values = {}
+    for key, (parse, default) in KEYS.items():
+        if key not in table and default is REQUIRED:
+            raise SpecError(path, name, key, "is required")
+        try:
+            values[key] = parse(table.get(key, default), ctx)
+        except ValueError as error:
+            raise SpecError(path, name, key, str(error)) from None
+    spec = ImageSpec(name=name, source=path, **values)
+    if not any((d / spec.tuned_profile / "tuned.conf").is_file() for d in spec.profile_dirs):
+        searched = ", ".join(str(d) for d in spec.profile_dirs)
+        raise SpecError(path, name, "tuned_profile",
+                        f"profile {spec.tuned_profile!r} not found (no {spec.tuned_profile}/tuned.conf in {searched})")
+    return spec
+
+
+def load(path: Path = SPEC_FILE) -> SpecFile:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(path, None, None, "spec file not found") from None
+    except tomllib.TOMLDecodeError as error:
+        raise SpecError(path, None, None, f"not valid TOML: {error}") from None
+    unknown = sorted(set(data) - {"default", "image"})
+    if unknown:
+        raise SpecError(path, None, unknown[0], "unknown top-level key; expected 'default' and [image.NAME] tables")
+    tables = data.get("image", {})
+    if not isinstance(tables, dict) or not tables:
+        raise SpecError(path, None, "image", "no [image.NAME] tables")
+    images = {name: _image(path, name, table) for name, table in tables.items()}
+    default = data.get("default", next(iter(images)))
+    if default not in images:
+        raise SpecError(path, None, "default", f"names unknown image {default!r}")
+    return SpecFile(path=path, default=default, images=images)

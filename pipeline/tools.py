@@ -1,0 +1,77 @@
+"""Host commands the pipeline runs, and the Debian package that provides each.
+
+Checked before any long step, so a missing tool fails in a second with the
+package to install, not half-way through a build.
+"""
+
+import os
+import shutil
+
+from .errors import ToolMissing
+
+DEBIAN_PACKAGE = {
+    "checkmodule": "checkpolicy",
+    "curl": "curl",
+    "debootstrap": "debootstrap",
+    "mcopy": "mtools",
+    "mkfs.ext4": "e2fsprogs",
+    "mkfs.vfat": "dosfstools",
+    "mmd": "mtools",
+    "qemu-img": "qemu-utils",
+    "qemu-system-x86_64": "qemu-system-x86",
+    "semodule_package": "semodule-utils",
+    "setfiles": "policycoreutils",
+    "sgdisk": "gdisk",
+    "ssh": "openssh-client",
+    "ssh-keygen": "openssh-client",
+    "sudo": "sudo",
+    "tar": "tar",
+    "grub-mkimage": "grub-common",
+    "zstd": "zstd",
+}
+
+# Files rather than commands: firmware and GRUB's platform directories.
+DEBIAN_PACKAGE_OF_FILE = {
+    "/usr/share/OVMF/OVMF_CODE_4M.fd": "ovmf",
+    "/usr/share/OVMF/OVMF_VARS_4M.fd": "ovmf",
+}
+
+BUILD_TOOLS = ("debootstrap", "grub-mkimage", "mcopy", "mkfs.ext4", "mkfs.vfat", "mmd",
+               "qemu-img", "setfiles", "sgdisk", "sudo", "tar")
+BOOT_TOOLS = ("qemu-img", "qemu-system-x86_64", "mcopy", "mkfs.vfat", "ssh", "ssh-keygen")
+
+
+def _search_path() -> str:
+    # sbin directories hold most of these; a root login has them, sudo -E may not.
+    path = os.environ.get("PATH", os.defpath)
+    return os.pathsep.join([path, "/usr/local/sbin", "/usr/sbin", "/sbin"])
+
+
+def require(*tools: str, path: str | None = None) -> None:
+    """Raise ToolMissing naming every missing tool and its Debian package."""
+    search = path if path is not None else _search_path()
+    missing = [tool for tool in tools if shutil.which(tool, path=search) is None]
+    if missing:
+        listing = ", ".join(f"{tool} (Debian package {DEBIAN_PACKAGE[tool]})" for tool in missing)
+        packages = " ".join(sorted({DEBIAN_PACKAGE[tool] for tool in missing}))
+        raise ToolMissing(f"missing host tools: {listing}; install with: apt-get install {packages}")
+
+
+def require_files(*paths: str) -> None:
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        packages = " ".join(sorted({DEBIAN_PACKAGE_OF_FILE[p] for p in missing}))
+        raise ToolMissing(f"missing host files: {', '.join(missing)}; install with: apt-get install {packages}")
+
+
+def venv_tool(name: str) -> str:
+    """A console script installed in the pipeline's own virtual environment."""
+    import sys
+
+    candidate = os.path.join(os.path.dirname(sys.executable), name)
+    if os.access(candidate, os.X_OK):
+        return candidate
+    found = shutil.which(name)
+    if found is None:
+        raise ToolMissing(f"missing {name}: run ./inv once to create the virtual environment")
+    return found
