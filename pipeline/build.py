@@ -27,7 +27,7 @@ from .run import run
 from .spec import ImageSpec, OutputFormat
 
 MIRROR_TIMEOUT = 15
-DIB_PHASE = re.compile(r"Running hooks from /tmp/\S+/hooks/(\S+\.d)|dib-run-parts Running /tmp/\S+/(\S+\.d)$")
+DIB_PHASE = re.compile(r"Running hooks from \S+/hooks/(\S+\.d)$")
 
 
 @dataclass(frozen=True)
@@ -164,7 +164,7 @@ def build_tree(ctx: BuildContext) -> None:
 def _report_dib_phase(line: str) -> None:
     match = DIB_PHASE.search(line)
     if match:
-        say(f"  dib: {match[1] or match[2]}")
+        say(f"dib: {match[1]}")
 
 
 def unpack_tree(ctx: BuildContext) -> None:

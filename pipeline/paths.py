@@ -1,5 +1,6 @@
 """Where the project's own inputs live."""
 
+import os
 from pathlib import Path
 
 import diskimage_builder
@@ -10,3 +11,5 @@ PROFILES = ROOT / "profiles"
 SPEC_FILE = ROOT / "images.toml"
 DIB_ELEMENTS = Path(diskimage_builder.__file__).parent / "elements"
 DEFAULT_OUTPUT = ROOT / "build"
+# DIB's download cache (debootstrap base, .debs), kept across builds.
+DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kvm-image-pipeline"

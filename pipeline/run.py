@@ -23,8 +23,8 @@ _BASE_ENV_KEYS = ("HOME", "LANG", "TERM", "USER")
 
 def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {key: os.environ[key] for key in _BASE_ENV_KEYS if key in os.environ}
-    env["PATH"] = os.pathsep.join(
-        [os.path.dirname(sys.executable), os.environ.get("PATH", os.defpath), "/usr/sbin", "/sbin"])
+    # The venv's bin first: disk-image-create and its helpers live there.
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", os.defpath)])
     env.setdefault("LANG", "C.UTF-8")
     env.update(extra or {})
     return env

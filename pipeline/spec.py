@@ -6,6 +6,7 @@ the image and the key.
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from dataclasses import asdict, dataclass, field
@@ -69,10 +70,8 @@ class ImageSpec:
         return next(d for d in self.profile_dirs if (d / self.tuned_profile / "tuned.conf").is_file())
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["profile_dirs"] = [str(p) for p in self.profile_dirs]
-        data["source"] = str(self.source)
-        return data
+        # Paths and enums become strings, tuples lists: plain JSON data.
+        return json.loads(json.dumps(asdict(self), default=str))
 
 
 @dataclass(frozen=True)
@@ -102,6 +101,12 @@ def known_elements() -> set[str]:
 def _text(value: Any, _ctx) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError("must be a non-empty string")
+    return value
+
+
+def _line(value: Any, _ctx) -> str:
+    if not isinstance(value, str) or "\n" in value:
+        raise ValueError("must be one line of text")
     return value
 
 
@@ -215,7 +220,7 @@ def _mirrors(value: Any, _ctx) -> Mirrors:
 # key -> (parser, default or REQUIRED). One table drives parsing and the docs in images.toml.
 REQUIRED = object()
 KEYS: dict[str, tuple[Callable[[Any, dict], Any], Any]] = {
-    "description": (_text, ""),
+    "description": (_line, ""),
     "distro": (_distro, "debian"),
     "release": (_release, "bookworm"),
     "elements": (_elements, REQUIRED),

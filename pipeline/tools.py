@@ -41,15 +41,9 @@ BUILD_TOOLS = ("debootstrap", "grub-mkimage", "mcopy", "mkfs.ext4", "mkfs.vfat",
 BOOT_TOOLS = ("qemu-img", "qemu-system-x86_64", "mcopy", "mkfs.vfat", "ssh", "ssh-keygen")
 
 
-def _search_path() -> str:
-    # sbin directories hold most of these; a root login has them, sudo -E may not.
-    path = os.environ.get("PATH", os.defpath)
-    return os.pathsep.join([path, "/usr/local/sbin", "/usr/sbin", "/sbin"])
-
-
 def require(*tools: str, path: str | None = None) -> None:
     """Raise ToolMissing naming every missing tool and its Debian package."""
-    search = path if path is not None else _search_path()
+    search = path if path is not None else os.environ.get("PATH", os.defpath)
     missing = [tool for tool in tools if shutil.which(tool, path=search) is None]
     if missing:
         listing = ", ".join(f"{tool} (Debian package {DEBIAN_PACKAGE[tool]})" for tool in missing)

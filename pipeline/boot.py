@@ -1,0 +1,230 @@
+"""Boot an image in QEMU: a throw-away overlay, a NoCloud seed with a fresh SSH key,
+SSH on a forwarded loopback port, and the guest agent on a socket.
+
+KVM is used only where it really runs a guest: /dev/kvm exists on machines
+whose nested KVM hangs guests, so probe_kvm boots the image's kernel and waits
+for it to panic on purpose; otherwise TCG.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shlex
+import shutil
+import socket
+import tempfile
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from . import tools
+from .errors import PipelineError
+from .progress import say
+from .run import run, start, stop
+
+OVMF_CODE = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+OVMF_VARS = "/usr/share/OVMF/OVMF_VARS_4M.fd"
+SSH_DEADLINE = 420          # TCG boots reach SSH in 60-120 s; leave room for a loaded machine
+KVM_PROBE_DEADLINE = 30
+GROWTH = 2**30              # the overlay is this much larger than the image, so growth is visible
+
+
+class Firmware(StrEnum):
+    BIOS = "bios"
+    UEFI = "uefi"
+
+
+class BootTimeout(PipelineError):
+    pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@functools.cache
+def probe_kvm(kernel: Path) -> bool:
+    """True if a KVM guest really runs here: the kernel must reach its (deliberate) panic."""
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return False
+    with tempfile.TemporaryDirectory(prefix="kvm-probe-") as tmp:
+        console = Path(tmp) / "console.log"
+        proc = start(["qemu-system-x86_64", "-machine", "q35,accel=kvm", "-cpu", "host", "-m", "512",
+                      "-display", "none", "-monitor", "none", "-no-reboot", "-serial", f"file:{console}",
+                      "-kernel", kernel, "-append", "console=ttyS0 panic=-1"], log=Path(tmp) / "qemu.log")
+        try:
+            proc.wait(timeout=KVM_PROBE_DEADLINE)
+        except Exception:  # a hung guest: the failure this probe exists for
+            pass
+        finally:
+            stop(proc)
+        return "Kernel panic" in console.read_text(errors="replace")
+
+
+def accelerator(kernel: Path) -> tuple[str, str]:
+    """(accel, cpu) for this machine."""
+    return ("kvm", "host") if probe_kvm(kernel) else ("tcg", "max")
+
+
+@dataclass
+class VM:
+    """A running guest. Use as a context manager, so the QEMU process never outlives it."""
+
+    image: Path          # the artifact: only ever a read-only backing file
+    kernel: Path         # the image's kernel, for the KVM probe
+    disk_size: int
+    firmware: Firmware
+    workdir: Path
+    memory_mib: int = 2048
+    cpus: int = 2
+
+    def __post_init__(self):
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.console = self.workdir / "console.log"
+        self.key = self.workdir / "id_ed25519"
+        self.ssh_config = self.workdir / "ssh_config"
+        self.qga_socket = self.workdir / "qga.sock"
+        self.port = 0
+        self.proc = None
+        self.boot_seconds: float | None = None
+
+    # --- set-up
+
+    def _overlay(self) -> Path:
+        overlay = self.workdir / "overlay.qcow2"
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", self.image, "-F", "qcow2", overlay,
+             str(self.disk_size + GROWTH)])
+        return overlay
+
+    def _seed(self) -> Path:
+        """A NoCloud seed (a FAT volume labeled CIDATA) that lets root in with a fresh key."""
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "boot-test", "-f", self.key])
+        public_key = self.key.with_suffix(".pub").read_text().strip()
+        files = self.workdir / "seed"
+        files.mkdir()
+        (files / "meta-data").write_text(f"instance-id: boot-test-{os.getpid()}\nlocal-hostname: boot-test\n")
+        (files / "user-data").write_text(
+            "#cloud-config\n"
+            "users: []\n"
+            "disable_root: false\n"
+            f"ssh_authorized_keys:\n  - {public_key}\n")
+        seed = self.workdir / "seed.img"
+        run(["mkfs.vfat", "-n", "CIDATA", "-C", seed, "2048"])
+        run(["mcopy", "-i", seed, files / "meta-data", files / "user-data", "::/"])
+        return seed
+
+    def _write_ssh_config(self) -> None:
+        self.ssh_config.write_text(f"""\
+Host guest
+  HostName 127.0.0.1
+  Port {self.port}
+  User root
+  IdentityFile {self.key}
+  IdentitiesOnly yes
+  StrictHostKeyChecking no
+  UserKnownHostsFile /dev/null
+  LogLevel ERROR
+  ConnectTimeout 10
+  ServerAliveInterval 10
+""")
+
+    def qemu_argv(self, overlay: Path, seed: Path) -> list[str]:
+        accel, cpu = accelerator(self.kernel)
+        argv = ["qemu-system-x86_64", "-name", f"boot-test-{self.firmware}",
+                "-machine", f"q35,accel={accel}", "-cpu", cpu, "-smp", str(self.cpus), "-m", str(self.memory_mib),
+                # No default VGA, CD-ROM or parallel port: less for TCG to emulate and probe.
+                "-nodefaults", "-display", "none", "-monitor", "none", "-serial", f"file:{self.console}",
+                "-pidfile", self.workdir / "qemu.pid",
+                "-drive", f"file={overlay},if=virtio,format=qcow2,discard=unmap",
+                "-drive", f"file={seed},if=virtio,format=raw,readonly=on",
+                "-netdev", f"user,id=net0,hostfwd=tcp:127.0.0.1:{self.port}-:22",
+                "-device", "virtio-net-pci,netdev=net0",
+                "-device", "virtio-serial-pci",
+                "-chardev", f"socket,id=qga0,path={self.qga_socket},server=on,wait=off",
+                "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+                "-device", "virtio-rng-pci"]
+        if self.firmware is Firmware.UEFI:
+            variables = self.workdir / "OVMF_VARS.fd"
+            shutil.copyfile(OVMF_VARS, variables)
+            argv += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+                     "-drive", f"if=pflash,format=raw,unit=1,file={variables}"]
+        return argv
+
+    # --- life cycle
+
+    def start(self) -> None:
+        tools.require(*tools.BOOT_TOOLS)
+        if self.firmware is Firmware.UEFI:
+            tools.require_files(OVMF_CODE, OVMF_VARS)
+        overlay, seed = self._overlay(), self._seed()
+        self.port = _free_port()
+        self._write_ssh_config()
+        self.started = time.monotonic()
+        self.proc = start(self.qemu_argv(overlay, seed), log=self.workdir / "qemu.log")
+
+    def wait_for_ssh(self, deadline: float = SSH_DEADLINE) -> float:
+        """Seconds from QEMU start until `ssh guest true` succeeds; BootTimeout after deadline."""
+        while time.monotonic() - self.started < deadline:
+            if self.proc.poll() is not None:
+                raise BootTimeout(f"QEMU exited with status {self.proc.returncode} before SSH was up; "
+                                  f"see {self.workdir / 'qemu.log'} and console log {self.console}")
+            if self.ssh(["true"], check=False, timeout=30).returncode == 0:
+                self.boot_seconds = round(time.monotonic() - self.started, 1)
+                return self.boot_seconds
+            time.sleep(3)
+        raise BootTimeout(f"{self.firmware} boot of {self.image.name} did not reach SSH within {deadline} s; "
+                          f"console log: {self.console}")
+
+    def ssh(self, command: list[str], *, check: bool = True, timeout: float = 120):
+        # ssh hands the remote shell one string: quote, or arguments split again.
+        return run(["ssh", "-F", self.ssh_config, "guest", "--", shlex.join(command)], capture=True,
+                   check=check, timeout=timeout)
+
+    def guest_agent(self, command: str, timeout: float = 30) -> dict:
+        """Send one QEMU guest agent command over its socket and return the reply."""
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(self.qga_socket))
+            sock.sendall(json.dumps({"execute": command}).encode() + b"\n")
+            reply = b""
+            while not reply.endswith(b"\n"):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                reply += chunk
+        return json.loads(reply)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+            self.proc = None
+
+    def __enter__(self) -> "VM":
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def boot(image: Path, kernel: Path, disk_size: int, firmware: Firmware, workdir: Path,
+         deadline: float = SSH_DEADLINE) -> VM:
+    """Start a VM and wait for SSH; on any failure the VM is stopped before raising."""
+    vm = VM(image=image, kernel=kernel, disk_size=disk_size, firmware=firmware, workdir=workdir)
+    vm.start()
+    try:
+        say(f"booting {image.name} by {firmware} (console log: {vm.console})")
+        vm.wait_for_ssh(deadline)
+    except BaseException:
+        vm.stop()
+        raise
+    return vm

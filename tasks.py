@@ -1,0 +1,117 @@
+"""Tasks: ./inv --list shows them, ./inv --help TASK explains one.
+
+Thin by design: each task parses its arguments and calls the pipeline package.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+
+from invoke import Collection, Exit, task
+
+from pipeline import spec as specs
+from pipeline.errors import PipelineError
+from pipeline.paths import DEFAULT_CACHE, DEFAULT_OUTPUT, SPEC_FILE
+
+
+def user_errors(function):
+    """A PipelineError becomes one line on stderr and exit status 1; --debug keeps the traceback."""
+
+    @functools.wraps(function)
+    def wrapper(c, *args, **kwargs):
+        try:
+            return function(c, *args, **kwargs)
+        except PipelineError as error:
+            if os.environ.get("PIPELINE_DEBUG"):
+                raise
+            raise Exit(f"error: {error}", code=1) from None
+        except KeyboardInterrupt:
+            raise Exit("interrupted; nothing was left half-written", code=130) from None
+
+    return wrapper
+
+
+def _spec(name: str | None, spec_file: str | None):
+    return specs.load(Path(spec_file) if spec_file else SPEC_FILE).get(name)
+
+
+@task(name="list", help={"spec-file": f"image spec file (default {SPEC_FILE.name})"})
+@user_errors
+def list_(c, spec_file=None):
+    """List the images that the spec file defines."""
+    loaded = specs.load(Path(spec_file) if spec_file else SPEC_FILE)
+    for name, image in loaded.images.items():
+        marker = "*" if name == loaded.default else " "
+        print(f"{marker} {name:<16} {image.release:<10} {image.tuned_profile:<18} {image.description}")
+
+
+COMMON_HELP = {
+    "image": "image name from the spec file (./inv list shows them)",
+    "spec-file": f"image spec file (default {SPEC_FILE.name})",
+    "output-dir": f"where artifacts go (default {DEFAULT_OUTPUT.name}/)",
+}
+
+
+@task(positional=["image"], help={**COMMON_HELP, "cache-dir": f"DIB download cache (default {DEFAULT_CACHE})",
+            "skip-check": "do not run the offline check after the build"})
+@user_errors
+def build(c, image, spec_file=None, output_dir=str(DEFAULT_OUTPUT), cache_dir=str(DEFAULT_CACHE),
+          skip_check=False):
+    """Build an image with diskimage-builder, assemble its disk, then check it offline.
+
+    The artifact is build/NAME/NAME.qcow2; DIB's full log goes to build/NAME/logs/.
+    """
+    from pipeline import build as builder
+
+    spec = _spec(image, spec_file)
+    builder.build(spec, Path(output_dir), Path(cache_dir))
+    if not skip_check:
+        _run_check(spec, Path(output_dir))
+
+
+def _run_check(spec, output_dir: Path) -> None:
+    from pipeline import inspect
+
+    report = inspect.check_image(spec, output_dir)
+    if not report.passed:
+        raise Exit(f"error: offline check of {spec.name} failed: see {report.json_path}", code=1)
+
+
+@task(positional=["image"], help=COMMON_HELP)
+@user_errors
+def check(c, image, spec_file=None, output_dir=str(DEFAULT_OUTPUT)):
+    """Check a built image offline with libguestfs (read-only); prints a table and writes JSON."""
+    _run_check(_spec(image, spec_file), Path(output_dir))
+
+
+@task(positional=["image"], help={**COMMON_HELP, "firmware": "bios, uefi or both (default both)",
+            "keep": "leave the VM's work directory (console log, overlay) for inspection"})
+@user_errors
+def boot_test(c, image, spec_file=None, output_dir=str(DEFAULT_OUTPUT), firmware="both", keep=False):
+    """Boot a throw-away overlay of the image in QEMU and run the testinfra tests over SSH."""
+    args = ["-m", "image", "tests/integration/test_boot.py", f"--image={_spec(image, spec_file).name}",
+            f"--firmware={firmware}", f"--output-dir={output_dir}"]
+    if spec_file:
+        args.append(f"--spec-file={spec_file}")
+    _pytest(c, args)
+
+
+def _pytest(c, args: list[str]) -> None:
+    import shlex
+
+    c.run(shlex.join([sys.executable, "-m", "pytest", *args]), pty=False)
+
+
+@task(help={"unit": "run only the unit tests (seconds; no root, no network)"})
+def test(c, unit=False):
+    """Run the unit tests, then the image tests (build, check, boot by BIOS and UEFI, bad input)."""
+    _pytest(c, ["tests/unit"])
+    if not unit:
+        _pytest(c, ["-m", "image", "tests/integration"])
+
+
+namespace = Collection(list_, build, check, boot_test, test)
+namespace.configure({"run": {"echo": True}})

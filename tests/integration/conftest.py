@@ -1,0 +1,98 @@
+"""Integration fixtures: the image is built once per session, each firmware booted once.
+
+Real parts only: diskimage-builder, libguestfs, QEMU and SSH. Marked `image`.
+"""
+
+from __future__ import annotations
+
+import configparser
+import shutil
+from pathlib import Path
+
+import pytest
+import testinfra
+
+from pipeline import boot, build, inspect, spec as specs
+from pipeline.paths import DEFAULT_CACHE, DEFAULT_OUTPUT, SPEC_FILE
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("image pipeline")
+    group.addoption("--image", default=None, help="image to test (default: the spec file's default)")
+    group.addoption("--spec-file", default=str(SPEC_FILE))
+    group.addoption("--output-dir", default=str(DEFAULT_OUTPUT))
+    group.addoption("--firmware", default="both", choices=["bios", "uefi", "both"])
+    group.addoption("--use-built", action="store_true",
+                    help="test the artifact already in --output-dir instead of building it")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        item.add_marker(pytest.mark.image)
+
+
+@pytest.fixture(scope="session")
+def spec(pytestconfig) -> specs.ImageSpec:
+    return _configured_spec(pytestconfig)
+
+
+@pytest.fixture(scope="session")
+def output_dir(pytestconfig) -> Path:
+    return Path(pytestconfig.getoption("output_dir")).resolve()
+
+
+@pytest.fixture(scope="session")
+def artifacts(pytestconfig, spec, output_dir) -> build.Artifacts:
+    """The built image: built here once, unless --use-built."""
+    if pytestconfig.getoption("use_built"):
+        art = build.artifacts_for(spec, output_dir)
+        art.read_info()  # a clear error if it was never built
+        return art
+    art, _ = build.build(spec, output_dir, DEFAULT_CACHE)
+    return art
+
+
+@pytest.fixture(scope="session")
+def check_report(spec, output_dir, artifacts) -> inspect.Report:
+    return inspect.check_image(spec, output_dir)
+
+
+def _firmwares(config) -> list[str]:
+    choice = config.getoption("firmware")
+    return ["bios", "uefi"] if choice == "both" else [choice]
+
+
+def _configured_spec(config) -> specs.ImageSpec:
+    return specs.load(Path(config.getoption("spec_file"))).get(config.getoption("image"))
+
+
+def profile_sysctls(spec: specs.ImageSpec) -> list[tuple[str, str]]:
+    conf = configparser.ConfigParser(interpolation=None)
+    conf.read(spec.profile_dir / spec.tuned_profile / "tuned.conf")
+    return sorted(conf["sysctl"].items()) if conf.has_section("sysctl") else []
+
+
+def pytest_generate_tests(metafunc):
+    if "firmware" in metafunc.fixturenames:
+        metafunc.parametrize("firmware", _firmwares(metafunc.config), scope="session")
+    if "sysctl" in metafunc.fixturenames:
+        settings = profile_sysctls(_configured_spec(metafunc.config))
+        assert settings, "the profile sets no sysctl: nothing to prove live"
+        metafunc.parametrize("sysctl", settings, ids=[key for key, _ in settings])
+
+
+@pytest.fixture(scope="session")
+def vm(request, spec, artifacts, firmware, tmp_path_factory):
+    """One boot per firmware per session, shared by every test that needs a live guest."""
+    workdir = artifacts.directory / f"boot-{firmware}"
+    shutil.rmtree(workdir, ignore_errors=True)
+    machine = boot.boot(artifacts.qcow2, artifacts.kernel, spec.disk_size, boot.Firmware(firmware), workdir)
+    print(f"\n{firmware}: SSH ready after {machine.boot_seconds} s; console log {machine.console}")
+    yield machine
+    machine.stop()
+    print(f"\n{firmware}: console log kept at {machine.console}")
+
+
+@pytest.fixture(scope="session")
+def host(vm):
+    return testinfra.get_host("ssh://guest", ssh_config=str(vm.ssh_config))

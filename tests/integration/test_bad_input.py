@@ -1,0 +1,121 @@
+"""Bad input and faults, through the real command line: one clear line, nothing left behind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline import boot, tools
+from pipeline.paths import ROOT
+
+INVOKE = [sys.executable, "-m", "invoke"]
+
+
+def inv(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([*INVOKE, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def one_line_error(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+def spec_file(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "images.toml"
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+GOOD_IMAGE = """
+[image.probe]
+elements = ["kvm-guest"]
+tuned_profile = "kvm-guest"
+"""
+
+
+def assert_nothing_built(output: Path, image: str = "probe"):
+    for leftover in (output / image).glob("*.qcow2"):
+        pytest.fail(f"artifact left behind: {leftover}")
+    assert not list((output / image).glob(".work-*")) if (output / image).exists() else True
+    assert str(output) not in Path("/proc/self/mounts").read_text()
+
+
+def test_unknown_image_lists_known_ones(tmp_path):
+    line = one_line_error(inv("build", "no-such-image", "--output-dir", str(tmp_path)))
+    assert "unknown image 'no-such-image'; known images: guest-image" in line
+    assert not list(tmp_path.iterdir())
+
+
+def test_spec_error_names_file_image_and_key(tmp_path):
+    path = spec_file(tmp_path, GOOD_IMAGE + 'disk_size = "lots"\n')
+    line = one_line_error(inv("build", "probe", "--spec-file", str(path), "--output-dir", str(tmp_path / "out")))
+    assert line.startswith(f"error: {path}: image 'probe': key 'disk_size': ")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_host_tool_names_debian_package(tmp_path):
+    """A PATH with every build tool but sgdisk: the build stops before DIB starts."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("python3", "env", "sh", "bash", *tools.BUILD_TOOLS):
+        found = shutil.which(tool)
+        if found and tool != "sgdisk":
+            (bin_dir / tool).symlink_to(found)
+    path = spec_file(tmp_path, GOOD_IMAGE)
+    result = inv("build", "probe", "--spec-file", str(path), "--output-dir", str(tmp_path / "out"),
+                 env={"PATH": str(bin_dir)})
+    line = one_line_error(result)
+    assert "sgdisk (Debian package gdisk)" in line and "apt-get install gdisk" in line
+    assert_nothing_built(tmp_path / "out")
+
+
+def test_unreachable_mirror_names_url(tmp_path):
+    path = spec_file(tmp_path, GOOD_IMAGE + '[image.probe.mirrors]\ndebian = "http://127.0.0.1:9/debian"\n')
+    line = one_line_error(inv("build", "probe", "--spec-file", str(path), "--output-dir", str(tmp_path / "out")))
+    assert "mirror unreachable: http://127.0.0.1:9/debian/dists/bookworm/Release" in line
+    assert_nothing_built(tmp_path / "out")
+
+
+def test_interrupted_build_leaves_nothing_behind(tmp_path):
+    """Ctrl-C while DIB runs (its chroot mounts are up): no work dir, mount, loop device or image."""
+    out = tmp_path / "out"
+    path = spec_file(tmp_path, GOOD_IMAGE)
+    proc = subprocess.Popen([*INVOKE, "build", "probe", "--spec-file", str(path), "--output-dir", str(out)],
+                            cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    seen = ""
+    for line in proc.stderr:  # wait until DIB is installing packages inside its chroot
+        seen += line
+        if "dib: install.d" in line or "dib: pre-install.d" in line or time.monotonic() > deadline:
+            break
+    assert "dib:" in seen, seen
+    os.killpg(proc.pid, signal.SIGINT)
+    rest, _ = proc.communicate(timeout=180)
+    assert proc.returncode != 0
+    assert "interrupted" in rest, seen + rest
+    assert_nothing_built(out)
+    loops = subprocess.run(["losetup", "--list", "--noheadings", "--output", "BACK-FILE"],
+                           capture_output=True, text=True).stdout
+    assert str(out) not in loops
+    assert subprocess.run(["pgrep", "-f", f"dib_build.*{out}"], capture_output=True).returncode == 1
+
+
+def test_boot_that_never_reaches_ssh_reports_deadline_and_console(spec, artifacts, tmp_path):
+    """A deadline too short for any boot: the error names it and the console log; no QEMU survives."""
+    with pytest.raises(boot.BootTimeout) as caught:
+        boot.boot(artifacts.qcow2, artifacts.kernel, spec.disk_size, boot.Firmware.BIOS, tmp_path, deadline=5)
+    message = str(caught.value)
+    assert "did not reach SSH within 5 s" in message and str(tmp_path / "console.log") in message
+    assert subprocess.run(["pgrep", "-f", f"qemu-system.*{tmp_path}"], capture_output=True).returncode == 1

@@ -1,0 +1,98 @@
+"""Spec loading: good specs become typed objects; each bad one is refused naming file, image and key."""
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pipeline import spec
+from pipeline.errors import SpecError
+
+GOOD = """
+default = "g"
+[image.g]
+elements = ["kvm-guest"]
+tuned_profile = "kvm-guest"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "images.toml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_project_spec_loads():
+    loaded = spec.load()
+    image = loaded.get(None)
+    assert image.name == loaded.default
+    assert image.selinux is spec.SelinuxMode.ENFORCING
+    assert spec.OutputFormat.QCOW2 in image.formats
+
+
+def test_defaults_fill_in(tmp_path):
+    image = spec.load(write(tmp_path, GOOD)).get("g")
+    assert (image.distro, image.release, image.disk_size) == ("debian", "bookworm", 3 * 2**30)
+    assert image.mirrors.debian == "http://deb.debian.org/debian"
+    assert image.profile_dir == spec.PROFILES
+
+
+def test_unknown_image_lists_known(tmp_path):
+    with pytest.raises(SpecError, match=r"unknown image 'nope'; known images: g"):
+        spec.load(write(tmp_path, GOOD)).get("nope")
+
+
+BAD = [
+    ('colour = "red"', "colour", "unknown key"),
+    ('elements = ["kvm-guest", "no-such-element"]', "elements", "unknown element"),
+    ('tuned_profile = "no-such-profile"', "tuned_profile", "not found"),
+    ('disk_size = "3 bananas"', "disk_size", "size must look like"),
+    ('disk_size = "1GiB"', "disk_size", "outside"),
+    ('selinux = "disabled"', "selinux", "must be one of"),
+    ('kernel_args = ["quiet\\" init=/bin/sh"]', "kernel_args", "break the bootloader"),
+    ('kernel_args = ["a\\nb"]', "kernel_args", "break the bootloader"),
+    ('formats = ["vmdk"]', "formats", "formats must be among"),
+    ('packages = ["Not A Package"]', "packages", "not a Debian package"),
+    ('mirrors = { debian = "ftp:/nowhere" }', "mirrors", "not an http"),
+    ('mirrors = { fedora = "http://x" }', "mirrors", "unknown mirror"),
+    ('release = 12', "release", "code name"),
+]
+
+
+@pytest.mark.parametrize("line, key, problem", BAD, ids=[b[1] + ":" + b[2] for b in BAD])
+def test_bad_spec_names_file_image_and_key(tmp_path, line, key, problem):
+    base = {"elements": 'elements = ["kvm-guest"]', "tuned_profile": 'tuned_profile = "kvm-guest"'}
+    lines = [v for k, v in base.items() if k != key] + [line]
+    path = write(tmp_path, "[image.g]\n" + "\n".join(lines) + "\n")
+    with pytest.raises(SpecError) as caught:
+        spec.load(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: image 'g': key '{key}': "), message
+    assert problem in message
+    assert "\n" not in message
+
+
+def test_missing_required_key(tmp_path):
+    with pytest.raises(SpecError, match="key 'tuned_profile': is required"):
+        spec.load(write(tmp_path, '[image.g]\nelements = ["kvm-guest"]\n'))
+
+
+def test_not_toml(tmp_path):
+    with pytest.raises(SpecError, match="not valid TOML"):
+        spec.load(write(tmp_path, "[image.g\n"))
+
+
+def test_user_profile_dir(tmp_path):
+    (tmp_path / "mine/site-tuning").mkdir(parents=True)
+    (tmp_path / "mine/site-tuning/tuned.conf").write_text("[main]\ninclude=kvm-guest\n")
+    path = write(tmp_path, '[image.g]\nelements = ["kvm-guest"]\ntuned_profile = "site-tuning"\n'
+                           'profile_dirs = ["mine"]\n')
+    image = spec.load(path).get("g")
+    assert image.profile_dir == (tmp_path / "mine").resolve()
+
+
+def test_json_round_trip_is_plain_data():
+    import json
+
+    data = spec.load().get(None).to_json()
+    assert json.loads(json.dumps(data)) == data
