@@ -105,6 +105,18 @@ def _pytest(c, args: list[str]) -> None:
     c.run(shlex.join([sys.executable, "-m", "pytest", *args]), pty=False)
 
 
+@task(positional=["image"], help={**COMMON_HELP, "runs": "cold runs of each builder; medians are reported"})
+@user_errors
+def bench(c, image, spec_file=None, output_dir=str(DEFAULT_OUTPUT), runs=1):
+    """Benchmark: stage times, peak memory, size, check and boot times, and DIB alone on the same elements.
+
+    Every build is cold (fresh download cache). Writes build/bench/bench-NAME-TIME.json.
+    """
+    from pipeline import bench as benchmark
+
+    benchmark.benchmark(_spec(image, spec_file), Path(output_dir), int(runs))
+
+
 @task(help={"unit": "run only the unit tests (seconds; no root, no network)"})
 def test(c, unit=False):
     """Run the unit tests, then the image tests (build, check, boot by BIOS and UEFI, bad input)."""
@@ -113,5 +125,5 @@ def test(c, unit=False):
         _pytest(c, ["-m", "image", "tests/integration"])
 
 
-namespace = Collection(list_, build, check, boot_test, test)
+namespace = Collection(list_, build, check, boot_test, bench, test)
 namespace.configure({"run": {"echo": True}})

@@ -110,7 +110,6 @@ class VM:
         (files / "meta-data").write_text(f"instance-id: boot-test-{os.getpid()}\nlocal-hostname: boot-test\n")
         (files / "user-data").write_text(
             "#cloud-config\n"
-            "users: []\n"
             "disable_root: false\n"
             f"ssh_authorized_keys:\n  - {public_key}\n")
         seed = self.workdir / "seed.img"

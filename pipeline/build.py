@@ -19,7 +19,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import bootloader, disk, tools
+from . import bootloader, disk, selinux, tools
 from .errors import PipelineError
 from .paths import ELEMENTS
 from .progress import Timings, say, step
@@ -27,7 +27,8 @@ from .run import run
 from .spec import ImageSpec, OutputFormat
 
 MIRROR_TIMEOUT = 15
-DIB_PHASE = re.compile(r"Running hooks from \S+/hooks/(\S+\.d)$")
+# DIB names each phase's hook directory as it runs it: root.d, install.d, finalise.d, ...
+DIB_PHASE = re.compile(r"(?:hooks|in_target\.d)/([a-z-]+\.d)\b")
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,10 @@ class BuildContext:
         return self.work / "dib" / f"{self.spec.name}.tar"
 
     @property
+    def selinux_modules(self) -> Path:
+        return self.work / "selinux-modules"
+
+    @property
     def disk(self) -> Path:
         return self.work / f"{self.spec.name}.raw"
 
@@ -143,10 +148,17 @@ def dib_environment(ctx: BuildContext) -> dict[str, str]:
         "DIB_TUNED_PROFILE": spec.tuned_profile,
         "DIB_TUNED_PROFILES_DIR": str(profiles),
         "DIB_SELINUX_MODE": spec.selinux.value,
+        "DIB_SELINUX_MODULES_DIR": str(ctx.selinux_modules) if any(ctx.selinux_modules.glob("*.pp")) else "",
         "DIB_IMAGE_CACHE": str(ctx.cache_dir),
         # DIB's own temporary mounts go under our work directory, so cleanup finds them.
         "TMPDIR": str(ctx.work / "tmp"),
     }
+
+
+def compile_policy(ctx: BuildContext) -> None:
+    """Our SELinux modules, compiled before DIB so a broken one fails in seconds."""
+    for package in selinux.compile_modules(selinux.module_sources(ctx.spec.elements), ctx.selinux_modules):
+        say(f"compiled {package.name}")
 
 
 def build_tree(ctx: BuildContext) -> None:
@@ -158,13 +170,21 @@ def build_tree(ctx: BuildContext) -> None:
         argv += ["-p", ",".join(ctx.spec.packages)]
     ctx.tar.parent.mkdir()
     say(f"diskimage-builder log: {ctx.log}")
-    run(argv, env=dib_environment(ctx), log=ctx.log, on_line=_report_dib_phase)
+    run(argv, env=dib_environment(ctx), log=ctx.log, on_line=_phase_reporter())
 
 
-def _report_dib_phase(line: str) -> None:
-    match = DIB_PHASE.search(line)
-    if match:
-        say(f"dib: {match[1]}")
+def _phase_reporter():
+    """A line callback that says each DIB phase once, as it starts."""
+    last = None
+
+    def report(line: str) -> None:
+        nonlocal last
+        match = DIB_PHASE.search(line)
+        if match and match[1] != last:
+            last = match[1]
+            say(f"dib: {last}")
+
+    return report
 
 
 def unpack_tree(ctx: BuildContext) -> None:
@@ -231,6 +251,7 @@ def publish(ctx: BuildContext) -> None:
 
 
 STEPS = (
+    ("policy modules", compile_policy),
     ("tree", build_tree),
     ("unpack", unpack_tree),
     ("configure boot", configure_boot),

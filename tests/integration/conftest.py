@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import testinfra
 
-from pipeline import boot, build, inspect, spec as specs
+from pipeline import boot, build, spec as specs
 from pipeline.paths import DEFAULT_CACHE, DEFAULT_OUTPUT, SPEC_FILE
 
 
@@ -53,7 +53,9 @@ def artifacts(pytestconfig, spec, output_dir) -> build.Artifacts:
 
 
 @pytest.fixture(scope="session")
-def check_report(spec, output_dir, artifacts) -> inspect.Report:
+def check_report(spec, output_dir, artifacts):
+    from pipeline import inspect
+
     return inspect.check_image(spec, output_dir)
 
 

@@ -1,0 +1,161 @@
+"""Benchmark: each stage's wall time, peak memory and image size, against
+diskimage-builder alone building the same elements, in the same run.
+
+Machines here are shared and noisy: runs alternate the two builders, every
+build is cold (a fresh download cache each time), and medians are reported.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from . import boot, build, inspect, tools
+from .progress import say, step
+from .run import run
+from .spec import ImageSpec
+
+
+class MemorySampler:
+    """Peak system memory in use above the level at start (DIB keeps its tree in tmpfs,
+    which no process RSS shows), sampled twice a second."""
+
+    def __init__(self):
+        self.baseline = self._used()
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    @staticmethod
+    def _used() -> int:
+        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        kib = lambda key: int(fields[key].split()[0])  # noqa: E731
+        return (kib("MemTotal") - kib("MemAvailable")) * 1024
+
+    def _sample(self):
+        while not self._stop.wait(0.5):
+            self.peak = max(self.peak, self._used() - self.baseline)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def dib_alone(spec: ImageSpec, work: Path, cache: Path) -> float:
+    """The same tree from disk-image-create alone (-t tar: its disk formats need kpartx)."""
+    ctx = build.BuildContext(spec=spec, artifacts=build.artifacts_for(spec, work), cache_dir=cache,
+                             work=work / "dib-alone", log=work / "dib-alone.log")
+    ctx.work.mkdir(parents=True)
+    started = time.monotonic()
+    try:
+        build.build_tree(ctx)
+    finally:
+        build.cleanup(ctx.work)
+    return time.monotonic() - started
+
+
+def appliance_launch_seconds() -> float:
+    import guestfs
+
+    inspect.use_tcg_if_kvm_broken()
+    handle = guestfs.GuestFS(python_return_dict=True)
+    handle.add_drive_scratch(64 * 2**20)
+    started = time.monotonic()
+    try:
+        handle.launch()
+        return time.monotonic() - started
+    finally:
+        handle.shutdown()
+        handle.close()
+
+
+def one_run(spec: ImageSpec, scratch: Path, index: int) -> dict:
+    result: dict = {}
+    with tempfile.TemporaryDirectory(dir=scratch) as cache:
+        with step(f"run {index}: diskimage-builder alone (cold)"):
+            result["dib_alone_s"] = round(dib_alone(spec, scratch / f"alone-{index}", Path(cache)), 1)
+    with tempfile.TemporaryDirectory(dir=scratch) as cache, MemorySampler() as memory:
+        out = scratch / f"out-{index}"
+        started = time.monotonic()
+        with step(f"run {index}: pipeline build (cold)"):
+            art, timings = build.build(spec, out, Path(cache))
+        result["build_s"] = round(time.monotonic() - started, 1)
+    result["stages_s"] = timings.seconds
+    result["peak_memory_mib"] = round(memory.peak / 2**20)
+    result["largest_process_rss_mib"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+    with step(f"run {index}: offline check"):
+        started = time.monotonic()
+        report = inspect.check_image(spec, out)
+        result["check_s"] = round(time.monotonic() - started, 1)
+        result["check_passed"] = report.passed
+    result["appliance_launch_s"] = round(appliance_launch_seconds(), 1)
+    info = json.loads(run(["qemu-img", "info", "--output=json", art.qcow2], capture=True).stdout)
+    result["qcow2_bytes"] = art.qcow2.stat().st_size
+    result["virtual_bytes"] = info["virtual-size"]
+    for firmware in boot.Firmware:
+        with step(f"run {index}: boot to SSH ({firmware})"):
+            vm = boot.boot(art.qcow2, art.kernel, spec.disk_size, firmware, out / f"boot-{firmware}")
+            vm.stop()
+        result[f"boot_to_ssh_{firmware}_s"] = vm.boot_seconds
+    result["accelerator"] = boot.accelerator(art.kernel)[0]
+    shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
+def median(runs: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def benchmark(spec: ImageSpec, output_dir: Path, runs: int) -> Path:
+    tools.require(*tools.BUILD_TOOLS, *tools.BOOT_TOOLS)
+    scratch = Path(output_dir).resolve() / "bench"
+    scratch.mkdir(parents=True, exist_ok=True)
+    results = [one_run(spec, scratch, i + 1) for i in range(runs)]
+    stages = {name: statistics.median(r["stages_s"][name] for r in results) for name in results[0]["stages_s"]}
+    summary = {
+        "image": spec.name,
+        "runs": runs,
+        "median": {key: median(results, key) for key in results[0]
+                   if isinstance(results[0][key], (int, float)) and not isinstance(results[0][key], bool)},
+        "median_stages_s": stages,
+    }
+    summary["ratio_build_to_dib_alone"] = round(summary["median"]["build_s"] / summary["median"]["dib_alone_s"], 2)
+    summary["check_minus_launch_s"] = round(summary["median"]["check_s"] - summary["median"]["appliance_launch_s"], 1)
+    report = scratch / f"bench-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    report.write_text(json.dumps({"summary": summary, "runs": results}, indent=2) + "\n")
+    _print(summary)
+    say(f"full results: {report}")
+    return report
+
+
+def _print(summary: dict) -> None:
+    m = summary["median"]
+    rows = [(f"stage: {name}", f"{seconds:.1f} s") for name, seconds in summary["median_stages_s"].items()]
+    rows += [
+        ("pipeline build, cold (all stages)", f"{m['build_s']:.1f} s"),
+        ("diskimage-builder alone, cold, same elements", f"{m['dib_alone_s']:.1f} s"),
+        ("ratio build / DIB alone (target <= 1.3)", f"{summary['ratio_build_to_dib_alone']:.2f}"),
+        ("offline check", f"{m['check_s']:.1f} s"),
+        ("libguestfs appliance launch alone", f"{m['appliance_launch_s']:.1f} s"),
+        ("check - launch (target <= 10 s)", f"{summary['check_minus_launch_s']:.1f} s"),
+        ("boot to SSH-ready, BIOS", f"{m['boot_to_ssh_bios_s']:.1f} s"),
+        ("boot to SSH-ready, UEFI", f"{m['boot_to_ssh_uefi_s']:.1f} s"),
+        ("qcow2 on disk (target <= 300 MB)", f"{m['qcow2_bytes'] / 1e6:.0f} MB"),
+        ("virtual size", f"{m['virtual_bytes'] / 2**30:.1f} GiB"),
+        ("peak memory in use during the build", f"{m['peak_memory_mib']} MiB"),
+        ("largest single process RSS", f"{m['largest_process_rss_mib']} MiB"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    print(f"benchmark of {summary['image']}: medians of {summary['runs']} run(s)")
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value:>10}")

@@ -1,0 +1,57 @@
+"""Build steps with the subprocess gateway faked: what DIB is asked for, and atomic publishing."""
+
+from pathlib import Path
+
+import pytest
+
+from pipeline import build, spec as specs
+
+
+@pytest.fixture
+def ctx(tmp_path):
+    spec = specs.load().get("guest-image")
+    art = build.artifacts_for(spec, tmp_path / "out")
+    art.directory.mkdir(parents=True)
+    work = art.directory / ".work-1"
+    work.mkdir()
+    return build.BuildContext(spec=spec, artifacts=art, cache_dir=tmp_path / "cache", work=work,
+                              log=tmp_path / "build.log")
+
+
+def test_dib_gets_the_spec(ctx, monkeypatch):
+    calls = []
+    monkeypatch.setattr(build, "run", lambda argv, **kw: calls.append((argv, kw)))
+    build.build_tree(ctx)
+    (argv, kw), = calls
+    assert argv[0].endswith("disk-image-create")
+    assert argv[1:7] == ["-n", "-a", "amd64", "-t", "tar", "-o"]
+    assert argv[-2:] == ["debian-minimal", "kvm-guest"]
+    env = kw["env"]
+    assert env["DIB_RELEASE"] == "bookworm"
+    assert env["DIB_DEBIAN_SECURITY_MIRROR"] == "http://deb.debian.org/debian-security"
+    assert env["DIB_TUNED_PROFILE"] == "kvm-guest"
+    assert (Path(env["DIB_TUNED_PROFILES_DIR"]) / "kvm-guest/tuned.conf").is_file()
+    assert env["TMPDIR"].startswith(str(ctx.work))
+    assert kw["log"] == ctx.log
+
+
+def test_publish_moves_qcow2_last_and_replaces_old(ctx, tmp_path):
+    tree = ctx.work / "tree/boot"
+    tree.mkdir(parents=True)
+    (tree / "vmlinuz-6.1.0-1-cloud-amd64").write_text("kernel")
+    (tree / "initrd.img-6.1.0-1-cloud-amd64").write_text("initrd")
+    ctx.kernel = build.bootloader.find_kernel(ctx.work / "tree")
+    ctx.layout = build.disk.new_layout(ctx.spec.disk_size)
+    (ctx.work / ctx.artifacts.qcow2.name).write_text("new image")
+    ctx.artifacts.qcow2.write_text("old image")
+    build.publish(ctx)
+    assert ctx.artifacts.qcow2.read_text() == "new image"
+    assert ctx.artifacts.read_info()["root_uuid"] == ctx.layout.root_uuid
+    assert ctx.artifacts.kernel.read_text() == "kernel"
+
+
+def test_cleanup_removes_work_dir(ctx, monkeypatch):
+    monkeypatch.setattr(build, "run", lambda argv, **kw: type("R", (), {"stdout": ""})())
+    (ctx.work / "tree/etc").mkdir(parents=True)
+    build.cleanup(ctx.work)
+    assert not ctx.work.exists()
