@@ -2,8 +2,8 @@
 SSH on a forwarded loopback port, and the guest agent on a socket.
 
 KVM is used only where it really runs a guest: /dev/kvm exists on machines
-whose nested KVM hangs guests, so probe_kvm boots the image's kernel and waits
-for it to panic on purpose; otherwise TCG.
+whose nested KVM aborts QEMU or hangs guests, so probe_kvm boots the host's
+kernel and waits for it to panic on purpose; otherwise TCG.
 """
 
 from __future__ import annotations
@@ -47,7 +47,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@functools.cache
 def probe_kvm(kernel: Path) -> bool:
     """True if a KVM guest really runs here: the kernel must reach its (deliberate) panic."""
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
@@ -66,9 +65,33 @@ def probe_kvm(kernel: Path) -> bool:
         return "Kernel panic" in console.read_text(errors="replace")
 
 
-def accelerator(kernel: Path) -> tuple[str, str]:
+PROBE_CACHE = Path("/run/kvm-image-pipeline/kvm-probe")
+
+
+@functools.cache
+def kvm_works() -> bool:
+    """probe_kvm with the host's kernel, remembered until the host reboots (the answer
+    cannot change before then, and a hung probe costs its whole deadline)."""
+    boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    try:
+        cached_boot, verdict = PROBE_CACHE.read_text().split()
+        if cached_boot == boot_id:
+            return verdict == "kvm"
+    except (OSError, ValueError):
+        pass
+    kernels = sorted(Path("/boot").glob("vmlinuz-*"))
+    if not kernels:
+        tools.require_files("/boot/vmlinuz")  # names linux-image-amd64
+    works = probe_kvm(kernels[-1])
+    PROBE_CACHE.parent.mkdir(parents=True, exist_ok=True)
+    PROBE_CACHE.write_text(f"{boot_id} {'kvm' if works else 'tcg'}\n")
+    say(f"KVM probe: {'guests run under KVM' if works else 'KVM unusable here, using TCG'}")
+    return works
+
+
+def accelerator() -> tuple[str, str]:
     """(accel, cpu) for this machine."""
-    return ("kvm", "host") if probe_kvm(kernel) else ("tcg", "max")
+    return ("kvm", "host") if kvm_works() else ("tcg", "max")
 
 
 @dataclass
@@ -76,7 +99,6 @@ class VM:
     """A running guest. Use as a context manager, so the QEMU process never outlives it."""
 
     image: Path          # the artifact: only ever a read-only backing file
-    kernel: Path         # the image's kernel, for the KVM probe
     disk_size: int
     firmware: Firmware
     workdir: Path
@@ -133,7 +155,7 @@ Host guest
 """)
 
     def qemu_argv(self, overlay: Path, seed: Path) -> list[str]:
-        accel, cpu = accelerator(self.kernel)
+        accel, cpu = accelerator()
         argv = ["qemu-system-x86_64", "-name", f"boot-test-{self.firmware}",
                 "-machine", f"q35,accel={accel}", "-cpu", cpu, "-smp", str(self.cpus), "-m", str(self.memory_mib),
                 # No default VGA, CD-ROM or parallel port: less for TCG to emulate and probe.
@@ -215,10 +237,9 @@ Host guest
         self.stop()
 
 
-def boot(image: Path, kernel: Path, disk_size: int, firmware: Firmware, workdir: Path,
-         deadline: float = SSH_DEADLINE) -> VM:
+def boot(image: Path, disk_size: int, firmware: Firmware, workdir: Path, deadline: float = SSH_DEADLINE) -> VM:
     """Start a VM and wait for SSH; on any failure the VM is stopped before raising."""
-    vm = VM(image=image, kernel=kernel, disk_size=disk_size, firmware=firmware, workdir=workdir)
+    vm = VM(image=image, disk_size=disk_size, firmware=firmware, workdir=workdir)
     vm.start()
     try:
         say(f"booting {image.name} by {firmware} (console log: {vm.console})")

@@ -32,6 +32,7 @@ DEBIAN_PACKAGE = {
 
 # Files rather than commands: firmware and GRUB's platform directories.
 DEBIAN_PACKAGE_OF_FILE = {
+    "/boot/vmlinuz": "linux-image-amd64",
     "/usr/share/OVMF/OVMF_CODE_4M.fd": "ovmf",
     "/usr/share/OVMF/OVMF_VARS_4M.fd": "ovmf",
 }

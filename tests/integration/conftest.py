@@ -88,7 +88,7 @@ def vm(request, spec, artifacts, firmware, tmp_path_factory):
     """One boot per firmware per session, shared by every test that needs a live guest."""
     workdir = artifacts.directory / f"boot-{firmware}"
     shutil.rmtree(workdir, ignore_errors=True)
-    machine = boot.boot(artifacts.qcow2, artifacts.kernel, spec.disk_size, boot.Firmware(firmware), workdir)
+    machine = boot.boot(artifacts.qcow2, spec.disk_size, boot.Firmware(firmware), workdir)
     print(f"\n{firmware}: SSH ready after {machine.boot_seconds} s; console log {machine.console}")
     yield machine
     machine.stop()

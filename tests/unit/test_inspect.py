@@ -1,0 +1,384 @@
+"""The offline check's parsers, on good and bad inputs. No libguestfs, no image, no root."""
+
+from __future__ import annotations
+
+import json
+import struct
+import sys
+import uuid
+import zlib
+from pathlib import Path
+
+import pytest
+
+from pipeline import inspect
+from pipeline.errors import ToolMissing
+from pipeline.inspect import (
+    CheckResult, Report, cloud_datasources, fstab_uuid, grub_linux_args, parse_dpkg_status,
+    parse_env_file, parse_fstab, parse_gpt, passwd_problems, selinux_type, shadow_problems,
+    sshd_effective, sshd_include_patterns, unlabeled_names,
+)
+
+# --- dpkg status
+
+STATUS = """\
+Package: openssh-server
+Status: install ok installed
+Priority: optional
+Version: 1:9.2p1-2+deb12u3
+Description: secure shell (SSH) server
+ A long description
+ Status: install ok installed
+
+Package: tuned
+Status: deinstall ok config-files
+Version: 2.19.0-2
+
+Package: grub-pc
+Status: hold ok installed
+Version: 2.06-13
+
+Package: cloud-init
+Status: install reinstreq half-installed
+Version: 22.4.2-1
+
+Package: systemd
+Status: install ok unpacked
+Version: 252.30-1
+"""
+
+
+def test_dpkg_status_keeps_only_installed_packages():
+    assert parse_dpkg_status(STATUS) == {"openssh-server": "1:9.2p1-2+deb12u3", "grub-pc": "2.06-13"}
+
+
+def test_dpkg_status_ignores_status_text_in_a_description():
+    text = "Package: tuned\nStatus: deinstall ok config-files\nDescription: x\n Status: install ok installed\n"
+    assert parse_dpkg_status(text) == {}
+
+
+def test_dpkg_status_empty():
+    assert parse_dpkg_status("") == {}
+
+
+def test_required_packages_for_a_guest_and_a_base_image():
+    class Spec:
+        elements = ("kvm-guest",)
+        packages = ("htop", "tuned")
+
+    wanted = inspect.required_packages(Spec())
+    assert {"cloud-init", "qemu-guest-agent", "cloud-guest-utils", "linux-image-cloud-amd64", "htop"} <= set(wanted)
+    assert "linux-image-amd64" not in wanted
+    assert len(wanted) == len(set(wanted))
+    Spec.elements = ("kvm-base",)
+    base = inspect.required_packages(Spec())
+    assert "linux-image-amd64" in base and "cloud-init" not in base
+
+
+# --- fstab
+
+FSTAB = """\
+# Written by the image pipeline
+UUID=07d6742e-6dca-47ba-a292-ae321158a78d / ext4 defaults,errors=remount-ro 0 1
+UUID=CD93-F34C /boot/efi vfat umask=0077,nofail 0 2   # ESP
+LABEL=data /srv/my\\040data ext4
+"""
+
+
+def test_fstab_parses_entries_and_unescapes():
+    entries = parse_fstab(FSTAB)
+    assert [e.mountpoint for e in entries] == ["/", "/boot/efi", "/srv/my data"]
+    assert entries[1].fstype == "vfat" and entries[1].options == "umask=0077,nofail"
+    assert entries[2].options == "defaults"
+
+
+def test_fstab_rejects_a_short_line():
+    with pytest.raises(ValueError, match="line 2"):
+        parse_fstab("# c\nUUID=abc /\n")
+
+
+def test_fstab_uuid_is_case_insensitive():
+    assert fstab_uuid("UUID=CD93-F34C") == "cd93-f34c"
+    assert fstab_uuid('uuid="abc"') == "abc"
+    assert fstab_uuid("LABEL=root") is None
+    assert fstab_uuid("/dev/sda3") is None
+
+
+# --- shadow and passwd
+
+
+def test_locked_accounts_pass():
+    assert shadow_problems("root:!*:20782:0:99999:7:::\nsshd:!:20782::::::\nbin:*:1::::::\n") == []
+
+
+def test_locked_hash_passes():
+    assert shadow_problems("root:!$6$salt$hash:20782:0:99999:7:::\n") == []
+
+
+def test_empty_shadow_password_fails():
+    problems = shadow_problems("root:!*:1::::::\nadmin::20782:0:99999:7:::\n")
+    assert problems == ["admin: empty password (no password needed)"]
+
+
+def test_usable_hash_fails():
+    assert shadow_problems("root:$6$salt$hash:20782:0:99999:7:::\n") == ["root: usable password hash"]
+
+
+def test_malformed_shadow_line_fails():
+    assert shadow_problems("garbage\n") == ["line 1 is malformed"]
+
+
+def test_passwd_fields():
+    good = "root:x:0:0:root:/root:/bin/bash\nnobody:*:65534:65534::/:/usr/sbin/nologin\n"
+    assert passwd_problems(good) == []
+    assert passwd_problems("root::0:0::/root:/bin/bash\n") == ["root: empty password in /etc/passwd"]
+    assert passwd_problems("root:$6$x$y:0:0::/root:/bin/bash\n") == ["root: password hash in /etc/passwd"]
+
+
+# --- sshd
+
+DEBIAN_SSHD = """\
+# This is the sshd server system-wide configuration file.
+Include /etc/ssh/sshd_config.d/*.conf
+
+#PasswordAuthentication yes
+KbdInteractiveAuthentication no
+UsePAM yes
+"""
+
+
+def test_sshd_include_at_top_wins_over_the_main_file():
+    files = {"/etc/ssh/sshd_config.d/50-kvm-base.conf": "PasswordAuthentication no\n"}
+    options = sshd_effective(DEBIAN_SSHD, files)
+    assert options["passwordauthentication"].value == "no"
+    assert options["passwordauthentication"].source == "/etc/ssh/sshd_config.d/50-kvm-base.conf"
+    assert options["kbdinteractiveauthentication"].value == "no"
+    assert options["kbdinteractiveauthentication"].source == "/etc/ssh/sshd_config"
+
+
+def test_sshd_dropin_yes_before_the_main_files_no_makes_it_yes():
+    main = "Include /etc/ssh/sshd_config.d/*.conf\nPasswordAuthentication no\n"
+    files = {"/etc/ssh/sshd_config.d/10-cloud.conf": "PasswordAuthentication yes\n"}
+    assert sshd_effective(main, files)["passwordauthentication"].value == "yes"
+
+
+def test_sshd_dropins_in_lexical_order_first_wins():
+    main = "Include /etc/ssh/sshd_config.d/*.conf\n"
+    files = {"/etc/ssh/sshd_config.d/50-kvm-base.conf": "PasswordAuthentication no\n",
+             "/etc/ssh/sshd_config.d/10-bad.conf": "passwordauthentication=yes\n"}
+    option = sshd_effective(main, files)["passwordauthentication"]
+    assert (option.value, option.source) == ("yes", "/etc/ssh/sshd_config.d/10-bad.conf")
+
+
+def test_sshd_unset_means_the_default_yes():
+    options = sshd_effective("UsePAM yes\n", {})
+    assert options["passwordauthentication"].value == "yes"
+    assert options["passwordauthentication"].source == "default"
+    assert options["permitemptypasswords"].value == "no"
+
+
+def test_sshd_match_blocks_set_no_global_value():
+    main = "Match User backup\n  PasswordAuthentication no\nMatch all\nKbdInteractiveAuthentication no\n"
+    options = sshd_effective(main, {})
+    assert options["passwordauthentication"].value == "yes"
+    assert options["kbdinteractiveauthentication"].value == "no"
+
+
+def test_sshd_match_in_an_included_file_ends_with_it():
+    main = "Include sshd_config.d/*.conf\nPasswordAuthentication no\n"
+    files = {"/etc/ssh/sshd_config.d/a.conf": "Match Address 10.0.0.0/8\nPasswordAuthentication yes\n"}
+    assert sshd_effective(main, files)["passwordauthentication"].value == "no"
+
+
+def test_sshd_challenge_response_is_the_old_name_of_kbd_interactive():
+    options = sshd_effective("ChallengeResponseAuthentication yes\nKbdInteractiveAuthentication no\n", {})
+    assert options["kbdinteractiveauthentication"].value == "yes"
+
+
+def test_sshd_wildcard_does_not_cross_a_slash():
+    main = "Include /etc/ssh/sshd_config.d/*.conf\n"
+    files = {"/etc/ssh/sshd_config.d/sub/x.conf": "PasswordAuthentication yes\n"}
+    assert sshd_effective(main, files)["passwordauthentication"].source == "default"
+
+
+def test_sshd_include_patterns_are_made_absolute():
+    text = "# Include /nope\nInclude /etc/ssh/sshd_config.d/*.conf extra.conf\n"
+    assert sshd_include_patterns(text) == ["/etc/ssh/sshd_config.d/*.conf", "/etc/ssh/extra.conf"]
+
+
+def test_sshd_include_loop_is_refused():
+    files = {"/etc/ssh/loop.conf": "Include /etc/ssh/loop.conf\n"}
+    with pytest.raises(ValueError, match="too deep"):
+        sshd_effective("Include loop.conf\n", files)
+
+
+# --- grub.cfg, env files, cloud-init
+
+GRUB_CFG = """\
+search --no-floppy --fs-uuid --set=root 07d6742e
+menuentry 'Debian GNU/Linux' {
+  linux /boot/vmlinuz-6.1.0-56-cloud-amd64 root=UUID=07d6742e ro security=selinux console=ttyS0,115200
+  initrd /boot/initrd.img-6.1.0-56-cloud-amd64
+}
+menuentry 'second' {
+  linux /boot/vmlinuz-other root=/dev/sda3
+}
+"""
+
+
+def test_grub_first_linux_line():
+    args = grub_linux_args(GRUB_CFG)
+    assert args[0] == "/boot/vmlinuz-6.1.0-56-cloud-amd64"
+    assert "root=UUID=07d6742e" in args and "console=ttyS0,115200" in args
+
+
+def test_grub_without_linux_line():
+    with pytest.raises(ValueError):
+        grub_linux_args("set timeout=1\n")
+
+
+def test_env_file_unquotes_and_skips_comments():
+    text = 'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\n# SELINUX=disabled\nVERSION_ID="12"\nSELINUX=enforcing\n'
+    values = parse_env_file(text)
+    assert values == {"PRETTY_NAME": "Debian GNU/Linux 12 (bookworm)", "VERSION_ID": "12", "SELINUX": "enforcing"}
+
+
+def test_cloud_datasources_last_file_wins():
+    texts = [("/etc/cloud/cloud.cfg", "datasource_list: [Ec2]\nusers: [default]\n"),
+             ("/etc/cloud/cloud.cfg.d/05_logging.cfg", "_log: []\n"),
+             ("/etc/cloud/cloud.cfg.d/91-dib.cfg", "datasource_list: [  NoCloud, ConfigDrive, OpenStack, None ]\n")]
+    assert cloud_datasources(texts) == ["NoCloud", "ConfigDrive", "OpenStack", "None"]
+
+
+def test_cloud_datasources_unset_and_invalid():
+    assert cloud_datasources([("a.cfg", "# nothing\n")]) is None
+    with pytest.raises(ValueError, match="b.cfg"):
+        cloud_datasources([("b.cfg", "datasource_list: [unclosed\n")])
+
+
+# --- GPT
+
+
+def _guid_bytes(text: str) -> bytes:
+    return uuid.UUID(text).bytes_le
+
+
+def make_gpt(partitions: list[tuple[str, int, int, str]], corrupt: bool = False) -> bytes:
+    """The first 34 sectors of a disk: protective MBR, GPT header, 128 entries."""
+    entries = bytearray(128 * 128)
+    for index, (type_guid, first, last, name) in enumerate(partitions):
+        entry = (_guid_bytes(type_guid) + uuid.uuid4().bytes + struct.pack("<QQQ", first, last, 0)
+                 + name.encode("utf-16-le").ljust(72, b"\0"))
+        entries[index * 128:(index + 1) * 128] = entry
+    header = bytearray(92)
+    header[:8] = b"EFI PART"
+    struct.pack_into("<IIIIQQQQ", header, 8, 0x10000, 92, 0, 0, 1, 6291422, 34, 6291422)
+    header[56:72] = uuid.uuid4().bytes
+    struct.pack_into("<QIII", header, 72, 2, 128, 128, zlib.crc32(entries))
+    struct.pack_into("<I", header, 16, zlib.crc32(header))
+    if corrupt:
+        entries[0] ^= 0xFF
+    mbr = bytearray(512)
+    mbr[510:] = b"\x55\xaa"
+    return bytes(mbr) + bytes(header).ljust(512, b"\0") + bytes(entries)
+
+
+def test_gpt_partitions():
+    data = make_gpt([(inspect.GPT_BIOS_BOOT, 2048, 4095, "bios-boot"),
+                     (inspect.GPT_ESP, 4096, 266239, "esp"),
+                     (inspect.GPT_ROOT_X86_64, 266240, 6289407, "root")])
+    parts = parse_gpt(data)
+    assert [(p.number, p.type_guid, p.first_lba, p.name) for p in parts] == [
+        (1, inspect.GPT_BIOS_BOOT, 2048, "bios-boot"),
+        (2, inspect.GPT_ESP, 4096, "esp"),
+        (3, inspect.GPT_ROOT_X86_64, 266240, "root")]
+
+
+def test_gpt_bad_inputs():
+    with pytest.raises(ValueError, match="no GPT"):
+        parse_gpt(bytes(34 * 512))
+    with pytest.raises(ValueError, match="entries CRC"):
+        parse_gpt(make_gpt([(inspect.GPT_ESP, 4096, 266239, "esp")], corrupt=True))
+    good = make_gpt([(inspect.GPT_ESP, 4096, 266239, "esp")])
+    with pytest.raises(ValueError, match="header CRC"):
+        parse_gpt(good[:520] + b"X" + good[521:])
+    with pytest.raises(ValueError, match="past"):
+        parse_gpt(good[:4096])
+
+
+# --- SELinux labels
+
+
+def test_selinux_type():
+    assert selinux_type(b"system_u:object_r:sshd_exec_t:s0\0") == "sshd_exec_t"
+    assert selinux_type("system_u:object_r:etc_t:s0") == "etc_t"
+    assert selinux_type(None) is None
+    assert selinux_type(b"garbage\0") is None
+
+
+def test_unlabeled_names_from_lxattrlist():
+    xattrs = [
+        {"attrname": "", "attrval": b"1\0"},
+        {"attrname": "security.selinux", "attrval": b"system_u:object_r:etc_t:s0\0"},
+        {"attrname": "", "attrval": b"0\0"},
+        {"attrname": "", "attrval": b"2\0"},
+        {"attrname": "user.comment", "attrval": b"x"},
+        {"attrname": "security.selinux", "attrval": b"system_u:object_r:bin_t:s0\0"},
+        {"attrname": "", "attrval": b"1\0"},
+        {"attrname": "user.comment", "attrval": b"x"},
+        {"attrname": "", "attrval": b""},  # libguestfs could not read this one's xattrs
+    ]
+    assert unlabeled_names(["a", "b", "c", "d", "e"], xattrs) == ["b", "d", "e"]
+
+
+def test_unlabeled_names_short_answer():
+    with pytest.raises(ValueError):
+        unlabeled_names(["a", "b"], [{"attrname": "", "attrval": b"0\0"}])
+
+
+# --- report
+
+
+def test_report_passes_only_with_results_all_passing(tmp_path):
+    report = Report("img", tmp_path / "img.qcow2", tmp_path / "check.json")
+    assert not report.passed
+    report.results = [CheckResult("os", True, "debian 12"), CheckResult("fstab", True, "ok")]
+    assert report.passed
+    report.results.append(CheckResult("tuned", False, "inactive"))
+    assert not report.passed and [r.name for r in report.failed] == ["tuned"]
+
+
+def test_json_written_atomically(tmp_path):
+    report = Report("img", tmp_path / "img.qcow2", tmp_path / "check.json",
+                    [CheckResult("os", True, "debian 12"), CheckResult("tuned", False, "inactive")],
+                    {"check: launch appliance": 18.2})
+    report.json_path.write_text("old")
+    inspect.write_json(report)
+    saved = json.loads(report.json_path.read_text())
+    assert saved["passed"] is False
+    assert saved["checks"][1] == {"name": "tuned", "passed": False, "detail": "inactive"}
+    assert saved["timings"] == {"check: launch appliance": 18.2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["check.json"]
+
+
+def test_table_has_a_row_per_check():
+    table = inspect.format_table([CheckResult("os", True, "debian 12"), CheckResult("selinux labels", False, "x")])
+    lines = table.splitlines()
+    assert lines[0].startswith("check")
+    assert lines[1].split() == ["os", "PASS", "debian", "12"]
+    assert lines[2].split()[2] == "FAIL"
+
+
+def test_missing_bindings_name_the_debian_packages(monkeypatch):
+    monkeypatch.setitem(sys.modules, "guestfs", None)
+    with pytest.raises(ToolMissing, match="python3-guestfs libguestfs-tools"):
+        inspect._import_guestfs()
+
+
+def test_unbuilt_image_says_how_to_build_it(tmp_path):
+    from pipeline import spec as specs
+    from pipeline.errors import PipelineError
+
+    guest = specs.load().get("guest-image")
+    with pytest.raises(PipelineError, match="has not been built: run ./inv build guest-image"):
+        inspect.check_image(guest, Path(tmp_path))
