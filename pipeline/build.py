@@ -19,7 +19,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import bootloader, disk, selinux, tools
+from . import bootloader, disk, profiles, selinux, tools
 from .errors import PipelineError
 from .paths import ELEMENTS
 from .progress import Timings, say, step
@@ -81,6 +81,7 @@ class BuildContext:
     work: Path
     log: Path
     timings: Timings = field(default_factory=Timings)
+    profile_dirs: list[Path] = field(default_factory=list)  # tuned profiles to install
     layout: disk.Layout | None = None
     kernel: bootloader.Kernel | None = None
 
@@ -126,11 +127,21 @@ def check_free_space(path: Path, spec: ImageSpec) -> None:
                             f"a build of {spec.name} needs about {needed / 2**30:.0f} GiB")
 
 
-def preflight(spec: ImageSpec, output_dir: Path) -> None:
+def profile_chain(spec: ImageSpec, cache_dir: Path) -> list[Path]:
+    """Validate the spec's tuned profile against tuned's own rules and profiles; return
+    the directories of ours and the user's that it loads (tuned's built-ins ship with it)."""
+    reference = profiles.reference(cache_dir)
+    loaded = profiles.resolve(spec.tuned_profile, list(spec.profile_dirs), reference)
+    builtin = set(reference.profiles.values())
+    return [conf.parent for conf in loaded if conf not in builtin]
+
+
+def preflight(spec: ImageSpec, output_dir: Path, cache_dir: Path) -> list[Path]:
     tools.require(*tools.BUILD_TOOLS)
     tools.venv_tool("disk-image-create")
     check_free_space(output_dir, spec)
     check_mirrors(spec)
+    return profile_chain(spec, cache_dir)
 
 
 # --- steps
@@ -138,15 +149,16 @@ def preflight(spec: ImageSpec, output_dir: Path) -> None:
 
 def dib_environment(ctx: BuildContext) -> dict[str, str]:
     spec = ctx.spec
-    profiles = ctx.work / "tuned-profiles"
-    shutil.copytree(spec.profile_dir / spec.tuned_profile, profiles / spec.tuned_profile)
+    staged = ctx.work / "tuned-profiles"
+    for directory in ctx.profile_dirs:
+        shutil.copytree(directory, staged / directory.name, dirs_exist_ok=True)
     return {
         "ELEMENTS_PATH": str(ELEMENTS),
         "DIB_RELEASE": spec.release,
         "DIB_DISTRIBUTION_MIRROR": spec.mirrors.debian,
         "DIB_DEBIAN_SECURITY_MIRROR": spec.mirrors.security,
         "DIB_TUNED_PROFILE": spec.tuned_profile,
-        "DIB_TUNED_PROFILES_DIR": str(profiles),
+        "DIB_TUNED_PROFILES_DIR": str(staged),
         "DIB_SELINUX_MODE": spec.selinux.value,
         "DIB_SELINUX_MODULES_DIR": str(ctx.selinux_modules) if any(ctx.selinux_modules.glob("*.pp")) else "",
         "DIB_IMAGE_CACHE": str(ctx.cache_dir),
@@ -278,10 +290,10 @@ def build(spec: ImageSpec, output_dir: Path, cache_dir: Path) -> tuple[Artifacts
     art = artifacts_for(spec, output_dir)
     art.logs.mkdir(parents=True, exist_ok=True)
     with step(f"preflight {spec.name}"):
-        preflight(spec, art.directory)
+        profile_dirs = preflight(spec, art.directory, Path(cache_dir))
     work = art.directory / f".work-{os.getpid()}"
     ctx = BuildContext(spec=spec, artifacts=art, cache_dir=Path(cache_dir), work=work,
-                       log=art.logs / f"build-{time.strftime('%Y%m%d-%H%M%S')}.log")
+                       log=art.logs / f"build-{time.strftime('%Y%m%d-%H%M%S')}.log", profile_dirs=profile_dirs)
     work.mkdir()
     try:
         for name, action in STEPS:

@@ -15,7 +15,7 @@ def ctx(tmp_path):
     work = art.directory / ".work-1"
     work.mkdir()
     return build.BuildContext(spec=spec, artifacts=art, cache_dir=tmp_path / "cache", work=work,
-                              log=tmp_path / "build.log")
+                              log=tmp_path / "build.log", profile_dirs=[spec.profile_dir / spec.tuned_profile])
 
 
 def test_dib_gets_the_spec(ctx, monkeypatch):
