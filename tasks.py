@@ -92,7 +92,7 @@ def check(c, image, spec_file=None, output_dir=str(DEFAULT_OUTPUT)):
 @user_errors
 def boot_test(c, image, spec_file=None, output_dir=str(DEFAULT_OUTPUT), firmware="both", keep=False):
     """Boot a throw-away overlay of the image in QEMU and run the testinfra tests over SSH."""
-    args = ["-m", "image", "tests/integration/test_boot.py", f"--image={_spec(image, spec_file).name}",
+    args = ["-m", "image", "tests/integration/test_boot.py", "--use-built", f"--image={_spec(image, spec_file).name}",
             f"--firmware={firmware}", f"--output-dir={output_dir}"]
     if spec_file:
         args.append(f"--spec-file={spec_file}")

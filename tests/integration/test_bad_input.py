@@ -102,7 +102,7 @@ def test_interrupted_build_leaves_nothing_behind(tmp_path):
             break
     assert "dib:" in seen, seen
     os.killpg(proc.pid, signal.SIGINT)
-    rest, _ = proc.communicate(timeout=180)
+    _, rest = proc.communicate(timeout=180)
     assert proc.returncode != 0
     assert "interrupted" in rest, seen + rest
     assert_nothing_built(out)
