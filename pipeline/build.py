@@ -8,6 +8,7 @@ image, and `cleanup` removes any mount or loop device a killed DIB left behind.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -237,6 +238,14 @@ def convert(ctx: BuildContext) -> None:
          ctx.disk, ctx.work / ctx.artifacts.qcow2.name])
 
 
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(2**20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def publish(ctx: BuildContext) -> None:
     """Move finished files into place; the qcow2 goes last, so its presence means done."""
     art = ctx.artifacts
@@ -250,6 +259,7 @@ def publish(ctx: BuildContext) -> None:
         "kernel_cmdline": kernel_cmdline(ctx.spec),
         "root_uuid": ctx.layout.root_uuid,
         "esp_uuid": ctx.layout.esp_uuid,
+        "qcow2_sha256": sha256(ctx.work / art.qcow2.name),
         "timings": ctx.timings.seconds,
     }
     (ctx.work / art.info.name).write_text(json.dumps(info, indent=2) + "\n")

@@ -37,3 +37,11 @@ def test_offline_check_passes(check_report):
     assert not failed, failed
     saved = json.loads(check_report.json_path.read_text())
     assert saved["passed"] is True
+
+
+def test_artifact_unchanged_by_check_and_boots(artifacts):
+    """The check opens it read-only and boots use an overlay: the artifact is as built.
+    (This module runs after test_boot.py, so every boot of the session has happened.)"""
+    from pipeline.build import sha256
+
+    assert sha256(artifacts.qcow2) == artifacts.read_info()["qcow2_sha256"]

@@ -260,3 +260,8 @@ def test_parser_agrees_with_tuneds_own_loader(tmp_path, ref, tuned_modules):
             loader._load_config_data(str(conf))
         with pytest.raises(profiles.ProfileError):
             profiles._parse(conf)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in PROFILES.iterdir() if (p / "tuned.conf").is_file()))
+def test_every_profile_we_ship_validates(name, ref):
+    profiles.validate_profile(name, [PROFILES], ref)
