@@ -54,10 +54,12 @@ class MemorySampler:
 def dib_alone(spec: ImageSpec, work: Path, cache: Path) -> float:
     """The same tree from disk-image-create alone (-t tar: its disk formats need kpartx)."""
     ctx = build.BuildContext(spec=spec, artifacts=build.artifacts_for(spec, work), cache_dir=cache,
-                             work=work / "dib-alone", log=work / "dib-alone.log")
+                             work=work / "dib-alone", log=work / "dib-alone.log",
+                             profile_dirs=build.profile_chain(spec, cache))
     ctx.work.mkdir(parents=True)
     started = time.monotonic()
     try:
+        build.compile_policy(ctx)  # the same policy modules go into the same tree
         build.build_tree(ctx)
     finally:
         build.cleanup(ctx.work)

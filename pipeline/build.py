@@ -151,6 +151,7 @@ def preflight(spec: ImageSpec, output_dir: Path, cache_dir: Path) -> list[Path]:
 def dib_environment(ctx: BuildContext) -> dict[str, str]:
     spec = ctx.spec
     staged = ctx.work / "tuned-profiles"
+    staged.mkdir()
     for directory in ctx.profile_dirs:
         shutil.copytree(directory, staged / directory.name, dirs_exist_ok=True)
     return {

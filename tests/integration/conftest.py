@@ -84,7 +84,7 @@ def pytest_generate_tests(metafunc):
 
 
 @pytest.fixture(scope="session")
-def vm(request, spec, artifacts, firmware, tmp_path_factory):
+def vm(spec, artifacts, firmware):
     """One boot per firmware per session, shared by every test that needs a live guest."""
     workdir = artifacts.directory / f"boot-{firmware}"
     shutil.rmtree(workdir, ignore_errors=True)
@@ -92,6 +92,7 @@ def vm(request, spec, artifacts, firmware, tmp_path_factory):
     print(f"\n{firmware}: SSH ready after {machine.boot_seconds} s; console log {machine.console}")
     yield machine
     machine.stop()
+    (workdir / "overlay.qcow2").unlink(missing_ok=True)  # the guest's writes; the log is what helps
     print(f"\n{firmware}: console log kept at {machine.console}")
 
 
