@@ -18,6 +18,16 @@ def ctx(tmp_path):
                               log=tmp_path / "build.log", profile_dirs=[spec.profile_dir / spec.tuned_profile])
 
 
+def assembled(ctx):
+    """The state publish() finds after the steps: a kernel in the tree, a disk layout."""
+    boot_dir = ctx.work / "tree/boot"
+    boot_dir.mkdir(parents=True)
+    (boot_dir / "vmlinuz-6.1.0-1-cloud-amd64").write_text("kernel")
+    (boot_dir / "initrd.img-6.1.0-1-cloud-amd64").write_text("initrd")
+    ctx.kernel = build.bootloader.find_kernel(ctx.work / "tree")
+    ctx.layout = build.disk.new_layout(ctx.spec.disk_size)
+
+
 def test_dib_gets_the_spec(ctx, monkeypatch):
     calls = []
     monkeypatch.setattr(build, "run", lambda argv, **kw: calls.append((argv, kw)))
@@ -36,12 +46,7 @@ def test_dib_gets_the_spec(ctx, monkeypatch):
 
 
 def test_publish_moves_qcow2_last_and_replaces_old(ctx, tmp_path):
-    tree = ctx.work / "tree/boot"
-    tree.mkdir(parents=True)
-    (tree / "vmlinuz-6.1.0-1-cloud-amd64").write_text("kernel")
-    (tree / "initrd.img-6.1.0-1-cloud-amd64").write_text("initrd")
-    ctx.kernel = build.bootloader.find_kernel(ctx.work / "tree")
-    ctx.layout = build.disk.new_layout(ctx.spec.disk_size)
+    assembled(ctx)
     (ctx.work / ctx.artifacts.qcow2.name).write_text("new image")
     ctx.artifacts.qcow2.write_text("old image")
     build.publish(ctx)
@@ -55,3 +60,15 @@ def test_cleanup_removes_work_dir(ctx, monkeypatch):
     (ctx.work / "tree/etc").mkdir(parents=True)
     build.cleanup(ctx.work)
     assert not ctx.work.exists()
+
+
+def test_publish_keeps_raw_on_request(ctx):
+    import dataclasses
+
+    ctx.spec = dataclasses.replace(ctx.spec, formats=(specs.OutputFormat.QCOW2, specs.OutputFormat.RAW))
+    assembled(ctx)
+    ctx.disk.write_text("raw disk")
+    (ctx.work / ctx.artifacts.qcow2.name).write_text("qcow2")
+    build.publish(ctx)
+    assert ctx.artifacts.raw.read_text() == "raw disk"
+    assert ctx.artifacts.qcow2.read_text() == "qcow2"
