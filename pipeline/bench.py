@@ -140,7 +140,7 @@ def _print(summary: dict) -> None:
         ("qcow2 on disk (target <= 300 MB)", f"{m['qcow2_bytes'] / 1e6:.0f} MB"),
         ("virtual size", f"{m['virtual_bytes'] / 2**30:.1f} GiB"),
         ("peak memory in use during the build", f"{m['peak_memory_mib']} MiB"),
-        ("largest single process RSS", f"{m['largest_process_rss_mib']} MiB"),
+        ("largest subprocess RSS, whole run (QEMU included)", f"{m['largest_process_rss_mib']} MiB"),
     ]
     width = max(len(name) for name, _ in rows)
     print(f"benchmark of {summary['image']}: medians of {summary['runs']} run(s)")
