@@ -11,7 +11,6 @@ from .errors import ToolMissing
 
 DEBIAN_PACKAGE = {
     "checkmodule": "checkpolicy",
-    "curl": "curl",
     "debootstrap": "debootstrap",
     "mcopy": "mtools",
     "mkfs.ext4": "e2fsprogs",
@@ -27,7 +26,6 @@ DEBIAN_PACKAGE = {
     "sudo": "sudo",
     "tar": "tar",
     "grub-mkimage": "grub-common",
-    "zstd": "zstd",
 }
 
 # Files rather than commands: firmware and GRUB's platform directories.
@@ -37,8 +35,8 @@ DEBIAN_PACKAGE_OF_FILE = {
     "/usr/share/OVMF/OVMF_VARS_4M.fd": "ovmf",
 }
 
-BUILD_TOOLS = ("debootstrap", "grub-mkimage", "mcopy", "mkfs.ext4", "mkfs.vfat", "mmd",
-               "qemu-img", "setfiles", "sgdisk", "sudo", "tar")
+BUILD_TOOLS = ("checkmodule", "debootstrap", "grub-mkimage", "mcopy", "mkfs.ext4", "mkfs.vfat", "mmd",
+               "qemu-img", "semodule_package", "setfiles", "sgdisk", "sudo", "tar")
 BOOT_TOOLS = ("qemu-img", "qemu-system-x86_64", "mcopy", "mkfs.vfat", "ssh", "ssh-keygen")
 
 
