@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import configparser
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,11 @@ import testinfra
 
 from pipeline import boot, build, spec as specs
 from pipeline.paths import DEFAULT_CACHE, DEFAULT_OUTPUT, SPEC_FILE
+
+SETTLE_DEADLINE = 300
+# (source domain, target type) of the one denial test_host.py causes on purpose:
+# the confined network agent reading /etc/shadow. test_zz_final.py allows exactly it.
+EXPECTED_DENIAL = ("kvmpipe_netagent_t", "shadow_t")
 
 
 def pytest_addoption(parser):
@@ -88,7 +94,7 @@ def vm(spec, artifacts, firmware):
     """One boot per firmware per session, shared by every test that needs a live guest."""
     workdir = artifacts.directory / f"boot-{firmware}"
     shutil.rmtree(workdir, ignore_errors=True)
-    machine = boot.boot(artifacts.qcow2, spec.disk_size, boot.Firmware(firmware), workdir)
+    machine = boot.boot_spec(spec, artifacts.qcow2, boot.Firmware(firmware), workdir)
     print(f"\n{firmware}: SSH ready after {machine.boot_seconds} s; console log {machine.console}")
     yield machine
     machine.stop()
@@ -99,3 +105,21 @@ def vm(spec, artifacts, firmware):
 @pytest.fixture(scope="session")
 def host(vm):
     return testinfra.get_host("ssh://guest", ssh_config=str(vm.ssh_config))
+
+
+@pytest.fixture(scope="session")
+def settled(host):
+    """Wait (with a deadline) until boot has finished: systemd and cloud-init both done."""
+    started = time.monotonic()
+    while time.monotonic() - started < SETTLE_DEADLINE:
+        state = host.run("systemctl is-system-running").stdout.strip()
+        if state not in ("initializing", "starting"):
+            break
+        time.sleep(3)
+    host.run("cloud-init status --wait")
+    return state
+
+
+@pytest.fixture(scope="session")
+def expected_denial() -> tuple[str, str]:
+    return EXPECTED_DENIAL
