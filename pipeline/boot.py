@@ -24,12 +24,17 @@ from . import tools
 from .errors import PipelineError
 from .progress import say
 from .run import run, start, stop
+from .spec import ImageSpec
 
 OVMF_CODE = "/usr/share/OVMF/OVMF_CODE_4M.fd"
 OVMF_VARS = "/usr/share/OVMF/OVMF_VARS_4M.fd"
 SSH_DEADLINE = 420          # TCG boots reach SSH in 60-120 s; leave room for a loaded machine
 KVM_PROBE_DEADLINE = 30
 GROWTH = 2**30              # the overlay is this much larger than the image, so growth is visible
+# Extra NICs (bridge uplinks) sit at these PCI slots of the q35 root bus, so udev
+# names them enp0s8, enp0s9, ... whatever else the VM has.
+UPLINK_SLOT = 8
+HOST_MEMORY_MIB = 3072      # a KVM host image runs throw-away guests of its own in the boot test
 
 
 class Firmware(StrEnum):
@@ -104,6 +109,7 @@ class VM:
     workdir: Path
     memory_mib: int = 2048
     cpus: int = 2
+    uplink_nics: int = 0    # NICs with no network behind them, for OVS bridges to own
 
     def __post_init__(self):
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -169,6 +175,9 @@ Host guest
                 "-chardev", f"socket,id=qga0,path={self.qga_socket},server=on,wait=off",
                 "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
                 "-device", "virtio-rng-pci"]
+        for index in range(self.uplink_nics):
+            argv += ["-netdev", f"user,id=uplink{index},restrict=on",
+                     "-device", f"virtio-net-pci,netdev=uplink{index},addr={UPLINK_SLOT + index:#x}"]
         if self.firmware is Firmware.UEFI:
             variables = self.workdir / "OVMF_VARS.fd"
             shutil.copyfile(OVMF_VARS, variables)
@@ -237,9 +246,10 @@ Host guest
         self.stop()
 
 
-def boot(image: Path, disk_size: int, firmware: Firmware, workdir: Path, deadline: float = SSH_DEADLINE) -> VM:
+def boot(image: Path, disk_size: int, firmware: Firmware, workdir: Path, deadline: float = SSH_DEADLINE,
+         **options) -> VM:
     """Start a VM and wait for SSH; on any failure the VM is stopped before raising."""
-    vm = VM(image=image, disk_size=disk_size, firmware=firmware, workdir=workdir)
+    vm = VM(image=image, disk_size=disk_size, firmware=firmware, workdir=workdir, **options)
     vm.start()
     try:
         say(f"booting {image.name} by {firmware} (console log: {vm.console})")
@@ -248,3 +258,11 @@ def boot(image: Path, disk_size: int, firmware: Firmware, workdir: Path, deadlin
         vm.stop()
         raise
     return vm
+
+
+def boot_spec(spec: ImageSpec, image: Path, firmware: Firmware, workdir: Path, deadline: float = SSH_DEADLINE) -> VM:
+    """boot() sized for what the spec builds: a KVM host gets memory for guests of its
+    own and one NIC per bridge uplink."""
+    uplinks = sum(1 for bridge in spec.bridges if bridge.uplink)
+    memory = HOST_MEMORY_MIB if spec.is_kvm_host else VM.memory_mib
+    return boot(image, spec.disk_size, firmware, workdir, deadline, memory_mib=memory, uplink_nics=uplinks)

@@ -22,7 +22,6 @@ from pathlib import Path
 
 from . import bootloader, disk, profiles, selinux, tools
 from .errors import PipelineError
-from .paths import ELEMENTS
 from .progress import Timings, say, step
 from .run import run
 from .spec import ImageSpec, OutputFormat
@@ -119,8 +118,9 @@ def check_mirrors(spec: ImageSpec) -> None:
 
 
 def check_free_space(path: Path, spec: ImageSpec) -> None:
-    # The tree, its tar and the sparse raw disk's written part: about 3x the tree.
-    needed = 4 * 2**30
+    # The tree, its tar and the sparse raw disk's written part: about 3x the tree,
+    # which the virtual disk size bounds well enough (1.2 GB tree on 6 GiB for a host).
+    needed = max(4 * 2**30, spec.disk_size)
     path.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(path).free
     if free < needed:
@@ -155,7 +155,7 @@ def dib_environment(ctx: BuildContext) -> dict[str, str]:
     for directory in ctx.profile_dirs:
         shutil.copytree(directory, staged / directory.name, dirs_exist_ok=True)
     return {
-        "ELEMENTS_PATH": str(ELEMENTS),
+        "ELEMENTS_PATH": ":".join(str(d) for d in spec.element_dirs),
         "DIB_RELEASE": spec.release,
         "DIB_DISTRIBUTION_MIRROR": spec.mirrors.debian,
         "DIB_DEBIAN_SECURITY_MIRROR": spec.mirrors.security,
@@ -164,6 +164,7 @@ def dib_environment(ctx: BuildContext) -> dict[str, str]:
         "DIB_SELINUX_MODE": spec.selinux.value,
         "DIB_SELINUX_MODULES_DIR": str(ctx.selinux_modules) if any(ctx.selinux_modules.glob("*.pp")) else "",
         "DIB_IMAGE_CACHE": str(ctx.cache_dir),
+        "DIB_OVS_BRIDGES": " ".join(b.dib_value for b in spec.bridges),
         # DIB's own temporary mounts go under our work directory, so cleanup finds them.
         "TMPDIR": str(ctx.work / "tmp"),
     }
@@ -171,7 +172,7 @@ def dib_environment(ctx: BuildContext) -> dict[str, str]:
 
 def compile_policy(ctx: BuildContext) -> None:
     """Our SELinux modules, compiled before DIB so a broken one fails in seconds."""
-    for package in selinux.compile_modules(selinux.module_sources(ctx.spec.elements), ctx.selinux_modules):
+    for package in selinux.compile_modules(selinux.module_sources(ctx.spec.elements, ctx.spec.element_dirs), ctx.selinux_modules):
         say(f"compiled {package.name}")
 
 

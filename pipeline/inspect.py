@@ -31,9 +31,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from . import boot
+from . import boot, selinux
 from .errors import PipelineError, ToolMissing
 from .progress import Timings, say, step
+from .selinux import element_closure
 from .spec import ImageSpec
 
 DEVICE = "/dev/sda"   # libguestfs names the first drive added /dev/sda, whatever the backend
@@ -46,12 +47,33 @@ GPT_ROOT_X86_64 = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"  # discoverable partiti
 BOOT_KERNEL_SECTOR = 0x5C  # in GRUB's boot.img: LBA of core.img, see bootloader.py
 
 GUEST_ELEMENT = "kvm-guest"
+CLOUD_INIT_ELEMENT = "kvm-cloud-init"
 BASE_PACKAGES = ("openssh-server", "grub-pc", "grub-efi-amd64-bin", "tuned", "selinux-policy-default",
                  "policycoreutils", "systemd")
 # kvm-guest swaps debian-minimal's generic kernel for the cloud one (virtio only, smaller).
 KERNEL_PACKAGE = "linux-image-amd64"
 GUEST_KERNEL_PACKAGE = "linux-image-cloud-amd64"
-GUEST_PACKAGES = ("cloud-init", "qemu-guest-agent", "cloud-guest-utils")
+GUEST_PACKAGES = ("qemu-guest-agent",)
+CLOUD_INIT_PACKAGES = ("cloud-init", "cloud-guest-utils")
+HOST_PACKAGES = ("qemu-system-x86", "qemu-utils", "libvirt-daemon-system", "libvirt-clients", "ovmf",
+                 "openvswitch-switch", "ifupdown")
+# kvm-host: (wants directory, unit) links that `systemctl enable` made at build time.
+HOST_UNITS = (("multi-user.target.wants", "libvirtd.service"),
+              ("multi-user.target.wants", "openvswitch-switch.service"),
+              ("multi-user.target.wants", "networking.service"),
+              ("sockets.target.wants", "virtlogd.socket"))
+HOST_LABELS: tuple[tuple[str, str], ...] = (
+    ("/usr/sbin/libvirtd", "virtd_exec_t"),
+    ("/usr/bin/qemu-system-x86_64", "qemu_exec_t"),
+    ("/usr/share/openvswitch/scripts/ovs-ctl", "openvswitch_exec_t"),
+    ("/usr/lib/openvswitch-switch/ovs-vswitchd", "openvswitch_exec_t"),   # from our kvmpipe_host.fc
+    ("/usr/sbin/ovsdb-server", "openvswitch_exec_t"),   # from our kvmpipe_host.fc
+    ("/etc/openvswitch", "openvswitch_conf_t"),
+    ("/var/lib/libvirt/images", "virt_image_t"),
+    ("/usr/libexec/kvmpipe/netns-port", "kvmpipe_netagent_exec_t"),
+)
+OVS_INTERFACES = "/etc/network/interfaces.d/ovs-bridges"
+POLICY_MODULES = "/var/lib/selinux/default/active/modules/400"  # semodule's default priority
 DEBIAN_MAJOR = {"buster": "10", "bullseye": "11", "bookworm": "12", "trixie": "13"}
 DATASOURCES = ("NoCloud", "ConfigDrive", "OpenStack")
 
@@ -329,6 +351,65 @@ def cloud_datasources(texts: list[tuple[str, str]]) -> list[str] | None:
     return result
 
 
+@dataclass
+class Ifupdown:
+    """What an interfaces(5) file declares: iface stanzas, auto/allow-* classes, sources."""
+
+    interfaces: dict[str, dict[str, str]] = field(default_factory=dict)
+    classes: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    sources: list[str] = field(default_factory=list)
+
+
+def parse_ifupdown(text: str) -> Ifupdown:
+    parsed = Ifupdown()
+    current: dict[str, str] | None = None
+    for raw in text.splitlines():
+        words = raw.split("#", 1)[0].split()
+        if not words:
+            continue
+        keyword, rest = words[0], words[1:]
+        if keyword == "iface" and rest:
+            current = parsed.interfaces.setdefault(rest[0], {})
+        elif keyword == "auto" or keyword.startswith("allow-"):
+            parsed.classes[keyword] += rest
+            current = None
+        elif keyword in ("source", "source-directory"):
+            parsed.sources += rest
+            current = None
+        elif current is not None:
+            current[keyword] = " ".join(rest)
+    return parsed
+
+
+def bridge_problems(spec: ImageSpec, declared: Ifupdown) -> list[str]:
+    """What is missing or wrong for the spec's OVS bridges in Debian's ifupdown form."""
+    problems = []
+    for bridge in spec.bridges:
+        stanza = declared.interfaces.get(bridge.name)
+        if stanza is None or stanza.get("ovs_type") != "OVSBridge":
+            problems.append(f"{bridge.name}: no 'iface {bridge.name}' with ovs_type OVSBridge")
+            continue
+        for klass in ("auto", "allow-ovs"):
+            if bridge.name not in declared.classes.get(klass, []):
+                problems.append(f"{bridge.name}: not in '{klass}'")
+        ports = stanza.get("ovs_ports", "").split()
+        if bridge.uplink:
+            port = declared.interfaces.get(bridge.uplink, {})
+            if bridge.uplink not in ports:
+                problems.append(f"{bridge.name}: ovs_ports {ports} lacks uplink {bridge.uplink}")
+            if port.get("ovs_type") != "OVSPort" or port.get("ovs_bridge") != bridge.name:
+                problems.append(f"{bridge.uplink}: not declared an OVSPort of {bridge.name}")
+            if bridge.uplink not in declared.classes.get(f"allow-{bridge.name}", []):
+                problems.append(f"{bridge.uplink}: not in 'allow-{bridge.name}'")
+        elif ports:
+            problems.append(f"{bridge.name}: has ports {ports}, the spec gives no uplink")
+    extra = sorted(name for name, stanza in declared.interfaces.items()
+                   if stanza.get("ovs_type") == "OVSBridge" and name not in {b.name for b in spec.bridges})
+    if extra:
+        problems.append(f"bridges not in the spec: {', '.join(extra)}")
+    return problems
+
+
 @dataclass(frozen=True)
 class GptPartition:
     number: int
@@ -551,7 +632,8 @@ def check_grub_cfg(guest: Guest) -> Verdict:
     kernel = f"/boot/vmlinuz-{guest.info['kernel']}"
     if not args or args[0] != kernel:
         problems.append(f"linux line boots {args[0] if args else 'nothing'}, expected {kernel}")
-    wanted = [f"root=UUID={guest.info['root_uuid']}", *guest.info["kernel_cmdline"]]
+    # The spec's own kernel_args too: build-info could be stale, the spec is what was asked for.
+    wanted = [f"root=UUID={guest.info['root_uuid']}", *guest.info["kernel_cmdline"], *guest.spec.kernel_args]
     problems += [f"{arg} missing from the linux line" for arg in wanted if arg not in args[1:]]
     return (problems, " ".join(args))
 
@@ -588,11 +670,26 @@ def check_bios_boot(guest: Guest) -> Verdict:
             f"MBR 55aa, boot code -> sector {pointer} = BIOS boot partition {bios.number}, core.img present")
 
 
+def is_guest(spec: ImageSpec) -> bool:
+    return GUEST_ELEMENT in element_closure(spec.elements, spec.element_dirs)
+
+
+def has_cloud_init(spec: ImageSpec) -> bool:
+    return CLOUD_INIT_ELEMENT in element_closure(spec.elements, spec.element_dirs)
+
+
+def is_host(spec: ImageSpec) -> bool:
+    return spec.is_kvm_host
+
+
 def required_packages(spec: ImageSpec) -> list[str]:
-    if GUEST_ELEMENT in spec.elements:
-        wanted = [GUEST_KERNEL_PACKAGE, *BASE_PACKAGES, *GUEST_PACKAGES]
-    else:
-        wanted = [KERNEL_PACKAGE, *BASE_PACKAGES]
+    wanted = [GUEST_KERNEL_PACKAGE if is_guest(spec) else KERNEL_PACKAGE, *BASE_PACKAGES]
+    if is_guest(spec):
+        wanted += GUEST_PACKAGES
+    if has_cloud_init(spec):
+        wanted += CLOUD_INIT_PACKAGES
+    if is_host(spec):
+        wanted += HOST_PACKAGES
     return list(dict.fromkeys([*wanted, *spec.packages]))
 
 
@@ -757,13 +854,60 @@ def check_serial_console(guest: Guest) -> Verdict:
             " ".join(consoles))
 
 
+def check_policy_modules(guest: Guest) -> Verdict:
+    wanted = [source.stem for source in selinux.module_sources(guest.spec.elements, guest.spec.element_dirs)]
+    missing = [m for m in wanted if not guest.g.is_dir(f"{POLICY_MODULES}/{m}")]
+    return ([f"not installed in the policy store: {', '.join(missing)}"] if missing else [],
+            f"installed: {', '.join(wanted)}")
+
+
+def check_host_units(guest: Guest) -> Verdict:
+    problems = []
+    for wants, unit in HOST_UNITS:
+        link = f"/etc/systemd/system/{wants}/{unit}"
+        if not guest.g.is_symlink(link):
+            problems.append(f"{unit} is not enabled (no {wants} link)")
+        elif not guest.g.is_file(guest.g.realpath(link)):
+            problems.append(f"{link} -> {guest.g.readlink(link)}, which does not exist")
+    return (problems, f"enabled: {', '.join(unit for _, unit in HOST_UNITS)}")
+
+
+def check_host_labels(guest: Guest) -> Verdict:
+    problems = []
+    for path, expected in HOST_LABELS:
+        found = selinux_type(guest.label(path))
+        if found != expected:
+            problems.append(f"{path}: {found or 'unlabeled'}, expected {expected}")
+    return (problems, f"libvirtd, qemu, OVS and the network agent: {len(HOST_LABELS)} labels as expected")
+
+
+def check_libvirt_svirt(guest: Guest) -> Verdict:
+    config = parse_env_file(guest.text("/etc/libvirt/qemu.conf"))
+    driver = config.get("security_driver")
+    return ([] if driver == "selinux" else [f"qemu.conf security_driver is {driver!r}, expected 'selinux'"],
+            "libvirt qemu.conf: security_driver = selinux (sVirt)")
+
+
+def check_bridges(guest: Guest) -> Verdict:
+    text = guest.text(OVS_INTERFACES, missing_ok=True)
+    if text is None:
+        return [f"{OVS_INTERFACES} missing"], ""
+    declared = parse_ifupdown(text)
+    problems = bridge_problems(guest.spec, declared)
+    main = parse_ifupdown(guest.text("/etc/network/interfaces", missing_ok=True) or "")
+    if "/etc/network/interfaces.d/*" not in main.sources:
+        problems.append("/etc/network/interfaces does not source /etc/network/interfaces.d/*")
+    shown = ", ".join(f"{b.name}{f' (uplink {b.uplink})' if b.uplink else ''}" for b in guest.spec.bridges)
+    return (problems, f"{OVS_INTERFACES}: {shown}")
+
+
 @dataclass(frozen=True)
 class Check:
     name: str
     run: Callable[[Guest], Verdict]
     needs_root: bool = True   # False: reads only raw blocks and blkid, runs even if / does not mount
     needs_esp: bool = False   # mounted on /boot/efi after the others ran: it hides the mountpoint's label
-    guest_only: bool = False  # only for images with the kvm-guest element
+    applies: Callable[[ImageSpec], bool] = lambda spec: True  # which images it is for
 
 
 CHECKS = (
@@ -784,8 +928,13 @@ CHECKS = (
     Check("machine-id", check_machine_id),
     Check("passwords", check_passwords),
     Check("sshd auth", check_sshd),
-    Check("cloud-init datasources", check_datasources, guest_only=True),
-    Check("serial console", check_serial_console, guest_only=True),
+    Check("selinux policy modules", check_policy_modules),
+    Check("cloud-init datasources", check_datasources, applies=has_cloud_init),
+    Check("serial console", check_serial_console, applies=lambda spec: is_guest(spec) or is_host(spec)),
+    Check("host packages' units", check_host_units, applies=is_host),
+    Check("host selinux labels", check_host_labels, applies=is_host),
+    Check("libvirt svirt", check_libvirt_svirt, applies=is_host),
+    Check("ovs bridges", check_bridges, applies=lambda spec: bool(spec.bridges)),
 )
 
 
@@ -811,7 +960,7 @@ def _mount(guest: Guest, partition: GptPartition, mountpoint: str, fstype: str |
 
 
 def run_checks(guest: Guest) -> list[CheckResult]:
-    wanted = [c for c in CHECKS if not c.guest_only or GUEST_ELEMENT in guest.spec.elements]
+    wanted = [c for c in CHECKS if c.applies(guest.spec)]
     results = {}
     # The checks that read the disk's raw blocks still run when the root does not mount.
     unmounted = _mount(guest, guest.root, "/")

@@ -12,23 +12,29 @@ from .paths import ELEMENTS
 from .run import run
 
 
-def element_closure(elements: tuple[str, ...]) -> list[str]:
-    """The spec's elements plus everything they depend on, among our own elements."""
+def _element_dir(name: str, search: tuple[Path, ...]) -> Path | None:
+    return next((d / name for d in search if (d / name).is_dir()), None)
+
+
+def element_closure(elements: tuple[str, ...], search: tuple[Path, ...] = (ELEMENTS,)) -> list[str]:
+    """The spec's elements plus everything they depend on, among the elements in `search`
+    (the user's element directories, then ours; DIB's own carry no policy)."""
     seen: list[str] = []
     pending = list(elements)
     while pending:
         name = pending.pop()
-        if name in seen or not (ELEMENTS / name).is_dir():
+        directory = _element_dir(name, search)
+        if name in seen or directory is None:
             continue
         seen.append(name)
-        deps = ELEMENTS / name / "element-deps"
+        deps = directory / "element-deps"
         if deps.is_file():
             pending += [line.strip() for line in deps.read_text().splitlines() if line.strip()]
     return sorted(seen)
 
 
-def module_sources(elements: tuple[str, ...]) -> list[Path]:
-    return sorted(p for e in element_closure(elements) for p in (ELEMENTS / e / "selinux").glob("*.te"))
+def module_sources(elements: tuple[str, ...], search: tuple[Path, ...] = (ELEMENTS,)) -> list[Path]:
+    return sorted(p for e in element_closure(elements, search) for p in (_element_dir(e, search) / "selinux").glob("*.te"))
 
 
 def compile_modules(sources: list[Path], output: Path) -> list[Path]:

@@ -17,12 +17,17 @@ from urllib.parse import urlsplit
 
 from .errors import SpecError
 from .paths import DIB_ELEMENTS, ELEMENTS, PROFILES, SPEC_FILE
+from .selinux import element_closure
 
 DISTRO_ELEMENT = {"debian": "debian-minimal"}
+# The element that makes a KVM host: libvirt, and OVS bridges from `bridges`.
+HOST_ELEMENT = "kvm-host"
 PACKAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
 KERNEL_ARG = re.compile(r"^[A-Za-z0-9_.,:=/+@-]+$")
 SIZE = re.compile(r"^(\d+)\s*(MiB|GiB|M|G)$")
 UNITS = {"M": 2**20, "MiB": 2**20, "G": 2**30, "GiB": 2**30}
+# A Linux interface name: at most 15 characters (IFNAMSIZ - 1), no '/', ':' or space.
+INTERFACE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 MIN_DISK = 2 * 2**30
 MAX_DISK = 2 * 2**40
 
@@ -44,11 +49,24 @@ class Mirrors:
 
 
 @dataclass(frozen=True)
+class Bridge:
+    """An Open vSwitch bridge made on every boot; `uplink` is the NIC it owns, if any."""
+
+    name: str
+    uplink: str | None = None
+
+    @property
+    def dib_value(self) -> str:
+        return f"{self.name}:{self.uplink}" if self.uplink else self.name
+
+
+@dataclass(frozen=True)
 class ImageSpec:
     name: str
     description: str
     distro: str
     release: str
+    element_dirs: tuple[Path, ...]
     elements: tuple[str, ...]
     packages: tuple[str, ...]
     tuned_profile: str
@@ -58,6 +76,7 @@ class ImageSpec:
     disk_size: int
     formats: tuple[OutputFormat, ...]
     mirrors: Mirrors
+    bridges: tuple[Bridge, ...]
     source: Path = field(compare=False)
 
     @property
@@ -68,6 +87,10 @@ class ImageSpec:
     def profile_dir(self) -> Path:
         """The directory that holds tuned_profile (validated at load time)."""
         return next(d for d in self.profile_dirs if (d / self.tuned_profile / "tuned.conf").is_file())
+
+    @property
+    def is_kvm_host(self) -> bool:
+        return HOST_ELEMENT in element_closure(self.elements, self.element_dirs)
 
     def to_json(self) -> dict[str, Any]:
         # Paths and enums become strings, tuples lists: plain JSON data.
@@ -88,9 +111,9 @@ class SpecFile:
         return self.images[name]
 
 
-def known_elements() -> set[str]:
+def known_elements(element_dirs: tuple[Path, ...] = (ELEMENTS,)) -> set[str]:
     found = set()
-    for root in (ELEMENTS, DIB_ELEMENTS):
+    for root in (*element_dirs, DIB_ELEMENTS):
         found |= {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("_")}
     return found
 
@@ -128,13 +151,29 @@ def _release(value: Any, _ctx) -> str:
     return value
 
 
-def _elements(value: Any, _ctx) -> tuple[str, ...]:
+def _directories(value: Any, ctx, what: str) -> list[Path]:
+    dirs = [(ctx["base"] / p).resolve() for p in _string_list(value)]
+    for d in dirs:
+        if not d.is_dir():
+            raise ValueError(f"{what} directory {d} does not exist")
+    return dirs
+
+
+def _element_dirs(value: Any, ctx) -> tuple[Path, ...]:
+    # Yours first, so an element of yours may replace one of ours of the same name.
+    ctx["element_dirs"] = (*_directories(value, ctx, "element"), ELEMENTS)
+    return ctx["element_dirs"]
+
+
+def _elements(value: Any, ctx) -> tuple[str, ...]:
     names = _string_list(value)
     if not names:
         raise ValueError("must name at least one element")
-    unknown = sorted(set(names) - known_elements())
+    searched = ctx["element_dirs"]
+    unknown = sorted(set(names) - known_elements(searched))
     if unknown:
-        raise ValueError(f"unknown element(s) {', '.join(unknown)}: not in {ELEMENTS} or diskimage-builder")
+        where = ", ".join(str(d) for d in searched)
+        raise ValueError(f"unknown element(s) {', '.join(unknown)}: not in {where} or diskimage-builder")
     return tuple(names)
 
 
@@ -147,11 +186,7 @@ def _packages(value: Any, _ctx) -> tuple[str, ...]:
 
 
 def _profile_dirs(value: Any, ctx) -> tuple[Path, ...]:
-    dirs = [(ctx["base"] / p).resolve() for p in _string_list(value)]
-    for d in dirs:
-        if not d.is_dir():
-            raise ValueError(f"profile directory {d} does not exist")
-    return (*dirs, PROFILES)
+    return (*_directories(value, ctx, "profile"), PROFILES)
 
 
 def _selinux(value: Any, _ctx) -> SelinuxMode:
@@ -217,12 +252,41 @@ def _mirrors(value: Any, _ctx) -> Mirrors:
     return Mirrors(**checked)
 
 
+def _interface(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not INTERFACE_NAME.match(value):
+        raise ValueError(f"{what} {value!r} is not an interface name (1-15 of A-Z a-z 0-9 _ . -)")
+    return value
+
+
+def _bridges(value: Any, _ctx) -> tuple[Bridge, ...]:
+    if not isinstance(value, list) or not all(isinstance(b, dict) for b in value):
+        raise ValueError('must be a list of tables such as { name = "br-ex", uplink = "enp0s8" }')
+    bridges: list[Bridge] = []
+    for table in value:
+        unknown = sorted(set(table) - {"name", "uplink"})
+        if unknown:
+            raise ValueError(f"unknown bridge key {unknown[0]!r}; known: name, uplink")
+        name = _interface(table.get("name"), "bridge name")
+        uplink = _interface(table["uplink"], f"bridge {name!r}: uplink") if "uplink" in table else None
+        bridges.append(Bridge(name, uplink))
+    names = [b.name for b in bridges]
+    uplinks = [b.uplink for b in bridges if b.uplink]
+    for name in names:
+        if names.count(name) > 1:
+            raise ValueError(f"bridge {name!r} is declared twice")
+    for uplink in uplinks:
+        if uplinks.count(uplink) > 1 or uplink in names:
+            raise ValueError(f"interface {uplink!r} is used twice (an uplink belongs to one bridge)")
+    return tuple(bridges)
+
+
 # key -> (parser, default or REQUIRED). One table drives parsing and the docs in images.toml.
 REQUIRED = object()
 KEYS: dict[str, tuple[Callable[[Any, dict], Any], Any]] = {
     "description": (_line, ""),
     "distro": (_distro, "debian"),
     "release": (_release, "bookworm"),
+    "element_dirs": (_element_dirs, []),  # before elements: they are looked up there
     "elements": (_elements, REQUIRED),
     "packages": (_packages, []),
     "tuned_profile": (_text, REQUIRED),
@@ -232,6 +296,7 @@ KEYS: dict[str, tuple[Callable[[Any, dict], Any], Any]] = {
     "disk_size": (_disk_size, "3GiB"),
     "formats": (_formats, ["qcow2"]),
     "mirrors": (_mirrors, {}),
+    "bridges": (_bridges, []),
 }
 
 
@@ -251,6 +316,8 @@ def _image(path: Path, name: str, table: Any) -> ImageSpec:
         except ValueError as error:
             raise SpecError(path, name, key, str(error)) from None
     spec = ImageSpec(name=name, source=path, **values)
+    if spec.bridges and not spec.is_kvm_host:
+        raise SpecError(path, name, "bridges", f"needs the {HOST_ELEMENT} element, which installs Open vSwitch")
     if not any((d / spec.tuned_profile / "tuned.conf").is_file() for d in spec.profile_dirs):
         searched = ", ".join(str(d) for d in spec.profile_dirs)
         raise SpecError(path, name, "tuned_profile",

@@ -53,7 +53,7 @@ def assert_nothing_built(output: Path, image: str = "probe"):
 
 def test_unknown_image_lists_known_ones(tmp_path):
     line = one_line_error(inv("build", "no-such-image", "--output-dir", str(tmp_path)))
-    assert "unknown image 'no-such-image'; known images: guest-image" in line
+    assert "unknown image 'no-such-image'; known images: guest-image, host-image" in line
     assert not list(tmp_path.iterdir())
 
 
@@ -85,6 +85,58 @@ def test_unreachable_mirror_names_url(tmp_path):
     line = one_line_error(inv("build", "probe", "--spec-file", str(path), "--output-dir", str(tmp_path / "out")))
     assert "mirror unreachable: http://127.0.0.1:9/debian/dists/bookworm/Release" in line
     assert_nothing_built(tmp_path / "out")
+
+
+HOST_IMAGE = """
+[image.probe]
+elements = ["kvm-host"]
+tuned_profile = "openstack-compute"
+bridges = [{ name = "br-int" }]
+"""
+
+
+def build_probe(tmp_path: Path, body: str) -> tuple[Path, str]:
+    """`inv build probe` with this spec; returns the spec's path and the one error line."""
+    path = spec_file(tmp_path, body)
+    line = one_line_error(inv("build", "probe", "--spec-file", str(path), "--output-dir", str(tmp_path / "out")))
+    assert_nothing_built(tmp_path / "out")
+    return path, line
+
+
+@pytest.mark.parametrize("edit, key, problem", [
+    (lambda s: s.replace('"openstack-compute"', '"no-such-profile"'), "tuned_profile",
+     "profile 'no-such-profile' not found"),
+    (lambda s: s.replace('[{ name = "br-int" }]', '[{ name = "br-int" }, { name = "br-int" }]'), "bridges",
+     "bridge 'br-int' is declared twice"),
+    (lambda s: s + 'kernel_args = ["hugepages=16\\" init=/bin/sh"]\n', "kernel_args", "break the bootloader"),
+    (lambda s: s + 'kernel_args = ["iommu=pt\\nlinux /evil"]\n', "kernel_args", "break the bootloader"),
+], ids=["unknown-profile", "bridge-twice", "kernel-arg-quote", "kernel-arg-newline"])
+def test_bad_host_spec_is_refused_naming_the_key(tmp_path, edit, key, problem):
+    path, line = build_probe(tmp_path, edit(HOST_IMAGE))
+    assert line.startswith(f"error: {path}: image 'probe': key '{key}': ") and problem in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_profile_include_loop_is_refused_with_file_and_line(tmp_path):
+    for name, include in (("site-a", "site-b"), ("site-b", "site-a")):
+        (tmp_path / "profiles" / name).mkdir(parents=True)
+        (tmp_path / "profiles" / name / "tuned.conf").write_text(f"[main]\ninclude={include}\n")
+    body = HOST_IMAGE.replace('"openstack-compute"', '"site-a"') + 'profile_dirs = ["profiles"]\n'
+    _, line = build_probe(tmp_path, body)
+    assert "include loop" in line and f"{tmp_path}/profiles/site-" in line and "tuned.conf:2" in line, line
+
+
+def test_policy_module_that_does_not_compile_is_refused_with_file_and_line(tmp_path):
+    """A user's element (element_dirs) whose policy module has a typo: refused before DIB runs."""
+    selinux_dir = tmp_path / "elements" / "site-agent" / "selinux"
+    selinux_dir.mkdir(parents=True)
+    (selinux_dir.parent / "README.rst").write_text("A site's agent.\n")
+    (selinux_dir / "site_agent.te").write_text(
+        "module site_agent 1.0;\nrequire { type init_t; }\nallow init_t no_such_t:file read;\n")
+    body = HOST_IMAGE.replace('["kvm-host"]', '["kvm-host", "site-agent"]') + 'element_dirs = ["elements"]\n'
+    _, line = build_probe(tmp_path, body)
+    assert line.startswith(f"error: {selinux_dir / 'site_agent.te'}: SELinux policy module does not compile: "), line
+    assert "line 3" in line, line
 
 
 def test_interrupted_build_leaves_nothing_behind(tmp_path):

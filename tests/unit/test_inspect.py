@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import inspect
+from dataclasses import replace
+
+from pipeline import inspect, spec
 from pipeline.errors import ToolMissing
 from pipeline.inspect import (
-    CheckResult, Report, cloud_datasources, fstab_uuid, grub_linux_args, parse_dpkg_status,
-    parse_env_file, parse_fstab, parse_gpt, passwd_problems, selinux_type, shadow_problems,
+    CheckResult, Report, bridge_problems, cloud_datasources, fstab_uuid, grub_linux_args, parse_dpkg_status,
+    parse_env_file, parse_fstab, parse_gpt, parse_ifupdown, passwd_problems, selinux_type, shadow_problems,
     sshd_effective, sshd_include_patterns, unlabeled_names,
 )
 
@@ -61,18 +63,64 @@ def test_dpkg_status_empty():
     assert parse_dpkg_status("") == {}
 
 
-def test_required_packages_for_a_guest_and_a_base_image():
-    class Spec:
-        elements = ("kvm-guest",)
-        packages = ("htop", "tuned")
+def test_required_packages_per_kind_of_image():
+    images = spec.load().images
+    guest = inspect.required_packages(images["guest-image"])
+    assert {"cloud-init", "qemu-guest-agent", "cloud-guest-utils", "linux-image-cloud-amd64"} <= set(guest)
+    assert "linux-image-amd64" not in guest and "libvirt-daemon-system" not in guest
+    assert len(guest) == len(set(guest))
+    host = inspect.required_packages(images["host-image"])
+    assert {"linux-image-amd64", "cloud-init", "libvirt-daemon-system", "openvswitch-switch", "ovmf"} <= set(host)
+    assert "qemu-guest-agent" not in host and "linux-image-cloud-amd64" not in host
+    base = inspect.required_packages(replace(images["guest-image"], elements=("kvm-base",), packages=("htop",)))
+    assert "linux-image-amd64" in base and "htop" in base and "cloud-init" not in base
 
-    wanted = inspect.required_packages(Spec())
-    assert {"cloud-init", "qemu-guest-agent", "cloud-guest-utils", "linux-image-cloud-amd64", "htop"} <= set(wanted)
-    assert "linux-image-amd64" not in wanted
-    assert len(wanted) == len(set(wanted))
-    Spec.elements = ("kvm-base",)
-    base = inspect.required_packages(Spec())
-    assert "linux-image-amd64" in base and "cloud-init" not in base
+
+# --- ifupdown (OVS bridges)
+
+OVS_BRIDGES = """\
+auto br-int
+allow-ovs br-int
+iface br-int inet manual
+    ovs_type OVSBridge
+
+auto br-ex
+allow-ovs br-ex
+iface br-ex inet manual
+    ovs_type OVSBridge
+    ovs_ports enp0s8   # the uplink
+
+allow-br-ex enp0s8
+iface enp0s8 inet manual
+    ovs_bridge br-ex
+    ovs_type OVSPort
+"""
+
+
+def test_ifupdown_parses_stanzas_classes_and_sources():
+    parsed = parse_ifupdown(OVS_BRIDGES + "source /etc/network/interfaces.d/*\n")
+    assert parsed.interfaces["br-ex"] == {"ovs_type": "OVSBridge", "ovs_ports": "enp0s8"}
+    assert parsed.classes["allow-ovs"] == ["br-int", "br-ex"]
+    assert parsed.classes["allow-br-ex"] == ["enp0s8"]
+    assert parsed.sources == ["/etc/network/interfaces.d/*"]
+
+
+def test_bridges_as_the_host_spec_declares_them():
+    host = spec.load().images["host-image"]
+    assert bridge_problems(host, parse_ifupdown(OVS_BRIDGES)) == []
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda t: t.replace("allow-ovs br-int\n", ""), "br-int: not in 'allow-ovs'"),
+    (lambda t: t.replace("    ovs_ports enp0s8   # the uplink\n", ""), "lacks uplink enp0s8"),
+    (lambda t: t.replace("    ovs_bridge br-ex\n", ""), "enp0s8: not declared an OVSPort of br-ex"),
+    (lambda t: t.replace("iface br-int inet manual\n    ovs_type OVSBridge\n", ""), "br-int: no 'iface br-int'"),
+    (lambda t: t + "iface br-tun inet manual\n    ovs_type OVSBridge\n", "bridges not in the spec: br-tun"),
+])
+def test_bridge_problems_are_named(edit, problem):
+    host = spec.load().images["host-image"]
+    problems = bridge_problems(host, parse_ifupdown(edit(OVS_BRIDGES)))
+    assert any(problem in p for p in problems), problems
 
 
 # --- fstab

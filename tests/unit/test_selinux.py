@@ -7,15 +7,23 @@ from pipeline.errors import PipelineError
 
 
 def test_guest_closure_and_its_modules():
-    assert selinux.element_closure(("kvm-guest",)) == ["kvm-base", "kvm-guest", "selinux-enforcing",
-                                                       "tuned-profile"]
-    names = [p.stem for p in selinux.module_sources(("kvm-guest",))]
-    assert names == ["kvmpipe_guest", "kvmpipe_base", "kvmpipe_tuned"]
+    assert selinux.element_closure(("kvm-guest",)) == ["kvm-base", "kvm-cloud-init", "kvm-guest",
+                                                       "selinux-enforcing", "tuned-profile"]
+    names = sorted(p.stem for p in selinux.module_sources(("kvm-guest",)))
+    assert names == ["kvmpipe_base", "kvmpipe_cloudinit", "kvmpipe_tuned"]
 
 
-def test_our_modules_compile(tmp_path):
-    packages = selinux.compile_modules(selinux.module_sources(("kvm-guest",)), tmp_path)
-    assert [p.name for p in packages] == ["kvmpipe_guest.pp", "kvmpipe_base.pp", "kvmpipe_tuned.pp"]
+def test_host_closure_adds_the_host_module():
+    assert "kvm-host" in selinux.element_closure(("kvm-host",))
+    names = sorted(p.stem for p in selinux.module_sources(("kvm-host",)))
+    assert names == ["kvmpipe_base", "kvmpipe_cloudinit", "kvmpipe_host", "kvmpipe_tuned"]
+
+
+@pytest.mark.parametrize("image_element", ["kvm-guest", "kvm-host"])
+def test_our_modules_compile(tmp_path, image_element):
+    sources = selinux.module_sources((image_element,))
+    packages = selinux.compile_modules(sources, tmp_path)
+    assert [p.name for p in packages] == [f"{s.stem}.pp" for s in sources]
     assert all(p.stat().st_size > 0 for p in packages)
 
 

@@ -56,7 +56,38 @@ BAD = [
     ('mirrors = { debian = "ftp:/nowhere" }', "mirrors", "not an http"),
     ('mirrors = { fedora = "http://x" }', "mirrors", "unknown mirror"),
     ('release = 12', "release", "code name"),
+    ('bridges = [{ name = "br-int" }]', "bridges", "needs the kvm-host element"),
 ]
+
+HOST = '[image.h]\nelements = ["kvm-host"]\ntuned_profile = "openstack-compute"\n'
+
+BAD_BRIDGES = [
+    ('[{ name = "br-int" }, { name = "br-int" }]', "bridge 'br-int' is declared twice"),
+    ('[{ name = "br-ex", uplink = "eth1" }, { name = "br-tun", uplink = "eth1" }]', "'eth1' is used twice"),
+    ('[{ name = "br-ex", uplink = "br-int" }, { name = "br-int" }]', "'br-int' is used twice"),
+    ('[{ name = "a-very-long-bridge-name" }]', "is not an interface name"),
+    ('[{ name = "br/int" }]', "is not an interface name"),
+    ('[{ name = "br-ex", uplink = "" }]', "uplink '' is not an interface name"),
+    ('[{ name = "br-ex", mtu = 9000 }]', "unknown bridge key 'mtu'"),
+    ('["br-int"]', "must be a list of tables"),
+]
+
+
+@pytest.mark.parametrize("value, problem", BAD_BRIDGES, ids=[b[1] for b in BAD_BRIDGES])
+def test_bad_bridges_are_refused(tmp_path, value, problem):
+    path = write(tmp_path, HOST + f"bridges = {value}\n")
+    with pytest.raises(SpecError) as caught:
+        spec.load(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: image 'h': key 'bridges': "), message
+    assert problem in message
+
+
+def test_bridges_reach_dib_as_name_or_name_colon_uplink(tmp_path):
+    path = write(tmp_path, HOST + 'bridges = [{ name = "br-int" }, { name = "br-ex", uplink = "enp0s8" }]\n')
+    image = spec.load(path).get("h")
+    assert image.is_kvm_host
+    assert [b.dib_value for b in image.bridges] == ["br-int", "br-ex:enp0s8"]
 
 
 @pytest.mark.parametrize("line, key, problem", BAD, ids=[b[1] + ":" + b[2] for b in BAD])
