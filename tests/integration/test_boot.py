@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from pipeline import boot
+from pipeline import boot, selinux
 
 def test_cloud_init_finished_without_errors(host, settled):
     status = host.run("cloud-init status --long")
@@ -23,6 +23,12 @@ def test_cloud_init_finished_without_errors(host, settled):
 def test_selinux_enforcing(host):
     assert host.check_output("getenforce") == "Enforcing"
     assert host.check_output("cat /proc/cmdline").count("security=selinux") == 1
+
+
+def test_our_policy_modules_are_loaded(host, spec):
+    wanted = {source.stem for source in selinux.module_sources(spec.elements, spec.element_dirs)}
+    loaded = set(host.check_output("semodule -l").split())
+    assert wanted and wanted <= loaded, sorted(wanted - loaded)
 
 
 def test_spec_kernel_args_are_live(host, spec):

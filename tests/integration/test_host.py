@@ -22,8 +22,9 @@ NAMESPACES = {"kvmpipe-ns-a": ("kvmpipe-a", "10.99.0.1/24"), "kvmpipe-ns-b": ("k
 CONTEXT = re.compile(r"^(?P<user>\w+):(?P<role>\w+):(?P<type>\w+):s\d+(?::(?P<cats>c\d+(?:,c\d+)*))?(?:-\S+)?$")
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def _only_hosts(spec):
+    """Module-scoped, so it runs before the module-scoped fixtures that set up guests."""
     if not spec.is_kvm_host:
         pytest.skip(f"{spec.name} has no kvm-host element")
 

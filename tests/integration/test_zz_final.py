@@ -37,7 +37,7 @@ def test_audit_log_is_readable_since_boot(host, settled):
 
 def test_no_avc_denials_since_boot(host, settled, expected_denial):
     audit = host.run(f"{AUSEARCH} AVC,USER_AVC,SELINUX_ERR")
-    assert audit.rc == 0 or "<no matches>" in audit.stderr, audit.stderr  # rc 1: no matches
+    assert audit.rc in (0, 1), audit.stderr  # 1: nothing matched (--raw then prints nothing at all)
     unexpected = unexpected_events(audit.stdout, expected_denial)
     assert unexpected == [], "\n----\n".join(unexpected)[-6000:]
     kernel = host.run("journalctl --boot --dmesg --grep 'avc:  denied' --no-pager --quiet")
