@@ -141,3 +141,34 @@ def test(c, unit=False, image=None):
 
 namespace = Collection(list_, build, check, boot_test, bench, test)
 namespace.configure({"run": {"echo": True}})
+
+
+# --- kickstart: ./inv kickstart.render, ./inv kickstart.bench (invoke names sub-collection tasks with a dot)
+
+
+@task(positional=["inventory"], help={
+    "inventory": "the node inventory (see kickstarts/inventory.example.toml)",
+    "output-dir": f"where NODE.ks files go (default {DEFAULT_OUTPUT.name}/kickstarts/); other *.ks there are removed",
+    "target": "installer version for pykickstart: RHEL9 (default), RHEL10, F42 or F43",
+    "build-dir": f"where the images' build-info.json is read (default {DEFAULT_OUTPUT.name}/)"})
+@user_errors
+def render(c, inventory, output_dir=str(DEFAULT_OUTPUT / "kickstarts"), target="RHEL9", build_dir=str(DEFAULT_OUTPUT)):
+    """Render one kickstart per inventory node, each checked with pykickstart; none is written unless all pass."""
+    from pipeline import inventory as inventories
+    from pipeline import kickstart
+
+    written = kickstart.render_all(inventories.load(Path(inventory)), Path(output_dir), target,
+                                   build_dir=Path(build_dir))
+    print(f"{len(written)} kickstarts for {target} in {output_dir}")
+
+
+@task(name="bench", help={"nodes": "how many synthetic nodes (default 1000)", "target": "installer version"})
+@user_errors
+def kickstart_bench(c, nodes=1000, target="RHEL9"):
+    """Time loading, rendering, validating and writing kickstarts for many synthetic nodes."""
+    from pipeline import kickstart
+
+    kickstart.benchmark(int(nodes), target)
+
+
+namespace.add_collection(Collection("kickstart", render, kickstart_bench))

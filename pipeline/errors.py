@@ -17,6 +17,14 @@ class SpecError(PipelineError):
         super().__init__(f"{where}: {problem}")
 
 
+class InventoryError(PipelineError):
+    """A node inventory is wrong. Names the file, the node and the field."""
+
+    def __init__(self, path, node: str | None, field: str | None, problem: str):
+        parts = [str(path), f"node {node!r}" if node else "", f"field {field!r}" if field else "", problem]
+        super().__init__(": ".join(part for part in parts if part))
+
+
 class ToolMissing(PipelineError):
     """A host command is not installed."""
 
