@@ -128,11 +128,25 @@ def benchmark(spec: ImageSpec, output_dir: Path, runs: int) -> Path:
     tools.require(*tools.BUILD_TOOLS, *tools.BOOT_TOOLS)
     scratch = Path(output_dir).resolve() / "bench"
     scratch.mkdir(parents=True, exist_ok=True)
-    results = [one_run(spec, scratch, i + 1) for i in range(runs)]
+    report = scratch / f"bench-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    results: list[dict] = []
+    for index in range(1, runs + 1):
+        results.append(one_run(spec, scratch, index))
+        summary = summarize(spec, results)
+        # Rewritten after every run: an interrupted benchmark keeps the runs it finished.
+        partial = report.with_suffix(".tmp")
+        partial.write_text(json.dumps({"summary": summary, "runs": results}, indent=2) + "\n")
+        partial.replace(report)
+    _print(summary)
+    say(f"full results: {report}")
+    return report
+
+
+def summarize(spec: ImageSpec, results: list[dict]) -> dict:
     stages = {name: statistics.median(r["stages_s"][name] for r in results) for name in results[0]["stages_s"]}
     summary = {
         "image": spec.name,
-        "runs": runs,
+        "runs": len(results),
         "median": {key: median(results, key) for key in results[0]
                    if isinstance(results[0][key], (int, float)) and not isinstance(results[0][key], bool)},
         "median_stages_s": stages,
@@ -141,11 +155,7 @@ def benchmark(spec: ImageSpec, output_dir: Path, runs: int) -> Path:
     summary["all_checks_and_boot_tests_passed"] = all(r["check_passed"] and r["boot_test_passed"] for r in results)
     summary["ratio_build_to_dib_alone"] = round(summary["median"]["build_s"] / summary["median"]["dib_alone_s"], 2)
     summary["check_minus_launch_s"] = round(summary["median"]["check_s"] - summary["median"]["appliance_launch_s"], 1)
-    report = scratch / f"bench-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    report.write_text(json.dumps({"summary": summary, "runs": results}, indent=2) + "\n")
-    _print(summary)
-    say(f"full results: {report}")
-    return report
+    return summary
 
 
 def _print(summary: dict) -> None:
@@ -165,6 +175,7 @@ def _print(summary: dict) -> None:
         ("virtual size", f"{m['virtual_bytes'] / 2**30:.1f} GiB"),
         ("peak memory in use during the build", f"{m['peak_memory_mib']} MiB"),
         ("largest subprocess RSS, whole run (QEMU included)", f"{m['largest_process_rss_mib']} MiB"),
+        ("every check and boot test passed", "yes" if summary["all_checks_and_boot_tests_passed"] else "NO"),
     ]
     width = max(len(name) for name, _ in rows)
     print(f"benchmark of {summary['image']}: medians of {summary['runs']} run(s)")
