@@ -174,3 +174,64 @@ def kickstart_bench(c, nodes=1000, target="RHEL9"):
 
 
 namespace.add_collection(Collection("kickstart", render, kickstart_bench))
+
+
+# --- pxe: ./inv pxe.render, ./inv pxe.serve, ./inv pxe.check
+
+
+PXE_ROOT = DEFAULT_OUTPUT / "pxe"
+
+
+@task(name="render", positional=["inventory"], help={
+    "inventory": "the node inventory (see kickstarts/inventory.example.toml; [site.pxe] in kickstarts/README.md)",
+    "output-dir": f"the tree's root (default {DEFAULT_OUTPUT.name}/pxe/); it is replaced whole",
+    "target": "installer version for pykickstart: RHEL9 (default), RHEL10, F42 or F43",
+    "build-dir": f"where the images' kernel, initrd, qcow2 and build-info.json are (default {DEFAULT_OUTPUT.name}/)"})
+@user_errors
+def pxe_render(c, inventory, output_dir=str(PXE_ROOT), target="RHEL9", build_dir=str(DEFAULT_OUTPUT)):
+    """Render the PXE tree: iPXE, GRUB and pxelinux configurations per MAC, kickstarts, dnsmasq.conf,
+    boot programs, and each role's kernel, initrd and image. Nothing is written unless all of it is good."""
+    from pipeline import inventory as inventories
+    from pipeline import pxe
+
+    tree = pxe.render_tree(inventories.load(Path(inventory)), Path(output_dir), target, build_dir=Path(build_dir))
+    roles = sorted({boot.node.role for boot in tree.boots})
+    print(f"PXE tree for {len(tree.boots)} nodes ({', '.join(roles)}) in {tree.root}; ./inv pxe.serve serves it")
+
+
+@task(name="serve", help={
+    "root": f"the tree to serve (default {DEFAULT_OUTPUT.name}/pxe/)",
+    "address": "IPv4 address to serve HTTP on (default 127.0.0.1; nodes need one they can reach, "
+               "the inventory's base_url)",
+    "port": "HTTP port (default 8080)",
+    "no-tftp": "serve HTTP only: no dnsmasq (TFTP and proxy DHCP need root)"})
+@user_errors
+def pxe_serve(c, root=str(PXE_ROOT), address="127.0.0.1", port=8080, no_tftp=False):
+    """Serve the PXE tree over HTTP and, with dnsmasq, TFTP and proxy DHCP, until Ctrl-C.
+
+    Each request is logged to stdout and to ROOT/access.log; dnsmasq logs to ROOT/dnsmasq.log.
+    """
+    from pipeline import pxe
+
+    pxe.serve(Path(root), address, int(port), tftp=not no_tftp)
+
+
+@task(name="check", help={
+    "root": f"the tree to check (default {DEFAULT_OUTPUT.name}/pxe/)",
+    "base-url": "a running server of the tree (./inv pxe.serve); default: start one on loopback for the check"})
+@user_errors
+def pxe_check(c, root=str(PXE_ROOT), base_url=None):
+    """Walk the tree as booting nodes would: every boot configuration's kernel, initrd and kickstart URL,
+    every kickstart (pykickstart), its liveimg (sha256) and %include URLs, all over HTTP."""
+    from pipeline import pxe
+
+    report = pxe.check(Path(root), base_url)
+    for problem in report.problems:
+        print(problem)
+    if not report.passed:
+        count = len(report.problems)
+        raise Exit(f"error: PXE check of {report.root} failed: {count} problem{'s' if count > 1 else ''}", code=1)
+    print(f"PXE tree {report.root}: {report.nodes} nodes, {report.urls} URLs fetched, no problems")
+
+
+namespace.add_collection(Collection("pxe", pxe_render, pxe_serve, pxe_check))

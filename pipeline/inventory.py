@@ -29,11 +29,21 @@ HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 # ',' (kickstart's list separator), '=', quote or space.
 DISK_NAME = re.compile(r"^[a-z][a-z0-9]*$")
 DISK_PATH = re.compile(r"^/dev(?:/[A-Za-z0-9_.:+@-]+)+$")
+# A Linux interface name: 15 characters at most (IFNAMSIZ), none that dnsmasq reads as a separator
+# or a wildcard.
+INTERFACE = re.compile(r"^(?!\.\.?$)[A-Za-z0-9_.-]{1,15}$")
 
 
 class Boot(StrEnum):
     BIOS = "bios"
     UEFI = "uefi"
+
+
+class Loader(StrEnum):
+    """What the PXE server hands a booting node first."""
+
+    IPXE = "ipxe"  # iPXE for BIOS and UEFI, then boot.ipxe, kernel and initrd over HTTP
+    PXELINUX_GRUB = "pxelinux-grub"  # pxelinux.0 for BIOS, GRUB for UEFI; kernel and initrd over TFTP
 
 
 class CacheMode(StrEnum):
@@ -81,10 +91,20 @@ class Node:
 
 
 @dataclass(frozen=True)
+class PxeSite:
+    """[site.pxe]: where the PXE server's dnsmasq answers (proxy DHCP, TFTP) and what it hands out."""
+
+    interface: str | None = None  # None: every interface
+    subnet: IPv4Network | None = None  # None: the network that holds base_url's address
+    loader: Loader = Loader.IPXE
+
+
+@dataclass(frozen=True)
 class Site:
     base_url: str  # where BASE_URL/ROLE/ARTIFACT is published
     snippets: Path | None  # a directory of *.ks files added to every kickstart
     includes: tuple[str, ...]  # URLs for %include lines, fetched by the installer
+    pxe: PxeSite = PxeSite()
 
     @property
     def snippet_files(self) -> list[Path]:
@@ -285,6 +305,24 @@ def _includes(value: Any, _ctx) -> tuple[str, ...]:
     return tuple(specs.check_url(url) for url in _strings(value))
 
 
+def _interface(value: Any, _ctx) -> str:
+    if not isinstance(value, str) or not INTERFACE.match(value):
+        raise ValueError(f"{value!r} is not a network interface name such as eth0 or enp1s0")
+    return value
+
+
+def _subnet(value: Any, _ctx) -> IPv4Network:
+    try:
+        # With its prefix: a bare address would read as a /32.
+        return IPv4Network(value if isinstance(value, str) and "/" in value else "")
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IPv4 network such as 10.0.0.0/24") from None
+
+
+def _pxe(value: Any, ctx) -> PxeSite:
+    return PxeSite(**_table(value, PXE_KEYS, ctx))
+
+
 # field -> (parser, default or REQUIRED), in the order they are parsed. One table per
 # level drives parsing and the errors; the docs are in kickstarts/inventory.example.toml.
 REQUIRED = specs.REQUIRED
@@ -293,6 +331,12 @@ SITE_KEYS: Keys = {
     "base_url": (_base_url, REQUIRED),
     "snippets": (_snippets, None),
     "includes": (_includes, []),
+    "pxe": (_pxe, {}),
+}
+PXE_KEYS: Keys = {
+    "interface": (_optional(_interface), None),
+    "subnet": (_optional(_subnet), None),
+    "loader": (_choice(Loader), Loader.IPXE),
 }
 NETWORK_KEYS: Keys = {
     "address": (_ipv4, REQUIRED),

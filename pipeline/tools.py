@@ -12,6 +12,7 @@ from .errors import ToolMissing
 DEBIAN_PACKAGE = {
     "checkmodule": "checkpolicy",
     "debootstrap": "debootstrap",
+    "dnsmasq": "dnsmasq-base",  # not dnsmasq, whose package starts a system service
     "mcopy": "mtools",
     "mkfs.ext4": "e2fsprogs",
     "mkfs.vfat": "dosfstools",
@@ -33,6 +34,12 @@ DEBIAN_PACKAGE_OF_FILE = {
     "/boot/vmlinuz": "linux-image-amd64",
     "/usr/share/OVMF/OVMF_CODE_4M.fd": "ovmf",
     "/usr/share/OVMF/OVMF_VARS_4M.fd": "ovmf",
+    # The PXE tree's network boot programs, and the GRUB modules its UEFI one is made of.
+    "/usr/lib/ipxe/undionly.kpxe": "ipxe",
+    "/usr/lib/ipxe/ipxe.efi": "ipxe",
+    "/usr/lib/PXELINUX/pxelinux.0": "pxelinux",
+    "/usr/lib/syslinux/modules/bios/ldlinux.c32": "syslinux-common",
+    "/usr/lib/grub/x86_64-efi/linux.mod": "grub-efi-amd64-bin",
 }
 
 BUILD_TOOLS = ("checkmodule", "debootstrap", "grub-mkimage", "mcopy", "mkfs.ext4", "mkfs.vfat", "mmd",

@@ -2,7 +2,7 @@
 node and field, before any kickstart is written."""
 
 import textwrap
-from ipaddress import IPv4Address, IPv4Interface
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 
 import pytest
@@ -228,3 +228,39 @@ def test_a_bad_spec_file_is_named(tmp_path):
     path = write(tmp_path, 'spec_file = "images.toml"\n' + SITE + node())
     with pytest.raises(SpecError, match=r"images.toml: image 'g': key 'tuned_profile': is required"):
         inventory.load(path)
+
+
+# --- [site.pxe]: the PXE server's settings (pipeline/pxe.py)
+
+
+def test_site_pxe_defaults_and_values(tmp_path):
+    assert inventory.load(EXAMPLE).site.pxe == inventory.PxeSite(None, None, inventory.Loader.IPXE)
+    path = write(tmp_path, SITE + '[site.pxe]\ninterface = "enp1s0"\nsubnet = "10.0.0.0/24"\n'
+                 'loader = "pxelinux-grub"\n' + node())
+    pxe = inventory.load(path).site.pxe
+    assert pxe == inventory.PxeSite("enp1s0", IPv4Network("10.0.0.0/24"), inventory.Loader.PXELINUX_GRUB)
+
+
+BAD_PXE = [
+    ('interface = "eth0 eth1"', "site.pxe.interface", "not a network interface name"),
+    ('interface = "a-very-long-name0"', "site.pxe.interface", "not a network interface name"),  # 16 characters
+    ('interface = ".."', "site.pxe.interface", "not a network interface name"),
+    ("interface = 0", "site.pxe.interface", "not a network interface name"),
+    ('subnet = "10.0.0.1/24"', "site.pxe.subnet", "'10.0.0.1/24' is not an IPv4 network such as 10.0.0.0/24"),
+    ('subnet = "10.0.0.0"', "site.pxe.subnet", "not an IPv4 network"),  # a prefix is needed
+    ('subnet = "fd00::/64"', "site.pxe.subnet", "not an IPv4 network"),
+    ('loader = "grub"', "site.pxe.loader", "must be one of ipxe, pxelinux-grub, not 'grub'"),
+    ('tftp_root = "/srv"', "site.pxe.tftp_root", "unknown field; known fields: interface, subnet, loader"),
+]
+
+
+@pytest.mark.parametrize("line, field, problem", BAD_PXE, ids=[b[0] for b in BAD_PXE])
+def test_bad_site_pxe_names_the_field(tmp_path, line, field, problem):
+    message = refused(tmp_path, SITE + f"[site.pxe]\n{line}\n" + node())
+    assert message.startswith(f"{tmp_path / 'inventory.toml'}: field '{field}': "), message
+    assert problem in message
+
+
+def test_site_pxe_must_be_a_table(tmp_path):
+    message = refused(tmp_path, '[site]\nbase_url = "http://10.0.0.1:8080"\npxe = "ipxe"\n' + node())
+    assert "field 'site.pxe': must be a table" in message

@@ -1,0 +1,630 @@
+"""The PXE tree: everything a node of an inventory needs to boot an installer that finds its own
+kickstart, in one directory that is both the HTTP and the TFTP root.
+
+    pxe.json                    what was rendered, for `check`: base URL, target, each node's files
+    dnsmasq.conf                proxy DHCP + TFTP for the site ([site.pxe] of the inventory)
+    boot.ipxe                   iPXE's first script: it chains ipxe/01-MAC.ipxe
+    ipxe/01-MAC.ipxe            a node's kernel, initrd and command line, over HTTP
+    grub/grub.cfg-01-MAC        the same for GRUB (UEFI nodes), over TFTP; grub/grub.cfg for others
+    pxelinux.cfg/01-MAC         the same for pxelinux (BIOS nodes); pxelinux.cfg/default for others
+    undionly.kpxe ipxe.efi pxelinux.0 ldlinux.c32 grubnetx64.efi    the network boot programs
+    kickstarts/NODE.ks          each node's kickstart (pipeline.kickstart)
+    ROLE/ROLE.vmlinuz ROLE.initrd ROLE.qcow2    a role's kernel, initrd and liveimg artifact
+
+No installer kernel can be had here, so the chain boots the built image's own kernel and initrd
+(build/ROLE/) with an installer's command line. The tree is written beside the output directory
+and swapped in only when complete.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import stat
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urljoin, urlsplit
+
+import jinja2
+from pykickstart.errors import KickstartError, KickstartWarning
+
+from . import kickstart, tools
+from .build import artifacts_for
+from .errors import CommandFailed, InventoryError, PipelineError
+from .inventory import Boot, Inventory, Loader, Node
+from .paths import DEFAULT_OUTPUT, ROOT
+from .run import run, start, stop
+
+TEMPLATES = ROOT / "kickstarts" / "pxe"
+DEFAULT_OUTPUT_DIR = DEFAULT_OUTPUT / "pxe"
+MANIFEST = "pxe.json"
+DNSMASQ_CONF = "dnsmasq.conf"
+ACCESS_LOG = "access.log"
+DNSMASQ_LOG = "dnsmasq.log"
+# Network boot programs, copied from their Debian packages (tools.DEBIAN_PACKAGE_OF_FILE).
+PROGRAMS = {
+    "undionly.kpxe": "/usr/lib/ipxe/undionly.kpxe",  # iPXE for BIOS, on the PXE ROM's own driver
+    "ipxe.efi": "/usr/lib/ipxe/ipxe.efi",
+    "pxelinux.0": "/usr/lib/PXELINUX/pxelinux.0",
+    "ldlinux.c32": "/usr/lib/syslinux/modules/bios/ldlinux.c32",  # pxelinux.0 loads it from beside itself
+}
+# GRUB for UEFI network boot, made with grub-mkimage. Debian's own (monolithic/grubnetx64.efi)
+# starts `normal (memdisk)/grub.cfg`, and a config named there skips GRUB's per-MAC lookup; ours
+# has none, and its (tftp) prefix makes normal look up grub/grub.cfg-01-MAC, then grub/grub.cfg,
+# on the TFTP server. Its modules are built in: it needs nothing else from the TFTP root.
+GRUB_EFI = "grubnetx64.efi"
+GRUB_EFI_MODULES = "/usr/lib/grub/x86_64-efi"
+GRUB_NET_MODULES = ("normal", "configfile", "echo", "test", "sleep", "minicmd", "reboot", "linux", "efinet",
+                    "net", "tftp", "efi_gop", "all_video")
+BOOT_PROGRAM = {Loader.IPXE: ("undionly.kpxe", "ipxe.efi"), Loader.PXELINUX_GRUB: ("pxelinux.0", GRUB_EFI)}
+# The installer's name for the boot NIC, given by its MAC (dracut's ifname=): the installer's
+# kernel may name the NIC differently from the installed system.
+BOOT_NIC = "bootnet"
+HTTP_TIMEOUT = 30  # seconds without a byte before a fetch fails
+DNSMASQ_STARTUP = 2.0  # seconds dnsmasq has to fail on its configuration before we call it running
+
+
+def mac_name(mac: str) -> str:
+    """01-52-54-00-12-34-56: the file name pxelinux, GRUB and our iPXE script look up (01 is Ethernet)."""
+    return "01-" + mac.lower().replace(":", "-")
+
+
+@dataclass(frozen=True)
+class NodeBoot:
+    """What one node boots; every boot configuration lays out the same, in its own syntax."""
+
+    node: Node
+    kernel: str  # paths under the tree's root
+    initrd: str
+    kickstart: str
+    args: tuple[str, ...]  # the installer's kernel command line
+
+    @property
+    def files(self) -> dict[str, str]:
+        """The node's boot configurations and kickstart, by kind, as paths under the root."""
+        mac = mac_name(self.node.boot_mac)
+        firmware = (("grub", f"grub/grub.cfg-{mac}") if self.node.boot is Boot.UEFI
+                    else ("pxelinux", f"pxelinux.cfg/{mac}"))
+        return dict([("ipxe", f"ipxe/{mac}.ipxe"), firmware, ("kickstart", self.kickstart)])
+
+
+@dataclass(frozen=True)
+class Tree:
+    root: Path
+    boots: tuple[NodeBoot, ...]
+
+
+def installer_args(inventory: Inventory, node: Node, kickstart_url: str) -> tuple[str, ...]:
+    """The kernel command line: the node's own kickstart, its network on the boot NIC, the image's consoles."""
+    mac = node.boot_mac
+    args = [f"inst.ks={kickstart_url}", f"BOOTIF={mac_name(mac)}", f"ifname={BOOT_NIC}:{mac}"]
+    net = node.network
+    if net is None:
+        args.append(f"ip={BOOT_NIC}:dhcp")
+    else:  # dracut's ip=address::gateway:netmask:hostname:interface:none
+        args.append(f"ip={net.interface.ip}::{net.gateway or ''}:{net.interface.netmask}:{node.name}:{BOOT_NIC}:none")
+        args += [f"nameserver={server}" for server in net.nameservers]
+    # The installer talks on the consoles the installed system will (images.toml, then the node's).
+    return (*args, *(arg for arg in inventory.kernel_args(node) if arg.startswith("console=")))
+
+
+def node_boot(inventory: Inventory, node: Node) -> NodeBoot:
+    ks = f"kickstarts/{node.name}.ks"
+    return NodeBoot(node=node, kernel=f"{node.role}/{node.role}.vmlinuz", initrd=f"{node.role}/{node.role}.initrd",
+                    kickstart=ks, args=installer_args(inventory, node, f"{inventory.site.base_url}/{ks}"))
+
+
+# --- render
+
+
+@functools.cache
+def _templates() -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
+                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
+
+
+def _dhcp_server(inventory: Inventory) -> IPv4Address | None:
+    """Where proxy DHCP answers when [site.pxe] names no subnet: the network of base_url's address."""
+    if inventory.site.pxe.subnet:
+        return None
+    host = urlsplit(inventory.site.base_url).hostname
+    try:
+        return IPv4Address(host)
+    except ValueError:
+        raise InventoryError(inventory.path, None, "site.pxe.subnet",
+                             f"is required: base_url's host {host!r} is not an IPv4 address, so the network "
+                             "where dnsmasq answers PXE clients cannot be told from it") from None
+
+
+def _sources(inventory: Inventory, build_dir: Path,
+             images: dict[str, kickstart.LiveImage]) -> dict[str, list[tuple[Path, str]]]:
+    """Each role's built files and their names in the tree; a missing one names the role and the file."""
+    sources = {}
+    for role, image in images.items():
+        artifacts = artifacts_for(inventory.spec.images[role], build_dir)
+        files = [artifacts.kernel, artifacts.initrd, artifacts.directory / image.file]
+        for path in files:
+            if not path.is_file():
+                raise PipelineError(f"role {role!r}: {path} not found, so the PXE tree cannot offer it: "
+                                    f"run ./inv build {role}")
+        sources[role] = [(path, f"{role}/{path.name}") for path in files]
+    return sources
+
+
+def _place(source: Path, target: Path) -> None:
+    """Hard-link a built file into the tree, or copy it when that cannot be done (another file system).
+
+    A link costs nothing and keeps what was rendered: a new build replaces build/ROLE/ROLE.qcow2
+    with a new file, which leaves the tree's link, and its checksum in the kickstarts, as they were.
+    dnsmasq (as root) serves only world-readable files: a file that is not is copied and made so.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if source.stat().st_mode & stat.S_IROTH:
+        try:
+            os.link(source, target)
+            return
+        except OSError:
+            pass
+    shutil.copyfile(source, target)
+    target.chmod(0o644)
+
+
+def _write(root: Path, name: str, text: str) -> None:
+    (root / name).parent.mkdir(parents=True, exist_ok=True)
+    (root / name).write_text(text)
+
+
+def _check_output(output_dir: Path) -> None:
+    # The whole directory is replaced: never one that a render did not make (build/, say).
+    if output_dir.exists() and any(output_dir.iterdir()) and not (output_dir / MANIFEST).is_file():
+        raise PipelineError(f"{output_dir} is not empty and is not a PXE tree (it has no {MANIFEST}); it would "
+                            "be replaced whole: choose another output directory")
+
+
+def _swap(work: Path, output_dir: Path) -> None:
+    """Put the finished tree in place of the old one, carrying over the server's logs."""
+    if not output_dir.exists():
+        os.rename(work, output_dir)
+        return
+    for log in (ACCESS_LOG, DNSMASQ_LOG):
+        if (output_dir / log).is_file():
+            # A link, not a copy: a running dnsmasq keeps writing into the same file.
+            os.link(output_dir / log, work / log)
+    old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old.", dir=output_dir.parent))
+    os.rename(output_dir, old / "tree")
+    try:
+        os.rename(work, output_dir)
+    except OSError:
+        os.rename(old / "tree", output_dir)  # the old tree back in place, then the error
+        old.rmdir()
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def render_tree(inventory: Inventory, output_dir: Path = DEFAULT_OUTPUT_DIR, target: str = kickstart.DEFAULT_TARGET,
+                *, build_dir: Path = DEFAULT_OUTPUT) -> Tree:
+    """Write the PXE tree of the inventory to output_dir, replacing a previous one whole.
+
+    Everything is checked first (boot programs, built artifacts, kickstarts by pykickstart) and
+    written to a directory beside output_dir, which is swapped in only when complete: on any
+    error, nothing is left and a previous tree stays as it was.
+    """
+    output_dir = Path(output_dir).resolve()
+    tools.require("grub-mkimage")
+    tools.require_files(*PROGRAMS.values(), f"{GRUB_EFI_MODULES}/linux.mod")
+    _check_output(output_dir)
+    server = _dhcp_server(inventory)
+    images = kickstart.liveimages(inventory, Path(build_dir), {})
+    sources = _sources(inventory, Path(build_dir), images)
+    boots = tuple(node_boot(inventory, node) for node in inventory.nodes.values())
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    try:
+        work.chmod(0o755)  # mkdtemp's 0700 would hide the tree from a server that is not root
+        kickstart.render_all(inventory, work / "kickstarts", target, liveimgs=images)
+        for files in sources.values():
+            for source, name in files:
+                _place(source, work / name)
+        for name, source in PROGRAMS.items():
+            shutil.copyfile(source, work / name)
+        run(["grub-mkimage", "--directory", GRUB_EFI_MODULES, "--format", "x86_64-efi", "--prefix", "(tftp)/grub",
+             "--output", work / GRUB_EFI, *GRUB_NET_MODULES])
+        _write_configs(work, output_dir, inventory, boots, server)
+        _write(work, MANIFEST, json.dumps(_manifest(inventory, boots, target), indent=2) + "\n")
+        _swap(work, output_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # gone already if the swap was made
+    return Tree(output_dir, boots)
+
+
+def _write_configs(work: Path, root: Path, inventory: Inventory, boots: tuple[NodeBoot, ...],
+                   server: IPv4Address | None) -> None:
+    env = _templates()
+    common = {"inventory": inventory.path, "base_url": inventory.site.base_url}
+    _write(work, "boot.ipxe", env.get_template("boot.ipxe.j2").render(common))
+    _write(work, "grub/grub.cfg", env.get_template("grub.cfg.j2").render(common, boot=None))
+    _write(work, "pxelinux.cfg/default", env.get_template("pxelinux.cfg.j2").render(common, boot=None))
+    templates = {"ipxe": "node.ipxe.j2", "grub": "grub.cfg.j2", "pxelinux": "pxelinux.cfg.j2"}
+    for boot in boots:
+        for kind, name in boot.files.items():
+            if kind in templates:
+                _write(work, name, env.get_template(templates[kind]).render(common, boot=boot))
+    pxe = inventory.site.pxe
+    bios, efi = BOOT_PROGRAM[pxe.loader]
+    _write(work, DNSMASQ_CONF, env.get_template("dnsmasq.conf.j2").render(
+        common, root=root, conf_name=DNSMASQ_CONF, pxe=pxe, server=server, bios=bios, efi=efi))
+
+
+def _manifest(inventory: Inventory, boots: tuple[NodeBoot, ...], target: str) -> dict:
+    return {
+        "inventory": str(inventory.path),
+        "base_url": inventory.site.base_url,
+        "target": target,
+        "programs": [*PROGRAMS, GRUB_EFI],
+        "nodes": {boot.node.name: {"mac": boot.node.boot_mac, "boot": str(boot.node.boot), "role": boot.node.role,
+                                   "files": boot.files} for boot in boots},
+    }
+
+
+def _load_manifest(root: Path) -> dict:
+    try:
+        return json.loads((root / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise PipelineError(f"{root} is not a PXE tree (no {MANIFEST}): run ./inv pxe.render first") from None
+    except json.JSONDecodeError as error:
+        raise PipelineError(f"{root / MANIFEST}: not JSON: {error}") from None
+
+
+# --- serve
+
+
+class _AccessLog:
+    """One line per request, to stdout and to ACCESS_LOG in the tree.
+
+    The file is opened for each line, so a render that swaps the tree in while we serve is
+    logged into from then on.
+    """
+
+    def __init__(self, path: Path, echo: bool):
+        self.path, self.echo, self.lock = path, echo, threading.Lock()
+
+    def write(self, client: str, method: str, path: str, status: int | str) -> None:
+        line = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {client} {method} {path} {status}"
+        with self.lock:
+            if self.echo:
+                print(line, flush=True)
+            with open(self.path, "a") as log:
+                log.write(line + "\n")
+
+
+class _Handler(SimpleHTTPRequestHandler):
+    server: _Server
+
+    def log_request(self, code="-", size="-") -> None:
+        status = int(code) if code != "-" else code  # an HTTPStatus, logged as its number
+        self.server.access_log.write(self.client_address[0], self.command, self.path, status)
+
+    def log_message(self, format, *args) -> None:
+        pass  # the access log has the status of every request; this would repeat it on stderr
+
+
+class _Server(ThreadingHTTPServer):
+    access_log: _AccessLog
+
+    def handle_error(self, request, client_address) -> None:
+        pass  # a node that hangs up mid-download is no error of ours
+
+
+def _start_dnsmasq(root: Path):
+    if os.geteuid() != 0:
+        raise PipelineError("TFTP and proxy DHCP need root (dnsmasq binds ports 67 and 69): run as root, "
+                            "or serve HTTP only (--no-tftp)")
+    tools.require("dnsmasq")
+    conf = root / DNSMASQ_CONF
+    tftp_root = next((line.split("=", 1)[1] for line in conf.read_text().splitlines()
+                      if line.startswith("tftp-root=")), None)
+    if tftp_root != str(root):
+        raise PipelineError(f"{conf}: tftp-root is {tftp_root}, not {root}: the tree was moved; render it again")
+    argv = ["dnsmasq", "--no-daemon", f"--conf-file={conf}"]
+    proc = start(argv, log=root / DNSMASQ_LOG)
+    deadline = time.monotonic() + DNSMASQ_STARTUP
+    while time.monotonic() < deadline:  # a bad interface or a port in use ends it at once
+        if proc.poll() is not None:
+            lines = (root / DNSMASQ_LOG).read_text(errors="replace").strip().splitlines()
+            last = f": {lines[-1]}" if lines else ""
+            raise CommandFailed(argv, proc.returncode, f"see {root / DNSMASQ_LOG}{last}")
+        time.sleep(0.05)
+    return proc
+
+
+@contextmanager
+def serving(root: Path, address: str = "127.0.0.1", port: int = 0, *, tftp: bool = False,
+            echo: bool = True) -> Iterator[str]:
+    """Serve the tree over HTTP (threads) and, with tftp, run dnsmasq for TFTP and proxy DHCP.
+
+    Yields the server's URL (port 0: an ephemeral port, for tests). Every request is logged to
+    stdout (echo) and to ACCESS_LOG in the tree. On leaving, dnsmasq and the server are stopped.
+    """
+    root = Path(root).resolve()
+    _load_manifest(root)
+    try:
+        IPv4Address(address)
+    except ValueError:
+        raise PipelineError(f"cannot serve on {address!r}: not an IPv4 address") from None
+    try:
+        server = _Server((address, int(port)), functools.partial(_Handler, directory=str(root)))
+    except OSError as error:
+        raise PipelineError(f"cannot serve HTTP on {address}:{port}: {error.strerror}") from None
+    server.access_log = _AccessLog(root / ACCESS_LOG, echo)
+    # A short poll: shutdown() waits for it, and tests start and stop many servers.
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="pxe-http",
+                              daemon=True)
+    thread.start()
+    dnsmasq = None
+    try:
+        if tftp:
+            dnsmasq = _start_dnsmasq(root)
+        host, bound = server.server_address[:2]
+        yield f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{bound}"
+    finally:
+        if dnsmasq is not None:
+            stop(dnsmasq)
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+
+
+def serve(root: Path = DEFAULT_OUTPUT_DIR, address: str = "127.0.0.1", port: int = 8080, tftp: bool = True) -> None:
+    """Serve the tree until Ctrl-C (or SIGTERM); nothing is left running after."""
+    def terminate(_signum, _frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminate)  # dnsmasq is in its own process group: stop it too
+    try:
+        with serving(root, address, port, tftp=tftp) as url:
+            base_url = _load_manifest(Path(root).resolve())["base_url"]
+            extra = f", TFTP and proxy DHCP by dnsmasq (log: {Path(root) / DNSMASQ_LOG})" if tftp else ""
+            print(f"serving {root} at {url}{extra}; Ctrl-C stops", flush=True)
+            site = urlsplit(base_url)
+            if (site.port or 80) != urlsplit(url).port or address not in ("0.0.0.0", site.hostname):
+                print(f"note: the tree's nodes fetch from {base_url} (the inventory's base_url)", flush=True)
+            threading.Event().wait()
+    except KeyboardInterrupt:
+        print("stopped", flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# --- check
+
+
+@dataclass(frozen=True)
+class Problem:
+    node: str | None
+    file: str  # under the tree's root
+    problem: str
+
+    def __str__(self) -> str:
+        return ": ".join(part for part in (f"node {self.node!r}" if self.node else "", self.file, self.problem) if part)
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    root: Path
+    nodes: int
+    urls: int  # distinct URLs fetched
+    problems: tuple[Problem, ...]
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems
+
+
+@dataclass(frozen=True)
+class _BootEntry:
+    """What a boot configuration loads: absolute URLs (TFTP paths are under the site's URL too)."""
+
+    kernel: str | None
+    initrd: str | None
+    args: tuple[str, ...]
+
+
+class _Fetcher:
+    """Fetches the tree's URLs from the server being checked, each once: many nodes share a kernel."""
+
+    def __init__(self, site_url: str, server_url: str):
+        self.site_url, self.server_url = site_url.rstrip("/"), server_url.rstrip("/")
+        self.cache: dict[tuple[str, str], tuple[str | None, str | None]] = {}
+
+    def served(self, url: str) -> str | None:
+        """The server's URL for a URL under the site's base URL; None for one elsewhere."""
+        if url == self.site_url or url.startswith(self.site_url + "/"):
+            return self.server_url + url[len(self.site_url):]
+        return None
+
+    def _fetch(self, url: str, how: str) -> tuple[str | None, str | None]:
+        """(result, error): how is 'head' (result ''), 'text', or 'sha256' (hashed as it streams)."""
+        key = (how, url)
+        if key not in self.cache:
+            request = urllib.request.Request(self.served(url) or url, method="HEAD" if how == "head" else "GET")
+            try:
+                with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT) as response:
+                    if how == "text":
+                        result = response.read().decode(errors="replace")
+                    elif how == "sha256":
+                        digest = hashlib.sha256()
+                        while chunk := response.read(2**20):
+                            digest.update(chunk)
+                        result = digest.hexdigest()
+                    else:
+                        result = ""
+                self.cache[key] = (result, None)
+            except urllib.error.HTTPError as error:
+                self.cache[key] = (None, f"HTTP {error.code}")
+            except (urllib.error.URLError, OSError) as error:
+                self.cache[key] = (None, f"cannot fetch: {getattr(error, 'reason', error)}")
+        return self.cache[key]
+
+    def head(self, url: str) -> str | None:
+        return self._fetch(url, "head")[1]
+
+    def text(self, url: str) -> tuple[str | None, str | None]:
+        return self._fetch(url, "text")
+
+    def sha256(self, url: str) -> tuple[str | None, str | None]:
+        return self._fetch(url, "sha256")
+
+
+def _boot_entry(text: str, site_url: str) -> _BootEntry:
+    """The kernel, initrd and arguments of an iPXE script, a GRUB cfg or a pxelinux cfg.
+
+    The three say it alike: `kernel|linux|KERNEL PATH [ARGS]`, `initrd|INITRD PATH`, `APPEND ARGS`.
+    GRUB's and pxelinux's paths are under the TFTP root, which is the site's URL.
+    """
+    kernel = initrd = None
+    args: list[str] = []
+    for line in text.splitlines():
+        words = line.split("||")[0].split()
+        if not words or words[0].startswith("#"):
+            continue
+        keyword = words[0].lower()
+        if keyword in ("kernel", "linux") and len(words) > 1:
+            kernel, args = words[1], args + words[2:]
+        elif keyword == "initrd" and len(words) > 1:
+            initrd = words[1]
+        elif keyword == "append":
+            args += words[1:]
+
+    def absolute(path: str | None) -> str | None:
+        return path if path is None or "://" in path else f"{site_url}/{path.lstrip('/')}"
+
+    # iPXE's initrd=NAME is for the EFI stub, not a file to fetch.
+    return _BootEntry(absolute(kernel), absolute(initrd), tuple(arg for arg in args if not arg.startswith("initrd=")))
+
+
+def _option(line: str, name: str) -> str | None:
+    """The value of --name=VALUE or --name VALUE in a kickstart command line."""
+    words = shlex.split(line)
+    for i, word in enumerate(words):
+        if word.startswith(name + "="):
+            return word.split("=", 1)[1]
+        if word == name and i + 1 < len(words):
+            return words[i + 1]
+    return None
+
+
+class _Checker:
+    def __init__(self, root: Path, manifest: dict, fetch: _Fetcher):
+        self.root, self.fetch = root, fetch
+        self.site_url = manifest["base_url"]
+        self.target = manifest["target"]
+        self.validator = kickstart.Validator(self.target)
+        self.problems: list[Problem] = []
+
+    def problem(self, node: str | None, file: str, text: str) -> None:
+        self.problems.append(Problem(node, file, text))
+
+    def programs(self, names: list[str]) -> None:
+        for name in names:
+            if error := self.fetch.head(f"{self.site_url}/{name}"):
+                self.problem(None, name, f"{self.site_url}/{name}: {error}")
+
+    def node(self, name: str, entry: dict) -> None:
+        files = entry["files"]
+        own_kickstart = f"{self.site_url}/{files['kickstart']}"
+        # iPXE: boot.ipxe chains the MAC's script, as iPXE would expand it.
+        boot_ipxe = f"{self.site_url}/boot.ipxe"
+        text, error = self.fetch.text(boot_ipxe)
+        chained = next((words[1] for line in (text or "").splitlines()
+                        if (words := line.split("||")[0].split()) and words[0] == "chain" and len(words) > 1), None)
+        if error or chained is None:
+            self.problem(name, "boot.ipxe", f"{boot_ipxe}: {error or 'no chain command'}")
+        else:
+            script = urljoin(boot_ipxe, chained.replace("${netX/mac:hexhyp}", entry["mac"].replace(":", "-")))
+            self.config(name, "boot.ipxe", script, own_kickstart, chained=True)
+        for kind in ("grub", "pxelinux"):  # read by TFTP from the same root
+            if kind in files:
+                self.config(name, files[kind], f"{self.site_url}/{files[kind]}", own_kickstart)
+        self.kickstart(name, files["kickstart"], own_kickstart)
+
+    def config(self, name: str, file: str, url: str, own_kickstart: str, chained: bool = False) -> None:
+        text, error = self.fetch.text(url)
+        if error:
+            self.problem(name, file, f"{'chain ' if chained else ''}{url}: {error}")
+            return
+        if chained:  # the problems below are in the chained script
+            file = url.removeprefix(self.site_url + "/")
+        entry = _boot_entry(text, self.site_url)
+        for what, target in (("kernel", entry.kernel), ("initrd", entry.initrd)):
+            if target is None:
+                self.problem(name, file, f"no {what}")
+            elif error := self.fetch.head(target):
+                self.problem(name, file, f"{what} {target}: {error}")
+        kickstarts = [arg.split("=", 1)[1] for arg in entry.args if arg.startswith("inst.ks=")]
+        if kickstarts != [own_kickstart]:
+            self.problem(name, file, f"inst.ks is {' '.join(kickstarts) or 'missing'}, not the node's own "
+                                     f"kickstart {own_kickstart}")
+
+    def kickstart(self, name: str, file: str, url: str) -> None:
+        text, error = self.fetch.text(url)
+        if error:
+            self.problem(name, file, f"{url}: {error}")
+            return
+        try:
+            self.validator.check(text)
+        except (KickstartError, KickstartWarning) as rejected:
+            self.problem(name, file, f"pykickstart ({self.target}) rejects it: "
+                                     f"{kickstart._rejection(rejected, [])}")
+        lines = text.splitlines()
+        liveimg = [line for line in lines if line.split()[:1] == ["liveimg"]]
+        if not liveimg:
+            self.problem(name, file, "no liveimg command")
+        else:  # the last one is the one the installer keeps
+            image, checksum = _option(liveimg[-1], "--url"), _option(liveimg[-1], "--checksum")
+            digest, error = self.fetch.sha256(image) if image else (None, "no --url")
+            if error:
+                self.problem(name, file, f"liveimg {image or ''}: {error}")
+            elif digest != checksum:
+                self.problem(name, file, f"liveimg {image}: its sha256 is {digest}, not the --checksum {checksum}")
+        for line in lines:
+            words = line.split()
+            # An %include elsewhere is the installer's to fetch; one under the site's URL is ours.
+            if words[:1] == ["%include"] and len(words) > 1 and self.fetch.served(words[1]):
+                if error := self.fetch.head(words[1]):
+                    self.problem(name, file, f"%include {words[1]}: {error}")
+
+
+def check(root: Path = DEFAULT_OUTPUT_DIR, base_url: str | None = None) -> CheckReport:
+    """Walk the tree as booting nodes would, over HTTP from the server at base_url.
+
+    For each node: boot.ipxe's chain to its iPXE script, its GRUB or pxelinux configuration (read
+    by TFTP from the same root), each one's kernel and initrd and its own kickstart URL; then the
+    kickstart, validated by pykickstart, its liveimg checked against its sha256, its %include
+    URLs under the site's URL. URLs under the inventory's base_url are fetched from base_url.
+    Without base_url, a server on loopback is started for the check.
+    """
+    root = Path(root).resolve()
+    manifest = _load_manifest(root)
+    if base_url is None:
+        with serving(root, echo=False) as url:
+            return check(root, url)
+    checker = _Checker(root, manifest, _Fetcher(manifest["base_url"], base_url))
+    checker.programs(manifest["programs"])
+    for name, entry in manifest["nodes"].items():
+        checker.node(name, entry)
+    return CheckReport(root, len(manifest["nodes"]), len(checker.fetch.cache), tuple(checker.problems))
