@@ -29,9 +29,6 @@ HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 # ',' (kickstart's list separator), '=', quote or space.
 DISK_NAME = re.compile(r"^[a-z][a-z0-9]*$")
 DISK_PATH = re.compile(r"^/dev(?:/[A-Za-z0-9_.:+@-]+)+$")
-# A Linux interface name: 15 characters at most (IFNAMSIZ), none that dnsmasq reads as a separator
-# or a wildcard.
-INTERFACE = re.compile(r"^(?!\.\.?$)[A-Za-z0-9_.-]{1,15}$")
 
 
 class Boot(StrEnum):
@@ -306,7 +303,7 @@ def _includes(value: Any, _ctx) -> tuple[str, ...]:
 
 
 def _interface(value: Any, _ctx) -> str:
-    if not isinstance(value, str) or not INTERFACE.match(value):
+    if not isinstance(value, str) or not specs.INTERFACE_NAME.match(value):
         raise ValueError(f"{value!r} is not a network interface name such as eth0 or enp1s0")
     return value
 

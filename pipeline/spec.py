@@ -26,8 +26,9 @@ PACKAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
 KERNEL_ARG = re.compile(r"^[A-Za-z0-9_.,:=/+@-]+$")
 SIZE = re.compile(r"^(\d+)\s*(MiB|GiB|M|G)$")
 UNITS = {"M": 2**20, "MiB": 2**20, "G": 2**30, "GiB": 2**30}
-# A Linux interface name: at most 15 characters (IFNAMSIZ - 1), no '/', ':' or space.
-INTERFACE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+# A Linux interface name: at most 15 characters (IFNAMSIZ - 1), no '/', ':' or space, not
+# '.' or '..'; nothing that dnsmasq reads as a separator or a wildcard either.
+INTERFACE_NAME = re.compile(r"^(?!\.\.?$)[A-Za-z0-9_.-]{1,15}$")
 MIN_DISK = 2 * 2**30
 MAX_DISK = 2 * 2**40
 

@@ -12,6 +12,8 @@ import re
 
 import pytest
 
+from pipeline.inspect import selinux_type
+
 AGENT = "/usr/libexec/kvmpipe/netns-port"
 AGENT_DOMAIN = "kvmpipe_netagent_t"
 SVIRT_DOMAINS = ("kvmpipe-svirt-a", "kvmpipe-svirt-b")
@@ -52,12 +54,6 @@ def categories(context: str) -> frozenset[str]:
     match = CONTEXT.match(context.strip())
     assert match, f"not an SELinux context: {context!r}"
     return frozenset((match["cats"] or "").split(",")) - {""}
-
-
-def selinux_type(context: str) -> str:
-    match = CONTEXT.match(context.strip())
-    assert match, f"not an SELinux context: {context!r}"
-    return match["type"]
 
 
 # --- libvirt and sVirt
