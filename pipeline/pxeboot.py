@@ -1,0 +1,266 @@
+"""Boot a node of a PXE tree in QEMU, as it would boot on the site's network, and prove it got its
+own files.
+
+QEMU's user network does DHCP (and TFTP): its DHCP filename is the URL of the tree's boot.ipxe,
+which the NIC's iPXE ROM (Debian package ipxe-qemu) fetches over HTTP, so the whole chain (boot.ipxe,
+ipxe/01-MAC.ipxe, kernel, initrd) goes through our server and its access log. The guest reaches
+the host's 127.0.0.1:PORT at 10.0.2.2:PORT, so the tree's base_url is http://10.0.2.2:PORT. The VM
+has no disk; it is stopped as soon as its kernel prints its command line on the serial console.
+
+No installer kernel can be had here: the tree (pipeline.pxe) offers the built image's own kernel
+and initrd in its place, with an installer's command line. What is proved is the chain up to the
+kernel running with the node's own kickstart URL, not an installation.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from . import inventory as inventories
+from . import pxe, tools
+from .boot import OVMF_CODE, OVMF_VARS, Firmware, _free_port, accelerator
+from .errors import PipelineError, ToolMissing
+from .run import start, stop
+
+BOOT_DEADLINE = 300  # seconds from QEMU start to the kernel's command line; ~15-25 s under TCG here
+MEMORY_MIB = 1024  # the kernel and initrd fit, and the kernel starts; nothing more is asked of it
+POLL = 0.1  # seconds between looks at the console
+CONSOLE_TAIL = 3  # console lines quoted when the deadline passes
+NIC_ROM = "/usr/lib/ipxe/qemu/efi-virtio.rom"  # virtio-net-pci's default ROM: iPXE for BIOS and UEFI
+NIC_ROM_PACKAGE = "ipxe-qemu"
+# The two nodes of the test inventory: one per firmware, each the other's "wrong" node.
+NODES = {Firmware.BIOS: ("pxe-bios", "52:54:00:7e:00:01"), Firmware.UEFI: ("pxe-uefi", "52:54:00:7e:00:02")}
+GUEST_HOST = "10.0.2.2"  # the host as QEMU's user network shows it to the guest
+# The kernel's first line that names its command line, after an optional printk time stamp.
+COMMAND_LINE = re.compile(r"^(?:\[\s*\d+\.\d+\]\s*)?Command line: (.*)$", re.MULTILINE)
+ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|[\x00-\x08\x0b-\x1f\x7f]")  # firmware's colours and cursor moves
+
+
+@dataclass(frozen=True)
+class Request:
+    """One line of the server's access log (pxe._AccessLog): time client method path status."""
+
+    time: str
+    client: str
+    method: str
+    path: str
+    status: int | str  # "-" when the server never answered
+
+
+def parse_access_log(text: str) -> tuple[Request, ...]:
+    """The requests of an access log; a line that is not one (a malformed request) is skipped."""
+    requests = []
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) == 5:
+            status = words[4]
+            requests.append(Request(*words[:4], int(status) if status.isdigit() else status))
+    return tuple(requests)
+
+
+def command_line(console: str) -> tuple[str, ...] | None:
+    """The kernel's command line as it printed it, from complete console lines; None before it has."""
+    complete = console[:console.rfind("\n") + 1].replace("\r", "")
+    found = COMMAND_LINE.search(complete)
+    return tuple(found.group(1).split()) if found else None
+
+
+def kickstart_urls(args: tuple[str, ...]) -> list[str]:
+    """The inst.ks= URLs of a kernel command line."""
+    return [arg.split("=", 1)[1] for arg in args if arg.startswith("inst.ks=")]
+
+
+def console_tail(console: str, lines: int = CONSOLE_TAIL) -> str:
+    """The last non-empty console lines, cleaned of escape sequences, as one line."""
+    cleaned = [text.strip() for text in ESCAPES.sub("", console.replace("\r", "\n")).splitlines()]
+    return " | ".join([text for text in cleaned if text][-lines:]) or "(nothing)"
+
+
+@dataclass(frozen=True)
+class BootResult:
+    node: str
+    firmware: Firmware
+    seconds: float  # from QEMU start until the console showed the kernel's command line
+    command_line: tuple[str, ...]
+    requests: tuple[Request, ...]  # this boot's, in the order the server answered them
+    console: Path
+
+
+def own_files(tree: pxe.Tree, node: str) -> list[str]:
+    """The URL paths a node's iPXE chain fetches, in order: boot.ipxe, its script, kernel, initrd."""
+    boot = _node_boot(tree, node)
+    return ["/boot.ipxe", f"/{boot.files['ipxe']}", f"/{boot.kernel}", f"/{boot.initrd}"]
+
+
+def problems(tree: pxe.Tree, result: BootResult) -> tuple[str, ...]:
+    """What the boot got wrong: a file of its own not fetched with 200, another node's script or
+    kickstart fetched, a kernel command line without its own kickstart URL or with another's."""
+    found = []
+    fetched = {request.path: request.status for request in result.requests}
+    for path in own_files(tree, result.node):
+        if fetched.get(path) != 200:
+            found.append(f"{path}: {'not fetched' if path not in fetched else f'status {fetched[path]}'}")
+    own = _node_boot(tree, result.node)
+    own_urls, urls = kickstart_urls(own.args), kickstart_urls(result.command_line)
+    for other in tree.boots:
+        if other is not own:
+            found += [f"fetched node {other.node.name!r}'s {other.files[kind]}" for kind in ("ipxe", "kickstart")
+                      if f"/{other.files[kind]}" in fetched]
+            found += [f"the kernel command line has node {other.node.name!r}'s inst.ks={url}"
+                      for url in kickstart_urls(other.args) if url in urls]
+    if urls != own_urls:
+        found.append(f"the kernel command line has inst.ks {' '.join(urls) or 'none'}, not {' '.join(own_urls)}")
+    return tuple(found)
+
+
+def _node_boot(tree: pxe.Tree, node: str) -> pxe.NodeBoot:
+    for boot in tree.boots:
+        if boot.node.name == node:
+            return boot
+    raise PipelineError(f"node {node!r} is not in the PXE tree {tree.root}")
+
+
+# --- the test site: a two-node inventory, its tree, served
+
+
+def write_inventory(path: Path, role: str, spec_file: Path, base_url: str) -> Path:
+    """A two-node inventory of the role: one BIOS node and one UEFI node, by DHCP, fetching from
+    the host as QEMU's guests see it."""
+    lines = ["# The PXE boot test's inventory (pipeline/pxeboot.py): thrown away after the test.",
+             f"spec_file = {json.dumps(str(Path(spec_file).resolve()))}", "", "[site]",
+             f"base_url = {json.dumps(base_url)}"]
+    for firmware, (name, mac) in NODES.items():  # JSON strings are TOML strings
+        lines += ["", f"[node.{name}]", f"macs = [{json.dumps(mac)}]", f"boot = {json.dumps(str(firmware))}",
+                  'root_disk = "vda"', f"role = {json.dumps(role)}"]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass(frozen=True)
+class Site:
+    tree: pxe.Tree
+    base_url: str  # as the guests see it: http://10.0.2.2:PORT
+    workdir: Path  # the logs: console-FIRMWARE.log, qemu-FIRMWARE.log, access.log
+
+
+@contextmanager
+def serving_site(role: str, spec_file: Path, build_dir: Path, workdir: Path) -> Iterator[Site]:
+    """Render the test inventory's tree from the built role into workdir/tree and serve it on the
+    loopback port its base_url names. On leaving, the server stops, the access log is kept in
+    workdir and the tree (hard links to the build's files) is removed."""
+    workdir = Path(workdir).resolve()
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    port = _free_port()  # free now; the tree must name it before the server can take it
+    base_url = f"http://{GUEST_HOST}:{port}"
+    try:
+        inventory = inventories.load(write_inventory(workdir / "inventory.toml", role, spec_file, base_url))
+        # The tree beside the build, so that its kernel, initrd and liveimg are hard links, not copies.
+        tree = pxe.render_tree(inventory, workdir / "tree", build_dir=Path(build_dir))
+    except BaseException:  # the image not built, say: nothing to keep
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    try:
+        with pxe.serving(tree.root, "127.0.0.1", port, echo=False):
+            yield Site(tree, base_url, workdir)
+    finally:
+        if (tree.root / pxe.ACCESS_LOG).is_file():
+            shutil.copyfile(tree.root / pxe.ACCESS_LOG, workdir / pxe.ACCESS_LOG)
+        shutil.rmtree(tree.root, ignore_errors=True)
+
+
+# --- the boot
+
+
+def qemu_argv(firmware: Firmware, mac: str, site: Site, console: Path) -> list[str]:
+    """A diskless VM whose NIC (the node's MAC, first in the boot order) boots the site's boot.ipxe."""
+    accel, cpu = accelerator()
+    argv = ["qemu-system-x86_64", "-name", f"pxe-boot-{firmware}", "-machine", f"q35,accel={accel}", "-cpu", cpu,
+            "-m", str(MEMORY_MIB), "-nodefaults", "-display", "none", "-monitor", "none", "-no-reboot",
+            "-serial", f"file:{console}",
+            # iPXE takes a URL as the DHCP filename: the first script comes over HTTP too.
+            "-netdev", f"user,id=n0,tftp={site.tree.root},bootfile={site.base_url}/boot.ipxe",
+            "-device", f"virtio-net-pci,netdev=n0,mac={mac},bootindex=1"]
+    if firmware is Firmware.UEFI:
+        variables = site.workdir / "OVMF_VARS.fd"
+        shutil.copyfile(OVMF_VARS, variables)
+        argv += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+                 "-drive", f"if=pflash,format=raw,unit=1,file={variables}"]
+    return argv
+
+
+def _require(firmware: Firmware) -> None:
+    tools.require("qemu-system-x86_64")
+    if firmware is Firmware.UEFI:
+        tools.require_files(OVMF_CODE, OVMF_VARS)
+    if not Path(NIC_ROM).is_file():
+        raise ToolMissing(f"missing host file: {NIC_ROM} (QEMU's iPXE ROM); install with: "
+                          f"apt-get install {NIC_ROM_PACKAGE}")
+
+
+def boot(site: Site, firmware: Firmware, deadline: float = BOOT_DEADLINE) -> BootResult:
+    """Boot the site's node of this firmware (NODES) from the network until its kernel prints its
+    command line. QEMU is stopped on return, on error and on Ctrl-C."""
+    _require(firmware)
+    name, mac = NODES[firmware]
+    own = _node_boot(site.tree, name)
+    if not any(arg.startswith("console=ttyS0") for arg in own.args):
+        raise PipelineError(f"node {name!r}: role {own.node.role!r} has no console=ttyS0 in its kernel_args, so "
+                            "the kernel's command line would not reach the serial console")
+    console, qemu_log = site.workdir / f"console-{firmware}.log", site.workdir / f"qemu-{firmware}.log"
+    console.unlink(missing_ok=True)
+    access_log = site.tree.root / pxe.ACCESS_LOG
+    logged = access_log.stat().st_size if access_log.exists() else 0  # this boot's requests come after
+    argv = qemu_argv(firmware, mac, site, console)
+    started = time.monotonic()
+    proc = start(argv, log=qemu_log)
+    try:
+        while (args := command_line(_read(console))) is None:
+            if proc.poll() is not None:
+                raise PipelineError(f"{name} ({firmware}): QEMU exited with status {proc.returncode} before the "
+                                    f"kernel ran; console: {console_tail(_read(console))}; see {qemu_log}")
+            if time.monotonic() - started > deadline:
+                requests = " ".join(r.path for r in parse_access_log(_read(access_log, logged))) or "none"
+                raise PipelineError(f"{name} ({firmware}): no kernel command line on the console within {deadline} s; "
+                                    f"requests: {requests}; last console lines: {console_tail(_read(console))}")
+            time.sleep(POLL)
+        seconds = round(time.monotonic() - started, 1)
+    finally:
+        stop(proc)
+    return BootResult(name, firmware, seconds, args, parse_access_log(_read(access_log, logged)), console)
+
+
+def _read(path: Path, offset: int = 0) -> str:
+    try:
+        with open(path, "rb") as file:
+            file.seek(offset)
+            return file.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+# --- the whole test, for ./inv pxe.boot-test
+
+
+def boot_test(role: str, spec_file: Path, build_dir: Path, firmwares: list[Firmware],
+              deadline: float = BOOT_DEADLINE) -> list[tuple[BootResult, tuple[str, ...]]]:
+    """Boot the test inventory's node of each firmware, one after the other, from a throw-away tree
+    of the built role; each boot with what it got wrong (problems). Logs stay in build/ROLE/pxe-boot/."""
+    with serving_site(role, spec_file, build_dir, Path(build_dir) / role / "pxe-boot") as site:
+        results = [boot(site, firmware, deadline) for firmware in firmwares]
+        return [(result, problems(site.tree, result)) for result in results]
+
+
+def summary(result: BootResult) -> list[str]:
+    """What a boot fetched and how long its kernel took to run, for people."""
+    urls = " ".join(kickstart_urls(result.command_line)) or "none"
+    return [f"{result.node} ({result.firmware}): kernel running {result.seconds} s after QEMU start, inst.ks: "
+            f"{urls} (console: {result.console})",
+            *(f"  {request.method} {request.path} {request.status}" for request in result.requests)]
