@@ -124,7 +124,8 @@ IMAGE_TEST_RUNS = (
     ("guest-image", "both", ["tests/integration"]),
     # Every module but the bad-input cases, in the directory's (name) order, as for the guest:
     # test_build.py's last test then sees the artifact after the boot.
-    ("host-image", "uefi", sorted([str(ROOT / "tests/integration/test_build.py"), *BOOT_TESTS])),
+    ("host-image", "uefi", sorted([str(ROOT / "tests/integration/test_build.py"),
+                                   str(ROOT / "tests/integration/test_pxe_boot.py"), *BOOT_TESTS])),
 )
 
 
@@ -176,7 +177,7 @@ def kickstart_bench(c, nodes=1000, target="RHEL9"):
 namespace.add_collection(Collection("kickstart", render, kickstart_bench))
 
 
-# --- pxe: ./inv pxe.render, ./inv pxe.serve, ./inv pxe.check
+# --- pxe: ./inv pxe.render, ./inv pxe.serve, ./inv pxe.check, ./inv pxe.boot-test
 
 
 PXE_ROOT = DEFAULT_OUTPUT / "pxe"
@@ -234,4 +235,29 @@ def pxe_check(c, root=str(PXE_ROOT), base_url=None):
     print(f"PXE tree {report.root}: {report.nodes} nodes, {report.urls} URLs fetched, no problems")
 
 
-namespace.add_collection(Collection("pxe", pxe_render, pxe_serve, pxe_check))
+@task(name="boot-test", positional=["image"], help={
+    "image": "the image whose built kernel and initrd the nodes boot (./inv list shows them)",
+    "spec-file": f"image spec file (default {SPEC_FILE.name})",
+    "build-dir": f"where the image was built (default {DEFAULT_OUTPUT.name}/); logs go to BUILD_DIR/IMAGE/pxe-boot/",
+    "firmware": "bios, uefi or both (default both)"})
+@user_errors
+def pxe_boot_test(c, image, spec_file=None, build_dir=str(DEFAULT_OUTPUT), firmware="both"):
+    """Boot QEMU VMs from the network as nodes of a two-node inventory (one BIOS, one UEFI) and prove
+    each got its own files: iPXE script, kernel and initrd (from the access log) and its own kickstart
+    URL on the kernel's command line (from the serial console). Prints each boot's time from VM start
+    to the kernel running. The built image's kernel and initrd stand in for an installer's."""
+    from pipeline import pxeboot
+    from pipeline.boot import Firmware
+
+    if firmware not in ("both", *Firmware):
+        raise Exit(f"error: --firmware is bios, uefi or both, not {firmware!r}", code=1)
+    firmwares = list(Firmware) if firmware == "both" else [Firmware(firmware)]
+    role = _spec(image, spec_file).name
+    results = pxeboot.boot_test(role, Path(spec_file) if spec_file else SPEC_FILE, Path(build_dir), firmwares)
+    for result, problems in results:
+        print("\n".join(pxeboot.summary(result) + [f"  problem: {problem}" for problem in problems]))
+    if any(problems for _, problems in results):
+        raise Exit("error: PXE boot test failed: a node did not get its own files", code=1)
+
+
+namespace.add_collection(Collection("pxe", pxe_render, pxe_serve, pxe_check, pxe_boot_test))
