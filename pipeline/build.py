@@ -8,7 +8,6 @@ image, and `cleanup` removes any mount or loop device a killed DIB left behind.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -20,8 +19,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import bootloader, disk, profiles, selinux, tools
+from . import bootloader, disk, inputs, liveimg, manifest, profiles, selinux, tools
 from .errors import PipelineError
+from .manifest import sha256
 from .progress import Timings, say, step
 from .run import run
 from .spec import ImageSpec, OutputFormat
@@ -55,8 +55,35 @@ class Artifacts:
         return self.directory / f"{self.name}.initrd"
 
     @property
+    def liveimg(self) -> Path:
+        """The root tree as a tarball for Anaconda's liveimg (pipeline.liveimg)."""
+        return self.directory / f"{self.name}{liveimg.SUFFIX}"
+
+    @property
     def info(self) -> Path:
         return self.directory / "build-info.json"
+
+    @property
+    def manifest(self) -> Path:
+        return self.directory / "manifest.json"
+
+    @property
+    def packages(self) -> Path:
+        """A copy of the image's dpkg database: the SBOM is made from it."""
+        return self.directory / f"{self.name}.dpkg-status"
+
+    @property
+    def files(self) -> Path:
+        """The tree's file list (pipeline.manifest), for comparing two builds."""
+        return self.directory / f"{self.name}.files.tsv"
+
+    @property
+    def check_report(self) -> Path:
+        return self.directory / "check.json"
+
+    @property
+    def boot_report(self) -> Path:
+        return self.directory / "boot-test.json"
 
     @property
     def logs(self) -> Path:
@@ -82,8 +109,15 @@ class BuildContext:
     log: Path
     timings: Timings = field(default_factory=Timings)
     profile_dirs: list[Path] = field(default_factory=list)  # tuned profiles to install
+    input_hash: str = ""
+    source_date_epoch: int = 0
     layout: disk.Layout | None = None
     kernel: bootloader.Kernel | None = None
+    manifest: dict | None = None
+
+    @property
+    def version(self) -> str:
+        return inputs.version(self.input_hash)
 
     @property
     def tree(self) -> Path:
@@ -164,6 +198,11 @@ def dib_environment(ctx: BuildContext) -> dict[str, str]:
         "DIB_SELINUX_MODE": spec.selinux.value,
         "DIB_SELINUX_MODULES_DIR": str(ctx.selinux_modules) if any(ctx.selinux_modules.glob("*.pp")) else "",
         "DIB_IMAGE_CACHE": str(ctx.cache_dir),
+        # Keep debootstrap's base tree in the cache and start from it next time; .debs are
+        # cached there by DIB's dpkg element already (DIB_APT_LOCAL_CACHE).
+        "DIB_DEBOOTSTRAP_CACHE": "1",
+        "DIB_DEBIAN_USE_DEBOOTSTRAP_CACHE": "1",
+        "SOURCE_DATE_EPOCH": str(ctx.source_date_epoch),
         "DIB_OVS_BRIDGES": " ".join(b.dib_value for b in spec.bridges),
         # DIB's own temporary mounts go under our work directory, so cleanup finds them.
         "TMPDIR": str(ctx.work / "tmp"),
@@ -172,7 +211,8 @@ def dib_environment(ctx: BuildContext) -> dict[str, str]:
 
 def compile_policy(ctx: BuildContext) -> None:
     """Our SELinux modules, compiled before DIB so a broken one fails in seconds."""
-    for package in selinux.compile_modules(selinux.module_sources(ctx.spec.elements, ctx.spec.element_dirs), ctx.selinux_modules):
+    sources = selinux.module_sources(ctx.spec.elements, ctx.spec.element_dirs)
+    for package in selinux.compile_modules(sources, ctx.selinux_modules):
         say(f"compiled {package.name}")
 
 
@@ -209,6 +249,22 @@ def unpack_tree(ctx: BuildContext) -> None:
     ctx.tar.unlink()
 
 
+def write_manifest(ctx: BuildContext) -> None:
+    """The build manifest, read from the tree (packages, kernel) and written into it."""
+    spec = ctx.spec
+    ctx.manifest = manifest.document(
+        spec=spec.to_json(),
+        elements=[{"name": e.name, "source": "ours" if e.ours else "diskimage-builder"}
+                  for e in inputs.resolved_elements(spec)],
+        dib_version=inputs.dib_version(), pipeline_version=inputs.pipeline_version(), commit=inputs.git_commit(),
+        packages=manifest.packages_of(ctx.tree), kernel=bootloader.find_kernel(ctx.tree).version,
+        tuned_profile=spec.tuned_profile, policy=manifest.policy_hash(list(ctx.selinux_modules.glob("*.pp"))),
+        input_hash=ctx.input_hash, version=ctx.version, source_date_epoch=ctx.source_date_epoch,
+        timings=dict(ctx.timings.seconds))
+    manifest.embed(ctx.tree, ctx.manifest)
+    shutil.copyfile(ctx.tree / manifest.DPKG_STATUS, ctx.work / ctx.artifacts.packages.name)
+
+
 def configure_boot(ctx: BuildContext) -> None:
     ctx.layout = disk.new_layout(ctx.spec.disk_size)
     ctx.kernel = bootloader.find_kernel(ctx.tree)
@@ -231,6 +287,15 @@ def relabel(ctx: BuildContext) -> None:
     run(["setfiles", "-F", "-r", ctx.tree, contexts, ctx.tree])
 
 
+def make_liveimg(ctx: BuildContext) -> None:
+    liveimg.make(ctx.tree, ctx.work / ctx.artifacts.liveimg.name, ctx.source_date_epoch)
+
+
+def list_files(ctx: BuildContext) -> None:
+    count = manifest.write_file_list(ctx.tree, ctx.work / ctx.artifacts.files.name)
+    say(f"{count} paths")
+
+
 def assemble(ctx: BuildContext) -> None:
     disk.assemble(ctx.tree, ctx.work, ctx.layout, ctx.disk)
 
@@ -240,36 +305,41 @@ def convert(ctx: BuildContext) -> None:
          ctx.disk, ctx.work / ctx.artifacts.qcow2.name])
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(2**20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def publish(ctx: BuildContext) -> None:
+def move_into_place(ctx: BuildContext) -> None:
     """Move finished files into place; the qcow2 goes last, so its presence means done."""
     art = ctx.artifacts
     shutil.copyfile(ctx.kernel.vmlinuz, ctx.work / art.kernel.name)
     shutil.copyfile(ctx.kernel.initrd, ctx.work / art.initrd.name)
+    qcow2_sha256 = sha256(ctx.work / art.qcow2.name)
+    liveimg_sha256 = sha256(ctx.work / art.liveimg.name)
+    ctx.manifest["timings"] = ctx.timings.seconds
+    (ctx.work / art.manifest.name).write_text(json.dumps(ctx.manifest, indent=2) + "\n")
     info = {
         "image": ctx.spec.name,
+        "version": ctx.version,
+        "input_hash": ctx.input_hash,
+        "source_date_epoch": ctx.source_date_epoch,
         "spec": ctx.spec.to_json(),
         "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "kernel": ctx.kernel.version,
         "kernel_cmdline": kernel_cmdline(ctx.spec),
         "root_uuid": ctx.layout.root_uuid,
         "esp_uuid": ctx.layout.esp_uuid,
-        "qcow2_sha256": sha256(ctx.work / art.qcow2.name),
+        "qcow2_sha256": qcow2_sha256,
+        "qcow2_size": (ctx.work / art.qcow2.name).stat().st_size,
+        "liveimg": art.liveimg.name,
+        "liveimg_sha256": liveimg_sha256,
         "timings": ctx.timings.seconds,
     }
     (ctx.work / art.info.name).write_text(json.dumps(info, indent=2) + "\n")
-    names = [art.kernel.name, art.initrd.name, art.info.name]
+    names = [art.kernel.name, art.initrd.name, art.packages.name, art.files.name, art.manifest.name,
+             art.liveimg.name, art.info.name]
     if OutputFormat.RAW in ctx.spec.formats:
         names.append(art.raw.name)
     names.append(art.qcow2.name)
-    art.qcow2.unlink(missing_ok=True)  # an old image must not pass for this build's
+    # An old image must not pass for this build's, nor its check or boot test for this one's.
+    for old in (art.qcow2, art.check_report, art.boot_report):
+        old.unlink(missing_ok=True)
     for name in names:
         os.replace(ctx.work / name, art.directory / name)
 
@@ -278,8 +348,11 @@ STEPS = (
     ("policy modules", compile_policy),
     ("tree", build_tree),
     ("unpack", unpack_tree),
+    ("manifest", write_manifest),
     ("configure boot", configure_boot),
     ("relabel", relabel),
+    ("file list", list_files),
+    ("liveimg", make_liveimg),
     ("assembly", assemble),
     ("conversion", convert),
 )
@@ -298,22 +371,62 @@ def cleanup(work: Path) -> None:
     shutil.rmtree(work, ignore_errors=True)
 
 
-def build(spec: ImageSpec, output_dir: Path, cache_dir: Path) -> tuple[Artifacts, Timings]:
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def stale_reason(art: Artifacts, input_hash: str) -> str | None:
+    """Why the artifact must be rebuilt; None if it is up to date: built from these inputs,
+    every file in place, and its offline check passed on this very qcow2. Cheap: no hashing."""
+    info = _read_json(art.info)
+    if not info:
+        return "never built"
+    if info.get("input_hash") != input_hash:
+        built_from = str(info.get("input_hash"))[:inputs.SHORT]
+        return f"inputs changed (built from {built_from}, now {input_hash[:inputs.SHORT]})"
+    missing = [p.name for p in (art.qcow2, art.liveimg, art.kernel, art.initrd, art.manifest) if not p.is_file()]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    if art.qcow2.stat().st_size != info.get("qcow2_size"):
+        return f"{art.qcow2.name} is not the file that was built"
+    check = _read_json(art.check_report)
+    if not (check.get("passed") is True and check.get("qcow2_sha256") == info.get("qcow2_sha256")):
+        return "its offline check has not passed"
+    return None
+
+
+def build(spec: ImageSpec, output_dir: Path, cache_dir: Path, force: bool = False) -> tuple[Artifacts, Timings]:
+    """Build the image unless it is up to date (see stale_reason) or force; return its artifacts
+    and the timings of what was done (empty when nothing was)."""
     art = artifacts_for(spec, output_dir)
+    input_hash = inputs.input_hash(spec)
+    reason = "--force" if force else stale_reason(art, input_hash)
+    if reason is None:
+        say(f"{spec.name} is up to date: version {_read_json(art.info).get('version')}, "
+            f"input hash {input_hash[:inputs.SHORT]}, offline check passed ({art.qcow2}); --force rebuilds")
+        print(art.qcow2, file=sys.stdout)
+        return art, Timings()
+    say(f"building {spec.name}: {reason}")
     art.logs.mkdir(parents=True, exist_ok=True)
     with step(f"preflight {spec.name}"):
         profile_dirs = preflight(spec, art.directory, Path(cache_dir))
     work = art.directory / f".work-{os.getpid()}"
     ctx = BuildContext(spec=spec, artifacts=art, cache_dir=Path(cache_dir), work=work,
-                       log=art.logs / f"build-{time.strftime('%Y%m%d-%H%M%S')}.log", profile_dirs=profile_dirs)
+                       log=art.logs / f"build-{time.strftime('%Y%m%d-%H%M%S')}.log", profile_dirs=profile_dirs,
+                       input_hash=input_hash, source_date_epoch=inputs.source_date_epoch())
     work.mkdir()
     try:
         for name, action in STEPS:
             with step(name, ctx.timings):
                 action(ctx)
-        publish(ctx)
+        move_into_place(ctx)
     finally:
         cleanup(work)
-    say(f"image: {art.qcow2} ({art.qcow2.stat().st_size / 2**20:.0f} MiB)")
+    say(f"image: {art.qcow2} ({art.qcow2.stat().st_size / 2**20:.0f} MiB), version {ctx.version}; "
+        f"liveimg {art.liveimg.name} ({art.liveimg.stat().st_size / 2**20:.0f} MiB)")
     print(art.qcow2, file=sys.stdout)
     return art, ctx.timings

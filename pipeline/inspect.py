@@ -22,7 +22,7 @@ import re
 import shlex
 import struct
 import sys
-import tempfile
+import tarfile
 import uuid
 import zlib
 from collections import defaultdict
@@ -31,7 +31,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from . import boot, selinux
+from . import atomic, boot, liveimg, manifest, selinux
+from .manifest import parse_dpkg_status
 from .errors import PipelineError, ToolMissing
 from .progress import Timings, say, step
 from .selinux import element_closure
@@ -97,6 +98,7 @@ LABELS: tuple[tuple[str, str | None], ...] = (
     ("/tmp", "tmp_t"),
     ("/proc", None),
 )
+UNLABELED_BY_POLICY = {path for path, expected in LABELS if expected is None}
 TUNED_DAEMON = ("/usr/sbin/tuned", "/usr/bin/tuned")
 TUNED_DAEMON_TYPE = "tuned_exec_t"
 # Directories sampled for files with no label at all: (directory, recursive). About
@@ -105,7 +107,8 @@ TUNED_DAEMON_TYPE = "tuned_exec_t"
 LABEL_SAMPLE = (("/etc", True), ("/usr/bin", False), ("/usr/sbin", False), ("/var/lib", False))
 SHOWN = 10  # names listed in a failure's detail
 READ_CHUNK = 2**20  # well under libguestfs's 4 MiB message limit
-INFO_KEYS = ("kernel", "kernel_cmdline", "root_uuid", "esp_uuid")  # what the checks read from build-info
+# What the checks read from build-info.
+INFO_KEYS = ("kernel", "kernel_cmdline", "root_uuid", "esp_uuid", "input_hash", "version", "liveimg")
 
 
 class CheckFailed(Exception):
@@ -126,6 +129,7 @@ class Report:
     json_path: Path
     results: list[CheckResult] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    qcow2_sha256: str = ""  # build-info's: which artifact this verdict is about
 
     @property
     def passed(self) -> bool:
@@ -136,7 +140,7 @@ class Report:
         return [r for r in self.results if not r.passed]
 
     def to_json(self) -> dict[str, Any]:
-        return {"image": self.image, "qcow2": str(self.qcow2), "passed": self.passed,
+        return {"image": self.image, "qcow2": str(self.qcow2), "qcow2_sha256": self.qcow2_sha256, "passed": self.passed,
                 "checks": [asdict(r) for r in self.results], "timings": self.timings}
 
 
@@ -157,28 +161,6 @@ def parse_env_file(text: str) -> dict[str, str]:
             words = [value]
         values[key.strip()] = " ".join(words)
     return values
-
-
-def parse_dpkg_status(text: str) -> dict[str, str]:
-    """Installed packages in a dpkg status file: name -> version.
-
-    Installed means the status word is `installed` with flag `ok`; the wanted state may
-    be `install` or `hold` (a held package is still installed)."""
-    installed = {}
-    for paragraph in re.split(r"\n\s*\n", text):
-        fields: dict[str, str] = {}
-        key = None
-        for line in paragraph.splitlines():
-            if line[:1] in (" ", "\t"):
-                continue  # a continuation line: only Description and Conffiles have them
-            key, sep, value = line.partition(":")
-            if sep:
-                fields[key.strip().lower()] = value.strip()
-        name = fields.get("package")
-        status = fields.get("status", "").split()
-        if name and len(status) == 3 and status[0] in ("install", "hold") and status[1:] == ["ok", "installed"]:
-            installed[name] = fields.get("version", "")
-    return installed
 
 
 @dataclass(frozen=True)
@@ -489,6 +471,7 @@ class Guest:
     info: dict
     partitions: list[GptPartition]
     root: GptPartition
+    directory: Path  # the artifacts' (build/NAME/): the liveimg tarball is checked against the disk
     _blkid: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @staticmethod
@@ -901,6 +884,53 @@ def check_bridges(guest: Guest) -> Verdict:
     return (problems, f"{OVS_INTERFACES}: {shown}")
 
 
+def check_manifest(guest: Guest) -> Verdict:
+    """The manifest inside the image is this build's, and its package list is the image's own."""
+    text = guest.text(f"/{manifest.EMBEDDED}", missing_ok=True)
+    if text is None:
+        return [f"/{manifest.EMBEDDED} missing"], ""
+    try:
+        embedded = json.loads(text)
+    except json.JSONDecodeError as error:
+        return [f"/{manifest.EMBEDDED}: not JSON: {error}"], ""
+    problems = [f"{key} is {embedded.get(key)!r}, build-info says {guest.info[key]!r}"
+                for key in ("input_hash", "version", "kernel") if embedded.get(key) != guest.info[key]]
+    installed = parse_dpkg_status(guest.text("/var/lib/dpkg/status"))
+    if embedded.get("packages") != installed:
+        listed = embedded.get("packages") or {}
+        differ = sorted(set(listed.items()) ^ set(installed.items()))
+        shown = ", ".join(f"{name} {version}" for name, version in differ[:SHOWN])
+        problems.append(f"its packages differ from the image's dpkg database: {shown}")
+    return (problems, f"/{manifest.EMBEDDED}: version {embedded.get('version')}, {len(installed)} packages, "
+                      f"input hash {str(embedded.get('input_hash'))[:8]}")
+
+
+def check_liveimg(guest: Guest) -> Verdict:
+    """The liveimg tarball, read as Anaconda lists it: every entry labeled, the same labels
+    as the disk on key files, the image's kernel in boot/."""
+    path = guest.directory / guest.info["liveimg"]
+    if not path.is_file():
+        return [f"{path} missing"], ""
+    paths = [p for p, _ in (*LABELS, *HOST_LABELS)
+             if p not in ("/proc", "/sys", "/dev", "/run", "/boot/efi") and guest.g.exists(p)]
+    try:
+        contents = liveimg.read(path, set(paths))
+    except (OSError, EOFError, tarfile.TarError) as error:
+        return [f"{path.name}: not a readable gzip tarball: {error}"], ""
+    problems = []
+    unlabeled = [p for p in contents.unlabeled if p not in UNLABELED_BY_POLICY]
+    if unlabeled:
+        problems.append(f"{len(unlabeled)} entries without a security.selinux label: {', '.join(unlabeled[:SHOWN])}")
+    if guest.info["kernel"] not in contents.kernels:
+        problems.append(f"no boot/vmlinuz-{guest.info['kernel']} (Anaconda finds the kernel there): {contents.kernels}")
+    for p in paths:
+        disk = _as_text(guest.label(p) or b"").rstrip("\0")
+        if contents.labels.get(p) != disk:
+            in_tarball = contents.labels.get(p) or "unlabeled"
+            problems.append(f"{p}: {in_tarball} in the tarball, {disk or 'unlabeled'} on disk")
+    return (problems, f"{path.name}: {contents.entries} entries, all labeled; {len(paths)} key labels match the disk")
+
+
 @dataclass(frozen=True)
 class Check:
     name: str
@@ -935,6 +965,8 @@ CHECKS = (
     Check("host selinux labels", check_host_labels, applies=is_host),
     Check("libvirt svirt", check_libvirt_svirt, applies=is_host),
     Check("ovs bridges", check_bridges, applies=lambda spec: bool(spec.bridges)),
+    Check("build manifest", check_manifest),
+    Check("liveimg tarball", check_liveimg),
 )
 
 
@@ -1017,7 +1049,7 @@ def _handle(guestfs, qcow2: Path):
     return g
 
 
-def _find_root(g: Any, spec: ImageSpec, info: dict) -> Guest:
+def _find_root(g: Any, spec: ImageSpec, info: dict, directory: Path) -> Guest:
     try:
         partitions = parse_gpt(g.pread_device(DEVICE, GPT_SECTORS * SECTOR, 0))
     except ValueError as error:
@@ -1025,7 +1057,7 @@ def _find_root(g: Any, spec: ImageSpec, info: dict) -> Guest:
     roots = [p for p in partitions if p.type_guid == GPT_ROOT_X86_64]
     if len(roots) != 1:
         raise CheckFailed(f"expected one Linux x86-64 root partition, found {len(roots)}")
-    return Guest(g, spec, info, partitions, roots[0])
+    return Guest(g, spec, info, partitions, roots[0], directory)
 
 
 def check_image(spec: ImageSpec, output_dir: Path) -> Report:
@@ -1042,7 +1074,7 @@ def check_image(spec: ImageSpec, output_dir: Path) -> Report:
     guestfs = _import_guestfs()
     _require_appliance_kernel()
     timings = Timings()
-    report = Report(spec.name, art.qcow2, art.directory / "check.json")
+    report = Report(spec.name, art.qcow2, art.check_report, qcow2_sha256=info.get("qcow2_sha256", ""))
     g = _handle(guestfs, art.qcow2)
     try:
         with step("check: launch appliance", timings):
@@ -1053,7 +1085,7 @@ def check_image(spec: ImageSpec, output_dir: Path) -> Report:
                                     "run libguestfs-test-tool to see why") from None
         with step("check: inspect", timings):
             try:
-                guest = _find_root(g, spec, info)
+                guest = _find_root(g, spec, info, art.directory)
             except (CheckFailed, RuntimeError) as error:
                 report.results = [CheckResult("os", False, f"no root filesystem: {_first_line(error)}")]
             else:
@@ -1087,14 +1119,4 @@ def print_table(report: Report) -> None:
 
 def write_json(report: Report) -> None:
     """Write check.json whole or not at all: a reader never sees half a report."""
-    directory = report.json_path.parent
-    fd, temporary = tempfile.mkstemp(dir=directory, prefix=".check.", suffix=".json.tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(report.to_json(), f, indent=2)
-            f.write("\n")
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, report.json_path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    atomic.write_json(report.json_path, report.to_json())

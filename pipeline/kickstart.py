@@ -40,10 +40,9 @@ DEFAULT_OUTPUT_DIR = DEFAULT_OUTPUT / "kickstarts"
 # The installers we validate for (the tests render for each); pykickstart knows older ones too.
 TARGETS = ("RHEL9", "RHEL10", "F42", "F43")
 DEFAULT_TARGET = "RHEL9"
-# What liveimg installs: the file in build/ROLE/ and at BASE_URL/ROLE/, and the build-info.json
-# key with its sha256. anaconda installs a tarball, a squashfs or a file system image, not a
-# qcow2: when the build makes one, this becomes ("{role}.tar", "liveimg_sha256").
-LIVEIMG = ("{role}.qcow2", "qcow2_sha256")
+# What liveimg installs: the root tree as a tarball with its SELinux labels (pipeline.liveimg),
+# build/ROLE/ROLE.tar.gz at BASE_URL/ROLE/, and the build-info.json key with its sha256.
+LIVEIMG = ("{role}.tar.gz", "liveimg_sha256")
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 LINE = re.compile(r"\bline (\d+)\b")
 

@@ -9,7 +9,7 @@ kickstart, in one directory that is both the HTTP and the TFTP root.
     pxelinux.cfg/01-MAC         the same for pxelinux (BIOS nodes); pxelinux.cfg/default for others
     undionly.kpxe ipxe.efi pxelinux.0 ldlinux.c32 grubnetx64.efi    the network boot programs
     kickstarts/NODE.ks          each node's kickstart (pipeline.kickstart)
-    ROLE/ROLE.vmlinuz ROLE.initrd ROLE.qcow2    a role's kernel, initrd and liveimg artifact
+    ROLE/ROLE.vmlinuz ROLE.initrd ROLE.tar.gz  a role's kernel, initrd and liveimg tarball
 
 No installer kernel can be had here, so the chain boots the built image's own kernel and initrd
 (build/ROLE/) with an installer's command line. The tree is written beside the output directory
@@ -168,7 +168,7 @@ def _sources(inventory: Inventory, build_dir: Path,
 def _place(source: Path, target: Path) -> None:
     """Hard-link a built file into the tree, or copy it when that cannot be done (another file system).
 
-    A link costs nothing and keeps what was rendered: a new build replaces build/ROLE/ROLE.qcow2
+    A link costs nothing and keeps what was rendered: a new build replaces build/ROLE/ROLE.tar.gz
     with a new file, which leaves the tree's link, and its checksum in the kickstarts, as they were.
     dnsmasq (as root) serves only world-readable files: a file that is not is copied and made so.
     """

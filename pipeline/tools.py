@@ -17,6 +17,7 @@ DEBIAN_PACKAGE = {
     "mkfs.ext4": "e2fsprogs",
     "mkfs.vfat": "dosfstools",
     "mmd": "mtools",
+    "pigz": "pigz",
     "qemu-img": "qemu-utils",
     "qemu-system-x86_64": "qemu-system-x86",
     "semodule_package": "semodule-utils",
@@ -43,7 +44,7 @@ DEBIAN_PACKAGE_OF_FILE = {
 }
 
 BUILD_TOOLS = ("checkmodule", "debootstrap", "grub-mkimage", "mcopy", "mkfs.ext4", "mkfs.vfat", "mmd",
-               "qemu-img", "semodule_package", "setfiles", "sgdisk", "sudo", "tar")
+               "pigz", "qemu-img", "semodule_package", "setfiles", "sgdisk", "sudo", "tar")
 BOOT_TOOLS = ("qemu-img", "qemu-system-x86_64", "mcopy", "mkfs.vfat", "ssh", "ssh-keygen")
 
 

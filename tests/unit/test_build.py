@@ -26,6 +26,11 @@ def assembled(ctx):
     (boot_dir / "initrd.img-6.1.0-1-cloud-amd64").write_text("initrd")
     ctx.kernel = build.bootloader.find_kernel(ctx.work / "tree")
     ctx.layout = build.disk.new_layout(ctx.spec.disk_size)
+    ctx.input_hash = "ab" * 32
+    ctx.manifest = {"image": ctx.spec.name}
+    art = ctx.artifacts
+    for path in (art.liveimg, art.packages, art.files):
+        (ctx.work / path.name).write_text(path.name)
 
 
 def test_dib_gets_the_spec(ctx, monkeypatch):
@@ -45,14 +50,33 @@ def test_dib_gets_the_spec(ctx, monkeypatch):
     assert kw["log"] == ctx.log
 
 
-def test_publish_moves_qcow2_last_and_replaces_old(ctx, tmp_path):
+def test_move_into_place_moves_qcow2_last_and_replaces_old(ctx, tmp_path):
     assembled(ctx)
     (ctx.work / ctx.artifacts.qcow2.name).write_text("new image")
     ctx.artifacts.qcow2.write_text("old image")
-    build.publish(ctx)
+    build.move_into_place(ctx)
     assert ctx.artifacts.qcow2.read_text() == "new image"
     assert ctx.artifacts.read_info()["root_uuid"] == ctx.layout.root_uuid
     assert ctx.artifacts.kernel.read_text() == "kernel"
+    info = ctx.artifacts.read_info()
+    assert info["version"].endswith("-abababab")
+    assert info["liveimg_sha256"] == build.sha256(ctx.artifacts.liveimg)
+    assert build.json.loads(ctx.artifacts.manifest.read_text())["image"] == "guest-image"
+
+
+def test_stale_reason(ctx):
+    assembled(ctx)
+    (ctx.work / ctx.artifacts.qcow2.name).write_text("qcow2")
+    build.move_into_place(ctx)
+    art, info = ctx.artifacts, ctx.artifacts.read_info()
+    assert build.stale_reason(art, ctx.input_hash) == "its offline check has not passed"
+    art.check_report.write_text(build.json.dumps({"passed": True, "qcow2_sha256": info["qcow2_sha256"]}))
+    assert build.stale_reason(art, ctx.input_hash) is None
+    assert build.stale_reason(art, "cd" * 32).startswith("inputs changed (built from abababab, now cdcdcdcd)")
+    art.qcow2.write_text("another qcow2")
+    assert build.stale_reason(art, ctx.input_hash) == "guest-image.qcow2 is not the file that was built"
+    art.liveimg.unlink()
+    assert build.stale_reason(art, ctx.input_hash) == "missing guest-image.tar.gz"
 
 
 def test_cleanup_removes_work_dir(ctx, monkeypatch):
@@ -62,13 +86,13 @@ def test_cleanup_removes_work_dir(ctx, monkeypatch):
     assert not ctx.work.exists()
 
 
-def test_publish_keeps_raw_on_request(ctx):
+def test_move_into_place_keeps_raw_on_request(ctx):
     import dataclasses
 
     ctx.spec = dataclasses.replace(ctx.spec, formats=(specs.OutputFormat.QCOW2, specs.OutputFormat.RAW))
     assembled(ctx)
     ctx.disk.write_text("raw disk")
     (ctx.work / ctx.artifacts.qcow2.name).write_text("qcow2")
-    build.publish(ctx)
+    build.move_into_place(ctx)
     assert ctx.artifacts.raw.read_text() == "raw disk"
     assert ctx.artifacts.qcow2.read_text() == "qcow2"

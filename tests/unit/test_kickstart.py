@@ -17,7 +17,7 @@ from pipeline.paths import ROOT
 
 EXAMPLE = ROOT / "kickstarts" / "inventory.example.toml"
 SHA = "ab" * 32
-FAKE = {name: kickstart.LiveImage(f"{name}.qcow2", SHA) for name in ("host-image", "guest-image")}
+FAKE = {name: kickstart.LiveImage(f"{name}.tar.gz", SHA) for name in ("host-image", "guest-image")}
 
 
 def parsed(path: Path, target: str = "RHEL9"):
@@ -80,9 +80,9 @@ def test_selinux_liveimg_and_network(example, tmp_path):
     kickstart.render_all(example, tmp_path, liveimgs=FAKE)
     compute1, guest1 = parsed(tmp_path / "compute1.ks"), parsed(tmp_path / "guest1.ks")
     assert compute1.selinux.selinux == SELINUX_ENFORCING
-    assert compute1.liveimg.url == "http://10.0.0.1:8080/host-image/host-image.qcow2"
+    assert compute1.liveimg.url == "http://10.0.0.1:8080/host-image/host-image.tar.gz"
     assert compute1.liveimg.checksum == SHA
-    assert guest1.liveimg.url == "http://10.0.0.1:8080/guest-image/guest-image.qcow2"
+    assert guest1.liveimg.url == "http://10.0.0.1:8080/guest-image/guest-image.tar.gz"
     static = compute1.network.network[0]
     assert (static.device, static.bootProto, static.ip, static.netmask, static.gateway, static.nameserver,
             static.hostname) == ("52:54:00:12:34:01", "static", "10.0.0.11", "255.255.255.0", "10.0.0.1",
@@ -189,9 +189,9 @@ def test_artifacts_come_from_build_info(example, tmp_path):
 
 
 @pytest.mark.parametrize("info, problem", [
-    (None, "role 'guest-image': {info} not found, so there is no guest-image.qcow2 to install: "
+    (None, "role 'guest-image': {info} not found, so there is no guest-image.tar.gz to install: "
            "run ./inv build guest-image"),
-    ({"image": "guest-image"}, "role 'guest-image': {info} has no qcow2_sha256 (the sha256 of guest-image.qcow2): "
+    ({"image": "guest-image"}, "role 'guest-image': {info} has no liveimg_sha256 (the sha256 of guest-image.tar.gz): "
                                "run ./inv build guest-image"),
     ("[]", "role 'guest-image': {info}: not a JSON object"),
 ])
@@ -208,7 +208,7 @@ def test_missing_artifact_names_the_role_and_file(example, tmp_path, info, probl
 
 
 def test_a_given_artifact_needs_a_sha256(example, tmp_path):
-    given = {**FAKE, "guest-image": kickstart.LiveImage("guest-image.qcow2", "not-a-sum")}
+    given = {**FAKE, "guest-image": kickstart.LiveImage("guest-image.tar.gz", "not-a-sum")}
     with pytest.raises(PipelineError, match="role 'guest-image': 'not-a-sum' is not a sha256"):
         kickstart.render_all(example, tmp_path / "ks", liveimgs=given)
 

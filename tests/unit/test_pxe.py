@@ -32,7 +32,7 @@ TREE = sorted([
     "grub/grub.cfg", f"grub/grub.cfg-{COMPUTE1}", f"grub/grub.cfg-{GUEST1}",  # the UEFI nodes
     "pxelinux.cfg/default", f"pxelinux.cfg/{COMPUTE2}",  # the BIOS node
     "kickstarts/compute1.ks", "kickstarts/compute2.ks", "kickstarts/guest1.ks",
-    *(f"{role}/{role}.{ext}" for role in ROLES for ext in ("vmlinuz", "initrd", "qcow2")),
+    *(f"{role}/{role}.{ext}" for role in ROLES for ext in ("vmlinuz", "initrd", "tar.gz")),
 ])
 
 
@@ -40,9 +40,9 @@ def fake_build(build: Path) -> Path:
     """Each role's kernel, initrd and liveimg, a few bytes each, with a build-info.json holding its real sha256."""
     for role in ROLES:
         (build / role).mkdir(parents=True)
-        for ext in ("vmlinuz", "initrd", "qcow2"):
+        for ext in ("vmlinuz", "initrd", "tar.gz"):
             (build / role / f"{role}.{ext}").write_bytes(f"fake {ext} of {role}\n".encode() * 100)
-        digest = hashlib.sha256((build / role / f"{role}.qcow2").read_bytes()).hexdigest()
+        digest = hashlib.sha256((build / role / f"{role}.tar.gz").read_bytes()).hexdigest()
         (build / role / "build-info.json").write_text(json.dumps({kickstart.LIVEIMG[1]: digest}))
     return build
 
@@ -91,7 +91,7 @@ def test_tree_layout(tree):
     assert listing(tree.root) == TREE
     assert sorted(p.name for p in tree.root.parent.iterdir()) == ["build", "inventory.toml", "pxe"]  # no work dir
     for role in ROLES:  # hard links to the build's files, not copies
-        for ext in ("vmlinuz", "initrd", "qcow2"):
+        for ext in ("vmlinuz", "initrd", "tar.gz"):
             built = tree.root.parent / "build" / role / f"{role}.{ext}"
             assert (tree.root / role / built.name).stat().st_ino == built.stat().st_ino
 
@@ -237,7 +237,7 @@ def test_check_passes_against_a_loopback_server(tree, server):
     log = (tree.root / "access.log").read_text()
     assert " 127.0.0.1 GET /kickstarts/compute1.ks 200\n" in log
     assert " 127.0.0.1 HEAD /host-image/host-image.vmlinuz 200\n" in log
-    assert " 127.0.0.1 GET /guest-image/guest-image.qcow2 200\n" in log  # hashed as the installer would fetch it
+    assert " 127.0.0.1 GET /guest-image/guest-image.tar.gz 200\n" in log  # hashed as the installer would fetch it
 
 
 def test_serving_logs_every_request_and_stops(fresh, capsys):
@@ -286,8 +286,8 @@ REMOVED = [
     (f"pxelinux.cfg/{COMPUTE2}",
      [f"node 'compute2': pxelinux.cfg/{COMPUTE2}: {SITE}/pxelinux.cfg/{COMPUTE2}: HTTP 404"]),
     ("kickstarts/guest1.ks", [f"node 'guest1': kickstarts/guest1.ks: {SITE}/kickstarts/guest1.ks: HTTP 404"]),
-    ("guest-image/guest-image.qcow2",
-     [f"node 'guest1': kickstarts/guest1.ks: liveimg {SITE}/guest-image/guest-image.qcow2: HTTP 404"]),
+    ("guest-image/guest-image.tar.gz",
+     [f"node 'guest1': kickstarts/guest1.ks: liveimg {SITE}/guest-image/guest-image.tar.gz: HTTP 404"]),
     ("ldlinux.c32", [f"ldlinux.c32: {SITE}/ldlinux.c32: HTTP 404"]),
 ]
 
@@ -299,14 +299,14 @@ def test_check_names_node_and_file_when_a_file_is_gone(fresh, removed, expected)
 
 
 def test_check_finds_a_corrupted_liveimg(fresh):
-    image = fresh.root / "host-image/host-image.qcow2"
+    image = fresh.root / "host-image/host-image.tar.gz"
     data = bytearray(image.read_bytes())
     checksum = hashlib.sha256(data).hexdigest()
     data[len(data) // 2] ^= 1  # one bit of one byte
     image.write_bytes(bytes(data))
     served = hashlib.sha256(data).hexdigest()
     assert problems(fresh.root) == [
-        f"node '{node}': kickstarts/{node}.ks: liveimg {SITE}/host-image/host-image.qcow2: its sha256 is {served}, "
+        f"node '{node}': kickstarts/{node}.ks: liveimg {SITE}/host-image/host-image.tar.gz: its sha256 is {served}, "
         f"not the --checksum {checksum}" for node in ("compute1", "compute2")]
 
 
@@ -349,8 +349,8 @@ FAILURES = [
     ("a missing kernel", lambda tmp, build: example(tmp), "host-image/host-image.vmlinuz",
      "role 'host-image': {build}/host-image/host-image.vmlinuz not found, so the PXE tree cannot offer it: "
      "run ./inv build host-image"),
-    ("a missing liveimg", lambda tmp, build: example(tmp), "guest-image/guest-image.qcow2",
-     "role 'guest-image': {build}/guest-image/guest-image.qcow2 not found"),
+    ("a missing liveimg", lambda tmp, build: example(tmp), "guest-image/guest-image.tar.gz",
+     "role 'guest-image': {build}/guest-image/guest-image.tar.gz not found"),
     ("no build-info.json", lambda tmp, build: example(tmp), "guest-image/build-info.json",
      "role 'guest-image': {build}/guest-image/build-info.json not found"),
 ]
