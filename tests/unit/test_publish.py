@@ -1,0 +1,476 @@
+"""Publishing to a local directory, from fake build directories; real gpg (a throw-away key),
+sha256sum and CycloneDX's own schema validator. Each fault the issue names is a test."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline import publish
+from pipeline.errors import PipelineError
+from pipeline.run import run, start
+
+NAME = "img"
+DATE = "20261125"
+
+DPKG_STATUS = textwrap.dedent("""\
+    Package: libc6
+    Status: install ok installed
+    Architecture: amd64
+    Multi-Arch: same
+    Version: 2.36-9+deb12u9
+    Description: GNU C Library: Shared libraries
+     Contains the standard libraries that are used by nearly all programs.
+
+    Package: mawk
+    Status: install ok installed
+    Architecture: amd64
+    Version: 1.3.4.20200120-3.1
+    Provides: awk
+    Pre-Depends: libc6 (>= 2.34)
+    Description: Pattern scanning and text processing language
+
+    Package: openssh-server
+    Status: install ok installed
+    Architecture: amd64
+    Version: 1:9.2p1-2+deb12u6
+    Depends: libc6 (>= 2.36), gawk | awk, adduser
+    Description: secure shell (SSH) server
+
+    Package: tzdata
+    Status: install ok installed
+    Architecture: all
+    Version: 2025b-0+deb12u1
+    Description: time zone and daylight-saving time data
+
+    Package: removed-package
+    Status: deinstall ok config-files
+    Architecture: amd64
+    Version: 1.0-1
+    Description: only its configuration files are left
+    """)
+
+
+def write_build(directory: Path, name: str = NAME, *, date: str = DATE, seed: str = "1",
+                check: bool = True, boot: bool = True) -> dict:
+    """A build directory as the build leaves it (small fake files); returns its build-info."""
+    directory.mkdir(parents=True, exist_ok=True)
+    input_hash = hashlib.sha256(f"inputs {seed}".encode()).hexdigest()
+    files = {f"{name}.qcow2": f"qcow2 {seed}\n" * 1000, f"{name}.tar.gz": f"tarball {seed}\n" * 500,
+             f"{name}.vmlinuz": "kernel\n", f"{name}.initrd": "initrd\n", f"{name}.dpkg-status": DPKG_STATUS,
+             "manifest.json": json.dumps({"image": name, "input_hash": input_hash}) + "\n"}
+    for file, text in files.items():
+        (directory / file).write_text(text)
+    digest = {file: hashlib.sha256(text.encode()).hexdigest() for file, text in files.items()}
+    info = {"image": name, "version": f"{date}-{input_hash[:8]}", "input_hash": input_hash,
+            "source_date_epoch": 1764000000, "qcow2_sha256": digest[f"{name}.qcow2"],
+            "liveimg_sha256": digest[f"{name}.tar.gz"], "kernel": "6.1.0-41-cloud-amd64", "timings": {"tree": 1.0}}
+    (directory / "build-info.json").write_text(json.dumps(info))
+    (directory / "check.json").write_text(json.dumps({"passed": check, "qcow2_sha256": info["qcow2_sha256"]}))
+    (directory / "boot-test.json").write_text(json.dumps({"passed": boot, "qcow2_sha256": info["qcow2_sha256"]}))
+    return info
+
+
+def make_gpg_home() -> tuple[Path, str]:
+    """A throw-away GNUPGHOME (a short path: gpg-agent's socket lives in it) with one signing key."""
+    home = Path(tempfile.mkdtemp(prefix="gpg-", dir="/tmp"))
+    email = "publish-test@example.invalid"
+    run(["gpg", "--batch", "--passphrase", "", "--quick-gen-key", f"Publish Test <{email}>",
+         "ed25519", "sign", "never"], env={"GNUPGHOME": str(home)})
+    return home, email
+
+
+def remove_gpg_home(home: Path) -> None:
+    run(["gpgconf", "--homedir", home, "--kill", "all"], check=False)  # the agent gpg started
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def gpg_key():
+    home, email = make_gpg_home()
+    yield home, email
+    remove_gpg_home(home)
+
+
+@pytest.fixture
+def signer(gpg_key):
+    home, email = gpg_key
+    return {"key": email, "gnupg_home": home}
+
+
+@pytest.fixture
+def build_dir(tmp_path):
+    directory = tmp_path / "build" / NAME
+    write_build(directory)
+    return directory
+
+
+@pytest.fixture
+def target(tmp_path):
+    return tmp_path / "publish"
+
+
+def visible(target: Path) -> set[str]:
+    image = target / NAME
+    return {p.name for p in image.iterdir() if not p.name.startswith(".")} if image.exists() else set()
+
+
+def test_publish_writes_a_signed_verified_version(build_dir, target, signer, gpg_key):
+    info = json.loads((build_dir / "build-info.json").read_text())
+    result = publish.publish(build_dir, NAME, target, **signer)
+    version = target / NAME / info["version"]
+    assert result.new and result.version == info["version"] and result.location == str(version)
+    assert sorted(p.name for p in version.iterdir()) == sorted(
+        ["img.qcow2", "img.tar.gz", "img.vmlinuz", "img.initrd", "manifest.json", "sbom.cdx.json",
+         "SHA256SUMS", "SHA256SUMS.asc"])
+    assert os.readlink(target / NAME / "latest") == info["version"]
+    assert visible(target) == {info["version"], "latest"}
+    assert not [p for p in (target / NAME).iterdir() if p.name.startswith(".incoming")]
+    # What a downloader runs: the checksums, then the signature over them.
+    run(["sha256sum", "--check", "--strict", "SHA256SUMS"], cwd=version)
+    listed = {line.split("  ")[1] for line in (version / "SHA256SUMS").read_text().splitlines()}
+    assert listed == {p.name for p in version.iterdir()} - {"SHA256SUMS", "SHA256SUMS.asc"}
+    run(["gpg", "--batch", "--verify", version / "SHA256SUMS.asc", version / "SHA256SUMS"],
+        env={"GNUPGHOME": str(gpg_key[0])})
+    assert (version / "SHA256SUMS.asc").read_text().startswith("-----BEGIN PGP SIGNATURE-----")
+    assert (version / "manifest.json").read_bytes() == (build_dir / "manifest.json").read_bytes()
+    publish.validate_sbom((version / "sbom.cdx.json").read_text())
+    # Same file system: the big files are hard links, not copies.
+    assert (version / "img.qcow2").stat().st_ino == (build_dir / "img.qcow2").stat().st_ino
+
+
+def test_sbom_components_purls_and_dependencies(build_dir):
+    text = publish.make_sbom(build_dir / "img.dpkg-status", NAME, f"{DATE}-0badcafe")
+    publish.validate_sbom(text)
+    sbom = json.loads(text)
+    assert sbom["bomFormat"] == "CycloneDX" and sbom["specVersion"] == "1.6"
+    root = sbom["metadata"]["component"]
+    assert (root["name"], root["version"], root["type"]) == (NAME, f"{DATE}-0badcafe", "operating-system")
+    purls = {c["name"]: c["purl"] for c in sbom["components"]}
+    assert purls == {  # the package only its configuration files are left of is not installed
+        "libc6": "pkg:deb/debian/libc6@2.36-9%2Bdeb12u9?arch=amd64",
+        "mawk": "pkg:deb/debian/mawk@1.3.4.20200120-3.1?arch=amd64",
+        "openssh-server": "pkg:deb/debian/openssh-server@1:9.2p1-2%2Bdeb12u6?arch=amd64",
+        "tzdata": "pkg:deb/debian/tzdata@2025b-0%2Bdeb12u1?arch=all",
+    }
+    versions = {c["name"]: c["version"] for c in sbom["components"]}
+    assert versions["openssh-server"] == "1:9.2p1-2+deb12u6"
+    depends = {d["ref"]: set(d.get("dependsOn", [])) for d in sbom["dependencies"]}
+    assert depends[root["bom-ref"]] == set(purls.values())
+    # gawk | awk: mawk provides awk; adduser is not installed and is left out.
+    assert depends[purls["openssh-server"]] == {purls["libc6"], purls["mawk"]}
+    assert depends[purls["mawk"]] == {purls["libc6"]}
+
+
+def test_sbom_is_reproducible(build_dir):
+    build = publish.verify_build(build_dir, NAME)
+    assert publish.build_sbom(build) == publish.build_sbom(build)
+
+
+def test_invalid_sbom_is_refused():
+    with pytest.raises(PipelineError, match="not valid CycloneDX 1.6"):
+        publish.validate_sbom(json.dumps({"bomFormat": "CycloneDX", "specVersion": "1.6", "components": "none"}))
+
+
+def test_empty_package_database_is_refused(tmp_path):
+    (tmp_path / "status").write_text("")
+    with pytest.raises(PipelineError, match="no installed package"):
+        publish.make_sbom(tmp_path / "status", NAME, f"{DATE}-0badcafe")
+
+
+# --- faults: each refused in one line naming the file, with nothing written
+
+
+def refused(build_dir, target, signer, match):
+    with pytest.raises(PipelineError, match=match) as caught:
+        publish.publish(build_dir, NAME, target, **signer)
+    assert "\n" not in str(caught.value)
+    assert not target.exists()
+    return str(caught.value)
+
+
+@pytest.mark.parametrize("report, what", [("check.json", "offline check"), ("boot-test.json", "boot test")])
+def test_failed_verdict_is_refused(tmp_path, target, signer, report, what):
+    directory = tmp_path / "build" / NAME
+    write_build(directory, check=report != "check.json", boot=report != "boot-test.json")
+    message = refused(directory, target, signer, f"the {what} did not pass")
+    assert message.startswith(str(directory / report))
+
+
+@pytest.mark.parametrize("report", ["check.json", "boot-test.json"])
+def test_missing_verdict_is_refused(build_dir, target, signer, report):
+    (build_dir / report).unlink()
+    refused(build_dir, target, signer, f"{build_dir / report} is missing: the .* has not run on this build")
+
+
+@pytest.mark.parametrize("report", ["check.json", "boot-test.json"])
+def test_verdict_about_another_qcow2_is_refused(build_dir, target, signer, report):
+    (build_dir / report).write_text(json.dumps({"passed": True, "qcow2_sha256": "0" * 64}))
+    message = refused(build_dir, target, signer, "was of another qcow2")
+    assert message.startswith(str(build_dir / report))
+
+
+@pytest.mark.parametrize("file", ["img.qcow2", "img.tar.gz"])
+def test_flipped_byte_is_caught_before_publishing(build_dir, target, signer, file):
+    data = bytearray((build_dir / file).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (build_dir / file).write_bytes(bytes(data))
+    message = refused(build_dir, target, signer, "is not build-info.json's")
+    assert message.startswith(f"{build_dir / file}: sha256 ")
+
+
+def test_missing_signing_key_is_refused(build_dir, target, gpg_key):
+    message = refused(build_dir, target, {"key": "nobody@example.invalid", "gnupg_home": gpg_key[0]},
+                      "signing key 'nobody@example.invalid' not found in GNUPGHOME")
+    assert "gpg --list-secret-keys" in message
+
+
+def test_key_that_cannot_sign_is_refused(build_dir, target, gpg_key):
+    home, _ = gpg_key
+    run(["gpg", "--batch", "--passphrase", "", "--quick-gen-key", "Certify Only <cert-only@example.invalid>",
+         "ed25519", "cert", "never"], env={"GNUPGHOME": str(home)})
+    refused(build_dir, target, {"key": "cert-only@example.invalid", "gnupg_home": home}, "cannot sign")
+
+
+def test_no_key_and_missing_gnupg_home_are_refused(build_dir, target, tmp_path):
+    refused(build_dir, target, {"key": None}, "no signing key given: pass --key")
+    refused(build_dir, target, {"key": "x@example.invalid", "gnupg_home": tmp_path / "nowhere"}, "is not a directory")
+
+
+def test_unbuilt_image_and_bad_version_are_refused(tmp_path, build_dir, target, signer):
+    refused(tmp_path / "empty", target, signer, "has not been built: run ./inv build img")
+    info = json.loads((build_dir / "build-info.json").read_text())
+    (build_dir / "build-info.json").write_text(json.dumps({**info, "version": "../../etc"}))
+    refused(build_dir, target, signer, "version '../../etc' is not YYYYMMDD-HHHHHHHH")
+
+
+def test_retention_below_one_is_refused(build_dir, target, signer):
+    with pytest.raises(PipelineError, match="retention must be at least 1"):
+        publish.publish(build_dir, NAME, target, retention=0, **signer)
+
+
+# --- versions, latest, retention
+
+
+def publish_version(tmp_path, target, signer, seed, date=DATE, **options):
+    directory = tmp_path / f"build-{seed}" / NAME
+    info = write_build(directory, seed=seed, date=date)
+    result = publish.publish(directory, NAME, target, **signer, **options)
+    assert result.version == info["version"]
+    return result
+
+
+def test_interrupted_publish_leaves_latest_and_versions(tmp_path, target, signer, monkeypatch):
+    first = publish_version(tmp_path, target, signer, "1")
+
+    def killed(directory):
+        assert directory.name.startswith(".incoming-20261126-")
+        assert (directory / "SHA256SUMS.asc").is_file()  # fully staged and signed: the rename is next
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(publish, "_fsync_tree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        publish_version(tmp_path, target, signer, "2", date="20261126")
+    assert os.readlink(target / NAME / "latest") == first.version
+    assert visible(target) == {first.version, "latest"}
+    assert not [p for p in (target / NAME).iterdir() if p.name.startswith(".incoming")]
+
+
+KILLED_PUBLISH = """
+import os, sys, time
+from pathlib import Path
+from pipeline import publish
+
+def stall(self, staged, version):  # staged and signed; the rename would come next
+    Path(sys.argv[4]).write_text(staged.name)
+    time.sleep(60)
+
+publish.LocalTarget.commit = stall
+publish.publish(Path(sys.argv[1]), "img", sys.argv[2], key=sys.argv[3], gnupg_home=Path(sys.argv[5]))
+"""
+
+
+def test_killed_publish_leaves_latest_and_next_publish_cleans_up(tmp_path, target, signer):
+    first = publish_version(tmp_path, target, signer, "1")
+    second_build = tmp_path / "build-2" / NAME
+    second = write_build(second_build, seed="2", date="20261126")
+    ready = tmp_path / "ready"
+    child = start([sys.executable, "-c", KILLED_PUBLISH, second_build, target, signer["key"], ready,
+                   signer["gnupg_home"]], log=tmp_path / "child.log")
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert ready.exists(), (tmp_path / "child.log").read_text()
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait(timeout=10)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+    leftover = target / NAME / ready.read_text()
+    assert leftover.is_dir() and (leftover / "SHA256SUMS.asc").is_file()
+    assert os.readlink(target / NAME / "latest") == first.version
+    assert visible(target) == {first.version, "latest"}
+    # The next publish (the same version again) removes the leftover and completes.
+    result = publish.publish(second_build, NAME, target, **signer)
+    assert result.new and result.version == second["version"]
+    assert not leftover.exists()
+    assert os.readlink(target / NAME / "latest") == second["version"]
+
+
+def test_leftover_latest_symlink_is_removed(tmp_path, target, signer):
+    first = publish_version(tmp_path, target, signer, "1")
+    (target / NAME / ".latest-4242").symlink_to(first.version)
+    publish_version(tmp_path, target, signer, "2", date="20261126")
+    assert not (target / NAME / ".latest-4242").is_symlink()
+
+
+def test_retention_prunes_oldest_never_latest(tmp_path, target, signer):
+    results = [publish_version(tmp_path, target, signer, str(day), date=f"202611{day}", retention=2)
+               for day in (21, 22, 23, 24)]
+    versions = [r.version for r in results]
+    assert visible(target) == {versions[2], versions[3], "latest"}
+    assert results[2].pruned == (versions[0],) and results[3].pruned == (versions[1],)
+    # Republishing the older build kept at 1 is a rollback: latest moves to it, and it is not pruned.
+    rollback = publish_version(tmp_path, target, signer, "23", date="20261123", retention=1)
+    assert not rollback.new and rollback.pruned == ()
+    assert os.readlink(target / NAME / "latest") == versions[2]
+    assert visible(target) == {versions[2], versions[3], "latest"}
+    newest = publish_version(tmp_path, target, signer, "25", date="20261125", retention=1)
+    assert newest.pruned == (versions[2], versions[3])
+
+
+def test_republishing_a_version_keeps_it(tmp_path, build_dir, target, signer, capsys):
+    first = publish.publish(build_dir, NAME, target, **signer)
+    version = target / NAME / first.version
+    before = {p.name: p.stat().st_mtime_ns for p in version.iterdir()}
+    again = publish.publish(build_dir, NAME, target, **signer)
+    assert not again.new and again.version == first.version
+    assert "already published with these very artifacts" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in version.iterdir()} == before
+
+
+def test_republishing_a_version_with_other_artifacts_keeps_the_published_ones(
+        tmp_path, build_dir, target, signer, capsys):
+    first = publish.publish(build_dir, NAME, target, **signer)
+    published = (target / NAME / first.version / "img.qcow2").read_bytes()
+    rebuilt = tmp_path / "rebuilt" / NAME
+    info = write_build(rebuilt)  # the same inputs, so the same version ...
+    (rebuilt / "img.qcow2").write_text("not bit for bit the same\n")  # ... but another qcow2
+    digest = hashlib.sha256((rebuilt / "img.qcow2").read_bytes()).hexdigest()
+    for file in ("build-info.json", "check.json", "boot-test.json"):
+        data = json.loads((rebuilt / file).read_text())
+        (rebuilt / file).write_text(json.dumps({**data, "qcow2_sha256": digest}))
+    again = publish.publish(rebuilt, NAME, target, **signer)
+    assert not again.new and again.version == info["version"] == first.version
+    assert "the published ones are kept" in capsys.readouterr().err
+    assert (target / NAME / first.version / "img.qcow2").read_bytes() == published
+
+
+def test_concurrent_publish_is_refused(build_dir, target, signer):
+    import fcntl
+
+    (target / NAME).mkdir(parents=True)
+    with open(target / NAME / ".publish.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with pytest.raises(PipelineError, match="another publish is running"):
+            publish.publish(build_dir, NAME, target, **signer)
+    assert visible(target) == set()
+
+
+def test_copies_when_hard_links_fail(build_dir, target, signer, monkeypatch):
+    def no_links(source, destination):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(publish.os, "link", no_links)
+    result = publish.publish(build_dir, NAME, target, **signer)
+    published = target / NAME / result.version / "img.qcow2"
+    assert published.stat().st_ino != (build_dir / "img.qcow2").stat().st_ino
+    assert published.read_bytes() == (build_dir / "img.qcow2").read_bytes()
+
+
+@pytest.mark.parametrize("versions, latest, retention, pruned", [
+    ({"20261121-aaaaaaaa": 1, "20261122-bbbbbbbb": 2, "20261123-cccccccc": 3}, "20261123-cccccccc", 2,
+     ["20261121-aaaaaaaa"]),
+    ({"20261121-aaaaaaaa": 1, "20261122-bbbbbbbb": 2, "20261123-cccccccc": 3}, "20261121-aaaaaaaa", 1,
+     ["20261122-bbbbbbbb"]),
+    # The same day: the one published later is newer, whatever its hash.
+    ({"20261121-ffffffff": 1, "20261121-00000000": 2}, "20261121-00000000", 1, ["20261121-ffffffff"]),
+    ({"20261121-aaaaaaaa": 1}, "20261121-aaaaaaaa", 5, []),
+])
+def test_to_prune(versions, latest, retention, pruned):
+    assert publish.to_prune(versions, latest, retention) == pruned
+
+
+def test_read_sums_takes_text_and_binary_lines():
+    text = f"{'a' * 64}  img.qcow2\n{'b' * 64} *img name with spaces.tar.gz\n"
+    assert publish.read_sums(text) == {"img.qcow2": "a" * 64, "img name with spaces.tar.gz": "b" * 64}
+
+
+# --- targets
+
+
+def test_remote_staging_removes_dead_publishes_leftovers(tmp_path):
+    dead, alive = tmp_path / ".publish-20261125-cf78cc2f-999999999", tmp_path / f".publish-x-{os.getppid()}"
+    dead.mkdir()
+    alive.mkdir()
+    target = publish.parse_target("host:/srv", NAME)
+    with target.staging("20261125-cf78cc2f", near=tmp_path) as staged:
+        staged.mkdir()
+        assert not dead.exists() and alive.exists()
+    assert not staged.exists()
+
+
+@pytest.mark.parametrize("text, host, port, directory", [
+    ("deploy@mirror.example.org:/srv/images", "deploy@mirror.example.org", None, "/srv/images/img"),
+    ("mirror:images", "mirror", None, "images/img"),
+    ("ssh://deploy@127.0.0.1:2222/srv/images/", "deploy@127.0.0.1", 2222, "/srv/images/img"),
+    ("ssh://[::1]:22/srv", "[::1]", 22, "/srv/img"),
+    ("deploy@[::1]:/srv", "deploy@[::1]", None, "/srv/img"),
+])
+def test_remote_targets(text, host, port, directory):
+    target = publish.parse_target(text, NAME)
+    assert isinstance(target, publish.RemoteTarget)
+    assert (target.host, target.port, target.directory) == (host, port, directory)
+
+
+@pytest.mark.parametrize("text", ["build/publish", "/srv/images", "./odd:name", "/srv/odd:name"])
+def test_local_targets(text):
+    target = publish.parse_target(text, NAME)
+    assert isinstance(target, publish.LocalTarget)
+    assert target.directory == (Path(text).resolve() / NAME)
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("ssh://host:99999/srv", "port is not a number"),
+    ("ssh://host", "write ssh://"),
+    ("deploy@mirror:", "no path after the host"),
+    ("-oProxyCommand=x:/srv", "cannot start with '-'"),
+])
+def test_bad_targets(text, problem):
+    with pytest.raises(PipelineError, match=problem):
+        publish.parse_target(text, NAME)
+
+
+def test_remote_commands_are_quoted_for_the_remote_shell(monkeypatch):
+    calls = []
+    monkeypatch.setattr(publish, "run", lambda argv, **kw: calls.append(argv))
+    target = publish.parse_target("ssh://deploy@[::1]:2222/srv/my images", NAME,
+                                  ["IdentityFile=/keys/id ed25519", "UserKnownHostsFile=/keys/known"])
+    target.remove(["20261121-aaaaaaaa"])
+    argv, = calls
+    assert argv[:-2] == ["ssh", "-o", "BatchMode=yes", "-p", "2222", "-o", "IdentityFile=/keys/id ed25519",
+                         "-o", "UserKnownHostsFile=/keys/known"]
+    assert argv[-2] == "deploy@::1"
+    assert argv[-1] == "rm -rf -- '/srv/my images/img/20261121-aaaaaaaa'"
