@@ -261,3 +261,44 @@ def pxe_boot_test(c, image, spec_file=None, build_dir=str(DEFAULT_OUTPUT), firmw
 
 
 namespace.add_collection(Collection("pxe", pxe_render, pxe_serve, pxe_check, pxe_boot_test))
+
+
+# --- publish: ./inv publish
+
+
+@task(positional=["image"], iterable=["ssh_option"], auto_shortflags=False, help={
+    "image": "image name, several separated by commas, or `all` for every image in the spec file",
+    "spec-file": f"image spec file (default {SPEC_FILE.name})",
+    "output-dir": f"where the images were built (default {DEFAULT_OUTPUT.name}/)",
+    "target": f"a directory (default {DEFAULT_OUTPUT.name}/publish), [user@]host:/path or "
+              "ssh://[user@]host[:port]/path (rsync over ssh)",
+    "key": "GnuPG key that signs SHA256SUMS: fingerprint or email (required)",
+    "gnupg-home": "GnuPG home holding the key (default $GNUPGHOME, else ~/.gnupg)",
+    "retention": "versions kept per image (default 5); the one latest names is never pruned",
+    "ssh-option": "an ssh -o option for a remote target, e.g. IdentityFile=KEY or UserKnownHostsFile=FILE "
+                  "(repeatable)"})
+@user_errors
+def publish(c, image, spec_file=None, output_dir=str(DEFAULT_OUTPUT), target=str(DEFAULT_OUTPUT / "publish"),
+            key=None, gnupg_home=None, retention=5, ssh_option=None):
+    """Publish built images as TARGET/NAME/VERSION (qcow2, liveimg tarball, kernel, initrd, manifest,
+    CycloneDX SBOM, SHA256SUMS and its GnuPG signature), then point TARGET/NAME/latest at it.
+
+    Refused, with nothing written, unless the offline check and the boot test passed on this very
+    qcow2 and every artifact still matches its build-time sha256. A version already published is
+    kept as it is (versions are immutable) and latest points at it."""
+    from pipeline import build as builder
+    from pipeline import publish as publisher
+
+    loaded = specs.load(Path(spec_file) if spec_file else SPEC_FILE)
+    if image == "all" and "all" not in loaded.images:
+        images = list(loaded.images.values())
+    else:
+        images = [loaded.get(name) for name in image.split(",")]
+    for spec in images:
+        result = publisher.publish(builder.artifacts_for(spec, Path(output_dir)).directory, spec.name, target,
+                                   key=key, gnupg_home=Path(gnupg_home) if gnupg_home else None,
+                                   retention=int(retention), ssh_options=ssh_option or [])
+        print(result.location)
+
+
+namespace.add_task(publish)
