@@ -493,12 +493,13 @@ class RemoteTarget:
         self.directory = f"{path.rstrip('/') or '/'}/{name}".replace("//", "/")
 
     def __str__(self) -> str:
-        if self.port is None:
-            return f"{self.host}:{self.directory}"
-        return f"ssh://{self.host}:{self.port}{self.directory}"
+        return self.location("").rstrip("/")
 
     def location(self, entry: str) -> str:
-        return f"{self.host}:{self.directory}/{entry}"
+        """As the user wrote the target: host:path, or an ssh:// URL when it has a port."""
+        if self.port is None:
+            return f"{self.host}:{self.directory}/{entry}"
+        return f"ssh://{self.host}:{self.port}{self.directory}/{entry}"
 
     def ssh_command(self) -> list[str]:
         argv = ["ssh", "-o", "BatchMode=yes"]

@@ -443,6 +443,7 @@ def test_remote_targets(text, host, port, directory):
     target = publish.parse_target(text, NAME)
     assert isinstance(target, publish.RemoteTarget)
     assert (target.host, target.port, target.directory) == (host, port, directory)
+    assert target.location("v") == (f"{host}:{directory}/v" if port is None else f"ssh://{host}:{port}{directory}/v")
 
 
 @pytest.mark.parametrize("text", ["build/publish", "/srv/images", "./odd:name", "/srv/odd:name"])
