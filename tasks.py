@@ -56,19 +56,23 @@ COMMON_HELP = {
 
 
 @task(positional=["image"], help={**COMMON_HELP, "cache-dir": f"DIB download cache (default {DEFAULT_CACHE})",
-            "skip-check": "do not run the offline check after the build"})
+            "skip-check": "do not run the offline check after the build",
+            "force": "rebuild even if the image is up to date"})
 @user_errors
 def build(c, image, spec_file=None, output_dir=str(DEFAULT_OUTPUT), cache_dir=str(DEFAULT_CACHE),
-          skip_check=False):
-    """Build an image with diskimage-builder, assemble its disk, then check it offline.
+          skip_check=False, force=False):
+    """Build an image with diskimage-builder, assemble its disk and liveimg tarball, then check it offline.
 
-    The artifact is build/NAME/NAME.qcow2; DIB's full log goes to build/NAME/logs/.
+    The artifacts go to build/NAME/: NAME.qcow2, NAME.tar.gz (for Anaconda's liveimg), kernel,
+    initrd, build-info.json and manifest.json; DIB's full log to build/NAME/logs/. An image whose
+    inputs (spec, elements, profiles, policy, pipeline) are unchanged since a build that passed
+    its check is up to date: nothing is done (--force rebuilds).
     """
     from pipeline import build as builder
 
     spec = _spec(image, spec_file)
-    builder.build(spec, Path(output_dir), Path(cache_dir))
-    if not skip_check:
+    _, timings = builder.build(spec, Path(output_dir), Path(cache_dir), force=force)
+    if timings.seconds and not skip_check:
         _run_check(spec, Path(output_dir))
 
 
@@ -99,10 +103,11 @@ def boot_test(c, image, spec_file=None, output_dir=str(DEFAULT_OUTPUT), firmware
     _pytest(c, args)
 
 
-def _pytest(c, args: list[str]) -> None:
+def _pytest(c, args: list[str], warn: bool = False) -> bool:
+    """Run pytest; True if it passed. Without warn, a failure stops the task (invoke's UnexpectedExit)."""
     import shlex
 
-    c.run(shlex.join([sys.executable, "-m", "pytest", *args]), pty=False)
+    return c.run(shlex.join([sys.executable, "-m", "pytest", *args]), pty=False, warn=warn).ok
 
 
 @task(positional=["image"], help={**COMMON_HELP, "runs": "cold runs of each builder; medians are reported"})
@@ -118,14 +123,20 @@ def bench(c, image, spec_file=None, output_dir=str(DEFAULT_OUTPUT), runs=1):
 
 
 # The image tests: every image is built once and booted once per firmware listed.
-# The guest image proves both firmwares and the bad-input cases; the host image,
-# whose boot test runs guests of its own, boots by UEFI as compute nodes do.
+# The guest image proves both firmwares, the bad-input cases and rebuilds; the host
+# image, whose boot test runs guests of its own, boots by UEFI as compute nodes do, and
+# is the one deployed by PXE and published. Each entry is one pytest session (so one
+# build and one boot per firmware); files run in the order given: test_build.py's last
+# test sees the artifact after the boots. The rebuild and publish sessions come after
+# the session that booted the image, since publishing needs its boot-test verdict.
+INTEGRATION = ROOT / "tests" / "integration"
 IMAGE_TEST_RUNS = (
-    ("guest-image", "both", ["tests/integration"]),
-    # Every module but the bad-input cases, in the directory's (name) order, as for the guest:
-    # test_build.py's last test then sees the artifact after the boot.
-    ("host-image", "uefi", sorted([str(ROOT / "tests/integration/test_build.py"),
-                                   str(ROOT / "tests/integration/test_pxe_boot.py"), *BOOT_TESTS])),
+    ("guest-image", "both", ["test_artifacts.py", "test_bad_input.py", "test_boot.py", "test_build.py",
+                             "test_zz_final.py"]),
+    ("guest-image", None, ["test_rebuild.py"]),
+    ("host-image", "uefi", ["test_artifacts.py", "test_boot.py", "test_build.py", "test_host.py",
+                            "test_pxe_boot.py", "test_zz_final.py"]),
+    ("host-image", None, ["test_publish_image.py", "test_publish_remote.py"]),
 )
 
 
@@ -133,16 +144,34 @@ IMAGE_TEST_RUNS = (
             "image": "run the image tests of this image only"})
 def test(c, unit=False, image=None):
     """Run the unit tests, then the image tests: build, offline check and boot tests of each
-    image (guest-image by BIOS and UEFI, host-image by UEFI), and the bad-input cases."""
+    image (guest-image by BIOS and UEFI, host-image by UEFI), the bad-input cases, a rebuild
+    compared with the first build, the PXE boot and publishing."""
     _pytest(c, ["tests/unit"])
     if unit:
         return
-    for name, firmware, paths in IMAGE_TEST_RUNS:
+    for name, firmware, files in IMAGE_TEST_RUNS:
         if image in (None, name):
-            _pytest(c, ["-m", "image", *paths, f"--image={name}", f"--firmware={firmware}"])
+            # A session that boots builds the image; the later ones use that build.
+            options = [f"--firmware={firmware}"] if firmware else ["--use-built"]
+            _pytest(c, ["-m", "image", *(str(INTEGRATION / f) for f in files), f"--image={name}", *options])
 
 
-namespace = Collection(list_, build, check, boot_test, bench, test)
+@task(positional=["a", "b"], help={
+    "a": "a build directory (build/NAME) or a published version directory",
+    "b": "another one, e.g. a second build of the same inputs"})
+@user_errors
+def diff(c, a, b):
+    """Report what differs between two builds: packages (name, version) and files (path, type, mode,
+    owner, size, SELinux label, content). Exits 1 if the package list or the file list differ."""
+    from pipeline import manifest
+
+    difference = manifest.compare_builds(Path(a), Path(b))
+    print(manifest.format_difference(difference, a, b))
+    if not (difference.same_packages and difference.same_file_list):
+        raise Exit(code=1)
+
+
+namespace = Collection(list_, build, check, boot_test, bench, test, diff)
 namespace.configure({"run": {"echo": True}})
 
 
@@ -302,3 +331,61 @@ def publish(c, image, spec_file=None, output_dir=str(DEFAULT_OUTPUT), target=str
 
 
 namespace.add_task(publish)
+
+
+# --- ci: ./inv ci
+
+
+@task(iterable=["ssh_option"], auto_shortflags=False, help={
+    "spec-file": f"image spec file (default {SPEC_FILE.name})",
+    "output-dir": f"where artifacts go (default {DEFAULT_OUTPUT.name}/)",
+    "cache-dir": f"DIB download cache and package layers (default {DEFAULT_CACHE})",
+    "target": "publish target, as for ./inv publish",
+    "key": "GnuPG key that signs SHA256SUMS (required; checked before anything is built)",
+    "gnupg-home": "GnuPG home holding the key",
+    "retention": "versions kept per image (default 5)",
+    "ssh-option": "an ssh -o option for a remote target (repeatable)",
+    "force": "rebuild every image even if it is up to date"})
+@user_errors
+def ci(c, spec_file=None, output_dir=str(DEFAULT_OUTPUT), cache_dir=str(DEFAULT_CACHE),
+       target=str(DEFAULT_OUTPUT / "publish"), key=None, gnupg_home=None, retention=5, ssh_option=None, force=False):
+    """What CI runs: for every image of the spec file, in order, build it (skipped when up to date),
+    check it offline, boot-test it (skipped when it passed on this very artifact) and publish it.
+    Stops at the first failure; an image is published only after all of its steps passed."""
+    from pipeline import build as builder
+    from pipeline import publish as publisher
+    from pipeline.progress import say, step
+
+    publisher.require_key(key, Path(gnupg_home) if gnupg_home else None)  # fail before hours of work
+    loaded = specs.load(Path(spec_file) if spec_file else SPEC_FILE)
+    for spec in loaded.images.values():
+        with step(f"ci: {spec.name}"):
+            _, timings = builder.build(spec, Path(output_dir), Path(cache_dir), force=force)
+            if timings.seconds:
+                _run_check(spec, Path(output_dir))
+            art = builder.artifacts_for(spec, Path(output_dir))
+            if _boot_test_passed(art):
+                say(f"boot test already passed on this {art.qcow2.name}")
+            else:
+                firmware = "uefi" if spec.is_kvm_host else "both"
+                args = ["-m", "image", *BOOT_TESTS, "--use-built", f"--image={spec.name}",
+                        f"--firmware={firmware}", f"--output-dir={output_dir}", f"--spec-file={spec.source}"]
+                if not _pytest(c, args, warn=True):
+                    raise Exit(f"error: boot test of {spec.name} failed: not published", code=1)
+            result = publisher.publish(art.directory, spec.name, target, key=key,
+                                       gnupg_home=Path(gnupg_home) if gnupg_home else None,
+                                       retention=int(retention), ssh_options=ssh_option or [])
+            print(result.location)
+
+
+def _boot_test_passed(art) -> bool:
+    import json
+
+    try:
+        verdict = json.loads(art.boot_report.read_text())
+        return verdict.get("passed") is True and verdict.get("qcow2_sha256") == art.read_info()["qcow2_sha256"]
+    except (OSError, ValueError):
+        return False
+
+
+namespace.add_task(ci)

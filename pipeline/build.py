@@ -19,7 +19,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import bootloader, disk, inputs, liveimg, manifest, profiles, selinux, tools
+from . import bootloader, disk, inputs, layer, liveimg, manifest, profiles, selinux, tools
 from .errors import PipelineError
 from .manifest import sha256
 from .progress import Timings, say, step
@@ -111,6 +111,8 @@ class BuildContext:
     profile_dirs: list[Path] = field(default_factory=list)  # tuned profiles to install
     input_hash: str = ""
     source_date_epoch: int = 0
+    layer: layer.PackageLayer | None = None  # None: DIB as it comes (the benchmark's DIB alone)
+    from_layer: bool = False
     layout: disk.Layout | None = None
     kernel: bootloader.Kernel | None = None
     manifest: dict | None = None
@@ -197,11 +199,10 @@ def dib_environment(ctx: BuildContext) -> dict[str, str]:
         "DIB_TUNED_PROFILES_DIR": str(staged),
         "DIB_SELINUX_MODE": spec.selinux.value,
         "DIB_SELINUX_MODULES_DIR": str(ctx.selinux_modules) if any(ctx.selinux_modules.glob("*.pp")) else "",
+        # .debs are cached there by DIB's dpkg element (DIB_APT_LOCAL_CACHE); the package
+        # layer moves the cache to its own directory, which shares them.
         "DIB_IMAGE_CACHE": str(ctx.cache_dir),
-        # Keep debootstrap's base tree in the cache and start from it next time; .debs are
-        # cached there by DIB's dpkg element already (DIB_APT_LOCAL_CACHE).
-        "DIB_DEBOOTSTRAP_CACHE": "1",
-        "DIB_DEBIAN_USE_DEBOOTSTRAP_CACHE": "1",
+        **(ctx.layer.environment(saving=not ctx.from_layer) if ctx.layer else {}),
         "SOURCE_DATE_EPOCH": str(ctx.source_date_epoch),
         "DIB_OVS_BRIDGES": " ".join(b.dib_value for b in spec.bridges),
         # DIB's own temporary mounts go under our work directory, so cleanup finds them.
@@ -219,13 +220,19 @@ def compile_policy(ctx: BuildContext) -> None:
 def build_tree(ctx: BuildContext) -> None:
     """diskimage-builder makes the root tree (as a tar: its disk output needs kpartx)."""
     (ctx.work / "tmp").mkdir()
+    if ctx.layer:
+        ctx.from_layer = ctx.layer.prepare()
+        say(f"package layer {ctx.layer.directory.name}: "
+            f"{'starting from it' if ctx.from_layer else 'none yet, this build saves one'}")
     argv = [tools.venv_tool("disk-image-create"), "-n", "-a", "amd64", "-t", "tar",
-            "-o", ctx.tar.with_suffix(""), ctx.spec.distro_element, *ctx.spec.elements]
+            "-o", ctx.tar.with_suffix(""), *inputs.dib_elements(ctx.spec, pipeline_elements=bool(ctx.layer))]
     if ctx.spec.packages:
         argv += ["-p", ",".join(ctx.spec.packages)]
     ctx.tar.parent.mkdir()
     say(f"diskimage-builder log: {ctx.log}")
     run(argv, env=dib_environment(ctx), log=ctx.log, on_line=_phase_reporter())
+    if ctx.layer:
+        ctx.layer.finish()
 
 
 def _phase_reporter():
@@ -417,7 +424,8 @@ def build(spec: ImageSpec, output_dir: Path, cache_dir: Path, force: bool = Fals
     work = art.directory / f".work-{os.getpid()}"
     ctx = BuildContext(spec=spec, artifacts=art, cache_dir=Path(cache_dir), work=work,
                        log=art.logs / f"build-{time.strftime('%Y%m%d-%H%M%S')}.log", profile_dirs=profile_dirs,
-                       input_hash=input_hash, source_date_epoch=inputs.source_date_epoch())
+                       input_hash=input_hash, source_date_epoch=inputs.source_date_epoch(),
+                       layer=layer.layer_for(spec, Path(cache_dir)))
     work.mkdir()
     try:
         for name, action in STEPS:

@@ -29,6 +29,8 @@ from .spec import ImageSpec
 PACKAGE = "kvm-image-pipeline"
 PIPELINE_SOURCES = ROOT / "pipeline"
 SHORT = 8  # hex digits of the input hash in a version
+# Elements every build gets from the pipeline itself (pipeline.layer), whatever the spec says.
+PIPELINE_ELEMENTS = ("kvm-package-layer",)
 
 
 @dataclass(frozen=True)
@@ -42,17 +44,22 @@ class Element:
         return not self.path.is_relative_to(DIB_ELEMENTS)
 
 
+def dib_elements(spec: ImageSpec, pipeline_elements: bool = True) -> list[str]:
+    """The elements disk-image-create is given: the distribution's, the spec's, and ours."""
+    return [spec.distro_element, *spec.elements, *(PIPELINE_ELEMENTS if pipeline_elements else ())]
+
+
 def resolved_elements(spec: ImageSpec) -> list[Element]:
-    """The spec's elements with every dependency, as DIB itself resolves them."""
+    """The elements of a build with every dependency, as DIB itself resolves them."""
     search = ":".join([*(str(d) for d in spec.element_dirs), str(DIB_ELEMENTS)])
     try:
-        found = element_dependencies.get_elements([spec.distro_element, *spec.elements], paths=search)
+        found = element_dependencies.get_elements(dib_elements(spec), paths=search)
     except Exception as error:  # DIB raises several types, all with a readable message
         raise PipelineError(f"{spec.source}: image {spec.name!r}: key 'elements': {error}") from None
     return sorted((Element(name, Path(path)) for name, path in found), key=lambda e: e.name)
 
 
-def _tree_digest(digest, top: Path) -> None:
+def tree_digest(digest, top: Path) -> None:
     """Every file's relative path, mode and content (symlinks by target), in a stable order."""
     for path in sorted(p for p in top.rglob("*") if "__pycache__" not in p.parts):
         relative = path.relative_to(top).as_posix()
@@ -81,12 +88,12 @@ def input_hash(spec: ImageSpec) -> str:
     for element in resolved_elements(spec):
         digest.update(f"element {element.name}\n".encode())
         if element.ours:
-            _tree_digest(digest, element.path)
+            tree_digest(digest, element.path)
     for profiles in sorted({PROFILES, *spec.profile_dirs}):
         digest.update(f"profiles {profiles.name}\n".encode())
-        _tree_digest(digest, profiles)
+        tree_digest(digest, profiles)
     digest.update(f"pipeline {pipeline_version()}\n".encode())
-    _tree_digest(digest, PIPELINE_SOURCES)
+    tree_digest(digest, PIPELINE_SOURCES)
     return digest.hexdigest()
 
 

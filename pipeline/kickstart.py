@@ -75,7 +75,30 @@ class Snippet:
     text: str
 
 
+def published_version(role: str, build_dir: Path) -> Path | None:
+    """build_dir/ROLE/latest when build_dir is a publish target (./inv publish), else None."""
+    latest = Path(build_dir) / role / "latest"
+    return latest.resolve() if (latest / "SHA256SUMS").is_file() else None
+
+
+def role_files(image: ImageSpec, build_dir: Path) -> Path:
+    """Where a role's kernel, initrd and liveimg are: its published `latest` version, or its build."""
+    return published_version(image.name, build_dir) or artifacts_for(image, build_dir).directory
+
+
+def _published_liveimage(image: ImageSpec, version: Path) -> LiveImage:
+    from .publish import SUMS, read_sums  # publishing's libraries are only needed here
+
+    file = LIVEIMG[0].format(role=image.name)
+    sha256 = read_sums((version / SUMS).read_text()).get(file)
+    if sha256 is None:
+        raise PipelineError(f"role {image.name!r}: {version / SUMS} lists no {file}")
+    return LiveImage(file, sha256)
+
+
 def _built_liveimage(image: ImageSpec, build_dir: Path) -> LiveImage:
+    if version := published_version(image.name, build_dir):
+        return _published_liveimage(image, version)
     file, key = LIVEIMG[0].format(role=image.name), LIVEIMG[1]
     info = artifacts_for(image, build_dir).info
     try:
@@ -92,7 +115,8 @@ def _built_liveimage(image: ImageSpec, build_dir: Path) -> LiveImage:
 
 
 def liveimages(inventory: Inventory, build_dir: Path, given: Mapping[str, LiveImage]) -> dict[str, LiveImage]:
-    """The liveimg artifact of each role in use: given, or read from build/ROLE/build-info.json."""
+    """The liveimg artifact of each role in use: given, or read from build/ROLE/build-info.json
+    (or, where build_dir is a publish target, from ROLE/latest/SHA256SUMS)."""
     found = {}
     for role in sorted({node.role for node in inventory.nodes.values()}):
         found[role] = given.get(role) or _built_liveimage(inventory.spec.images[role], build_dir)

@@ -54,7 +54,8 @@ from cyclonedx.schema import OutputFormat, SchemaVersion
 from debian import deb822
 from packageurl import PackageURL
 
-from .errors import PipelineError, ToolMissing
+from . import tools
+from .errors import PipelineError
 from .manifest import sha256
 from .progress import say, step
 from .run import run
@@ -73,7 +74,6 @@ LOCK = ".publish.lock"
 # The reports that must say passed, about this build's qcow2: file, what, how to run it.
 VERDICTS = (("check.json", "offline check", "./inv check"), ("boot-test.json", "boot test", "./inv boot-test"))
 # Host commands publishing runs, and their Debian packages.
-DEBIAN_PACKAGE = {"gpg": "gnupg", "rsync": "rsync", "ssh": "openssh-client", "sha256sum": "coreutils"}
 
 
 def artifact_names(name: str) -> dict[str, str]:
@@ -595,14 +595,6 @@ def parse_target(target: str | Path, name: str, ssh_options: Sequence[str] = ())
     return RemoteTarget(host, path, name, port, ssh_options)
 
 
-def require_tools(*names: str) -> None:
-    missing = [name for name in names if shutil.which(name) is None]
-    if missing:
-        packages = " ".join(sorted({DEBIAN_PACKAGE[name] for name in missing}))
-        listing = ", ".join(f"{name} (Debian package {DEBIAN_PACKAGE[name]})" for name in missing)
-        raise ToolMissing(f"missing host tools: {listing}; install with: apt-get install {packages}")
-
-
 # --- publishing
 
 
@@ -631,7 +623,7 @@ def publish(artifact_dir: Path, name: str, target: str | Path, *, key: str | Non
     if retention < 1:
         raise PipelineError(f"retention must be at least 1, not {retention}")
     destination = parse_target(target, name, ssh_options)
-    require_tools(*destination.tools)
+    tools.require(*destination.tools)
     home = gnupg_home or os.environ.get("GNUPGHOME")  # the gateway's clean environment drops it
     gnupg_home = Path(home) if home else None
     with step(f"publish {name} to {destination}"):

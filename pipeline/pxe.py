@@ -43,7 +43,7 @@ import jinja2
 from pykickstart.errors import KickstartError, KickstartWarning
 
 from . import kickstart, tools
-from .build import artifacts_for
+from .build import Artifacts
 from .errors import CommandFailed, InventoryError, PipelineError
 from .inventory import Boot, Inventory, Loader, Node
 from .paths import DEFAULT_OUTPUT, ROOT
@@ -152,11 +152,12 @@ def _dhcp_server(inventory: Inventory) -> IPv4Address | None:
 
 def _sources(inventory: Inventory, build_dir: Path,
              images: dict[str, kickstart.LiveImage]) -> dict[str, list[tuple[Path, str]]]:
-    """Each role's built files and their names in the tree; a missing one names the role and the file."""
+    """Each role's built (or published) files and their names in the tree; a missing one names
+    the role and the file."""
     sources = {}
     for role, image in images.items():
-        artifacts = artifacts_for(inventory.spec.images[role], build_dir)
-        files = [artifacts.kernel, artifacts.initrd, artifacts.directory / image.file]
+        found = Artifacts(kickstart.role_files(inventory.spec.images[role], build_dir), role)
+        files = [found.kernel, found.initrd, found.directory / image.file]
         for path in files:
             if not path.is_file():
                 raise PipelineError(f"role {role!r}: {path} not found, so the PXE tree cannot offer it: "

@@ -26,4 +26,4 @@ def test_every_tool_package_is_installed_by_set_up():
     listed = {line.strip() for line in (ROOT / "debian-packages.txt").read_text().splitlines()
               if line.strip() and not line.startswith("#")}
     needed = set(tools.DEBIAN_PACKAGE.values()) | set(tools.DEBIAN_PACKAGE_OF_FILE.values())
-    assert needed - {"tar"} <= listed  # tar is essential in Debian
+    assert needed - {"tar", "coreutils"} <= listed  # both are essential in Debian

@@ -1,0 +1,71 @@
+"""Publishing the session's built host image (--use-built, after its boot test passed) to a
+local directory with a throw-away signing key, then deploying from what was published: a PXE
+tree rendered from the published version, checked as booting nodes would walk it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from pipeline import build, inventory, publish, pxe
+from tests.unit.test_publish import make_gpg_home, remove_gpg_home
+
+
+@pytest.fixture(scope="module")
+def signer():
+    home, email = make_gpg_home()
+    yield {"key": email, "gnupg_home": home}
+    remove_gpg_home(home)
+
+
+@pytest.fixture(scope="module")
+def published(artifacts, spec, signer, tmp_path_factory):
+    target = tmp_path_factory.mktemp("published")
+    result = publish.publish(artifacts.directory, spec.name, target, **signer)
+    return target, result
+
+
+def test_published_version_is_complete_and_verifies(artifacts, published, signer):
+    target, result = published
+    version = target / artifacts.name / result.version
+    assert (target / artifacts.name / "latest").resolve() == version.resolve()
+    listed = publish.read_sums((version / publish.SUMS).read_text())
+    assert {artifacts.qcow2.name, artifacts.liveimg.name, artifacts.kernel.name, artifacts.initrd.name,
+            "manifest.json", publish.SBOM} <= set(listed)
+    subprocess.run(["sha256sum", "--check", "--strict", publish.SUMS], cwd=version, check=True, capture_output=True)
+    subprocess.run(["gpg", "--homedir", str(signer["gnupg_home"]), "--verify", publish.SIGNATURE, publish.SUMS],
+                   cwd=version, check=True, capture_output=True)
+    assert listed[artifacts.qcow2.name] == artifacts.read_info()["qcow2_sha256"]
+
+
+def test_sbom_lists_every_package_of_the_image(artifacts, published):
+    target, result = published
+    sbom = json.loads((target / artifacts.name / result.version / publish.SBOM).read_text())
+    packages = json.loads(artifacts.manifest.read_text())["packages"]
+    names = {component["name"] for component in sbom["components"]}
+    assert names == set(packages)
+    assert sbom["metadata"]["component"]["version"] == result.version
+
+
+def test_republishing_keeps_the_version(artifacts, spec, published, signer):
+    target, result = published
+    again = publish.publish(artifacts.directory, spec.name, target, **signer)
+    assert (again.version, again.new) == (result.version, False)
+
+
+def test_pxe_tree_from_the_published_version(artifacts, spec, published, tmp_path):
+    """The deploy path: a node's kickstart installs the published liveimg, checked by its published sha256."""
+    target, result = published
+    inventory_file = tmp_path / "inventory.toml"
+    inventory_file.write_text(f'spec_file = "{spec.source}"\n[site]\nbase_url = "http://10.0.0.1:8080"\n'
+                              '[node.compute1]\nmacs = ["52:54:00:12:34:01"]\nboot = "uefi"\n'
+                              f'root_disk = "sda"\nrole = "{spec.name}"\n')
+    tree = pxe.render_tree(inventory.load(inventory_file), tmp_path / "pxe", build_dir=target)
+    kickstart = (tree.root / "kickstarts/compute1.ks").read_text()
+    sums = publish.read_sums((target / spec.name / result.version / publish.SUMS).read_text())
+    assert f"--checksum={sums[artifacts.liveimg.name]}" in kickstart
+    report = pxe.check(tree.root)
+    assert report.passed, report.problems
+    assert build.sha256(tree.root / spec.name / artifacts.liveimg.name) == sums[artifacts.liveimg.name]

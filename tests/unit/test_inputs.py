@@ -1,0 +1,96 @@
+"""The input hash, the package layer's key and what two builds' records say about each other."""
+
+import dataclasses
+import shutil
+
+from pipeline import inputs, layer, manifest, spec as specs
+from pipeline.paths import ELEMENTS
+
+
+def copy_of_elements(tmp_path):
+    copy = tmp_path / "elements"
+    shutil.copytree(ELEMENTS, copy)
+    return copy
+
+
+def with_element_dir(spec, directory):
+    return dataclasses.replace(spec, element_dirs=(directory,))
+
+
+def test_input_hash_is_stable_and_ignores_the_description():
+    spec = specs.load().get("guest-image")
+    assert inputs.input_hash(spec) == inputs.input_hash(dataclasses.replace(spec, description="other words"))
+
+
+def test_input_hash_follows_spec_elements_and_profiles(tmp_path):
+    spec = specs.load().get("guest-image")
+    copy = copy_of_elements(tmp_path)
+    before = inputs.input_hash(with_element_dir(spec, copy))
+    assert inputs.input_hash(dataclasses.replace(spec, kernel_args=("quiet",))) != inputs.input_hash(spec)
+    hook = copy / "kvm-base/post-install.d/60-lock-passwords"
+    hook.write_text(hook.read_text() + "# changed\n")
+    assert inputs.input_hash(with_element_dir(spec, copy)) != before
+
+
+def test_layer_key_ignores_changes_after_the_installs(tmp_path):
+    """A post-install hook changes the image but not the packages: the layer is reused."""
+    spec = with_element_dir(specs.load().get("guest-image"), copy_of_elements(tmp_path))
+    copy = spec.element_dirs[0]
+    key = layer.key(spec, inputs.resolved_elements(spec))
+    hook = copy / "kvm-base/post-install.d/60-lock-passwords"
+    hook.write_text(hook.read_text() + "# changed\n")
+    assert layer.key(spec, inputs.resolved_elements(spec)) == key
+    packages = copy / "kvm-base/package-installs.yaml"
+    packages.write_text(packages.read_text() + "htop:\n")
+    assert layer.key(spec, inputs.resolved_elements(spec)) != key
+    assert layer.key(dataclasses.replace(spec, packages=("vim",)), inputs.resolved_elements(spec)) != key
+
+
+def test_every_build_gets_the_package_layer_element():
+    spec = specs.load().get("host-image")
+    assert inputs.dib_elements(spec) == ["debian-minimal", "kvm-host", "kvm-package-layer"]
+    assert inputs.dib_elements(spec, pipeline_elements=False) == ["debian-minimal", "kvm-host"]
+    assert "kvm-package-layer" in {e.name for e in inputs.resolved_elements(spec)}
+
+
+def test_layer_prepare_starts_from_debootstraps_base(tmp_path):
+    spec = specs.load().get("guest-image")
+    package_layer = layer.layer_for(spec, tmp_path)
+    package_layer.base.write_bytes(b"base")
+    assert package_layer.prepare() is False  # no layer yet: this build saves one
+    assert package_layer.tarball.read_bytes() == b"base"
+    assert (package_layer.directory / "apt").resolve() == (tmp_path / "apt").resolve()
+    package_layer.finish()  # the build saved nothing: still not complete
+    assert not package_layer.complete
+    package_layer.tarball.unlink()
+    package_layer.tarball.write_bytes(b"layer")  # what the element's post-root.d hook leaves
+    (package_layer.directory / layer.XATTRS).write_text("{}")
+    package_layer.finish()
+    assert package_layer.complete and package_layer.prepare() is True
+    assert package_layer.base.read_bytes() == b"base"
+
+
+def test_compare_reports_packages_and_files():
+    files_a = {"/etc/a": ("f", "0644", "0:0", "1", "etc_t", "aa"), "/etc/b": ("f", "0644", "0:0", "1", "etc_t", "bb")}
+    files_b = {"/etc/a": ("f", "0600", "0:0", "1", "etc_t", "aa"), "/etc/c": ("f", "0644", "0:0", "1", "etc_t", "cc")}
+    diff = manifest.compare({"bash": "5.2", "vim": "9"}, {"bash": "5.3", "nano": "7"}, files_a, files_b)
+    assert diff.packages_only_a == {"vim": "9"} and diff.packages_only_b == {"nano": "7"}
+    assert diff.packages_changed == {"bash": ("5.2", "5.3")}
+    assert (diff.files_only_a, diff.files_only_b) == (["/etc/b"], ["/etc/c"])
+    assert diff.files_changed == {"/etc/a": ["mode"]}
+    assert not diff.same_packages and not diff.same_file_list
+    text = manifest.format_difference(diff, "A", "B")
+    assert "bash: 5.2 -> 5.3" in text and "/etc/a: mode" in text
+
+
+def test_file_list_round_trip(tmp_path):
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc/hostname").write_text("node\n")
+    (tree / "etc/link").symlink_to("hostname")
+    listing = tmp_path / "files.tsv"
+    assert manifest.write_file_list(tree, listing) == 3
+    files = manifest.read_file_list(listing)
+    assert files["/etc/hostname"][0] == "f" and files["/etc/hostname"][3] == "5"
+    assert files["/etc/link"][0] == "l" and files["/etc/link"][5] == "hostname"
+    assert files["/etc"][0] == "d"
