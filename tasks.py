@@ -110,16 +110,27 @@ def _pytest(c, args: list[str], warn: bool = False) -> bool:
     return c.run(shlex.join([sys.executable, "-m", "pytest", *args]), pty=False, warn=warn).ok
 
 
-@task(positional=["image"], help={**COMMON_HELP, "runs": "cold runs of each builder; medians are reported"})
+@task(positional=["image"], help={**COMMON_HELP, "image": "image name; with --rebuilds also `all`", "runs": "runs; medians are reported",
+                                 "rebuilds": "measure rebuilds instead: cold, no change, after an element change, "
+                                             "and publish time, for every image",
+                                 "publish-runs": "with --rebuilds: runs that also boot-test and publish (default 1)"})
 @user_errors
-def bench(c, image, spec_file=None, output_dir=str(DEFAULT_OUTPUT), runs=1):
+def bench(c, image, spec_file=None, output_dir=str(DEFAULT_OUTPUT), runs=1, rebuilds=False, publish_runs=1):
     """Benchmark: stage times, peak memory, size, check and boot times, and DIB alone on the same elements.
 
     Every build is cold (fresh download cache). Writes build/bench/bench-NAME-TIME.json.
+    With --rebuilds, for every image in one run: a cold build, a rebuild with nothing changed,
+    a rebuild after a change to one of our elements (package layer and download cache warm),
+    and, in the first --publish-runs runs, its boot test and publish time.
     """
     from pipeline import bench as benchmark
 
-    benchmark.benchmark(_spec(image, spec_file), Path(output_dir), int(runs))
+    if rebuilds:
+        loaded = specs.load(Path(spec_file) if spec_file else SPEC_FILE)
+        images = list(loaded.images.values()) if image == "all" else [loaded.get(image)]
+        benchmark.rebuild_benchmark(images, Path(output_dir), int(runs), int(publish_runs))
+    else:
+        benchmark.benchmark(_spec(image, spec_file), Path(output_dir), int(runs))
 
 
 # The image tests: every image is built once and booted once per firmware listed.
@@ -182,7 +193,8 @@ namespace.configure({"run": {"echo": True}})
     "inventory": "the node inventory (see kickstarts/inventory.example.toml)",
     "output-dir": f"where NODE.ks files go (default {DEFAULT_OUTPUT.name}/kickstarts/); other *.ks there are removed",
     "target": "installer version for pykickstart: RHEL9 (default), RHEL10, F42 or F43",
-    "build-dir": f"where the images' build-info.json is read (default {DEFAULT_OUTPUT.name}/)"})
+    "build-dir": f"where each role's liveimg sha256 is read: a build directory (default {DEFAULT_OUTPUT.name}/) "
+                 "or a publish target (its latest version's SHA256SUMS)"})
 @user_errors
 def render(c, inventory, output_dir=str(DEFAULT_OUTPUT / "kickstarts"), target="RHEL9", build_dir=str(DEFAULT_OUTPUT)):
     """Render one kickstart per inventory node, each checked with pykickstart; none is written unless all pass."""
@@ -216,7 +228,8 @@ PXE_ROOT = DEFAULT_OUTPUT / "pxe"
     "inventory": "the node inventory (see kickstarts/inventory.example.toml; [site.pxe] in kickstarts/README.md)",
     "output-dir": f"the tree's root (default {DEFAULT_OUTPUT.name}/pxe/); it is replaced whole",
     "target": "installer version for pykickstart: RHEL9 (default), RHEL10, F42 or F43",
-    "build-dir": f"where the images' kernel, initrd, qcow2 and build-info.json are (default {DEFAULT_OUTPUT.name}/)"})
+    "build-dir": f"where the images' kernel, initrd and liveimg are: a build directory (default "
+                 f"{DEFAULT_OUTPUT.name}/) or a publish target (each role's latest version)"})
 @user_errors
 def pxe_render(c, inventory, output_dir=str(PXE_ROOT), target="RHEL9", build_dir=str(DEFAULT_OUTPUT)):
     """Render the PXE tree: iPXE, GRUB and pxelinux configurations per MAC, kickstarts, dnsmasq.conf,

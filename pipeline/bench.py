@@ -181,3 +181,103 @@ def _print(summary: dict) -> None:
     print(f"benchmark of {summary['image']}: medians of {summary['runs']} run(s)")
     for name, value in rows:
         print(f"  {name:<{width}}  {value:>10}")
+
+
+# --- rebuilds (./inv bench --rebuilds): what the input hash and the package layer save
+
+
+REBUILD_CHANGE = "kvm-base/post-install.d/60-lock-passwords"  # one of our elements; a comment added
+REBUILD_TARGET = 0.6  # the issue's: a rebuild after an element change, at most 0.6x a cold build
+NO_CHANGE_TARGET_S = 5.0
+
+
+def changed_elements(spec: ImageSpec, scratch: Path) -> ImageSpec:
+    """The spec with a copy of our elements in which one hook gained a comment."""
+    from dataclasses import replace
+
+    from .paths import ELEMENTS
+
+    copy = scratch / "changed-elements"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(ELEMENTS, copy)
+    hook = copy / REBUILD_CHANGE
+    hook.write_text(hook.read_text() + "# changed by the benchmark\n")
+    return replace(spec, element_dirs=(copy, *spec.element_dirs))
+
+
+def _timed_build(spec: ImageSpec, out: Path, cache: Path, force: bool = False) -> tuple[build.Artifacts, float]:
+    started = time.monotonic()
+    art, _ = build.build(spec, out, cache, force=force)
+    return art, round(time.monotonic() - started, 1)
+
+
+def rebuild_run(images: list[ImageSpec], scratch: Path, index: int, publish_key: tuple[str, Path] | None) -> dict:
+    """One run: every image cold (empty cache), unchanged, after an element change; then,
+    with a key, its boot test and publish (publishing needs the boot test's verdict)."""
+    from . import publish
+
+    result: dict = {}
+    with tempfile.TemporaryDirectory(dir=scratch) as cache:
+        for spec in images:
+            out = scratch / f"rebuild-out-{index}"
+            figures: dict = {}
+            with step(f"run {index}: {spec.name} cold build"):
+                art, figures["cold_s"] = _timed_build(spec, out, Path(cache), force=True)
+            figures["check_passed"] = inspect.check_image(spec, out).passed
+            with step(f"run {index}: {spec.name} no-change rebuild"):
+                _, figures["no_change_s"] = _timed_build(spec, out, Path(cache))
+            with step(f"run {index}: {spec.name} rebuild after an element change"):
+                _, figures["element_change_s"] = _timed_build(changed_elements(spec, scratch),
+                                                              scratch / f"rebuild-changed-{index}", Path(cache))
+            figures["element_change_ratio"] = round(figures["element_change_s"] / figures["cold_s"], 2)
+            if publish_key:
+                with step(f"run {index}: {spec.name} boot test (for the verdict publishing needs)"):
+                    figures["boot_test_passed"] = run_boot_test(spec, out)
+                key, home = publish_key
+                started = time.monotonic()
+                publish.publish(art.directory, spec.name, scratch / f"published-{index}", key=key, gnupg_home=home)
+                figures["publish_s"] = round(time.monotonic() - started, 1)
+            result[spec.name] = figures
+            shutil.rmtree(scratch / f"rebuild-changed-{index}", ignore_errors=True)
+    return result
+
+
+def rebuild_benchmark(images: list[ImageSpec], output_dir: Path, runs: int, publish_runs: int = 1) -> Path:
+    """Cold, no-change and element-change builds of every image in each run; boot test and
+    publish in the first `publish_runs` runs (a host image's boot test takes minutes)."""
+    from . import publish
+
+    tools.require(*tools.BUILD_TOOLS, *tools.BOOT_TOOLS, "gpg")
+    scratch = Path(output_dir).resolve() / "bench"
+    scratch.mkdir(parents=True, exist_ok=True)
+    report = scratch / f"bench-rebuilds-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    home, email = publish.make_gpg_home()  # a throw-away signing key
+    results: list[dict] = []
+    try:
+        for index in range(1, runs + 1):
+            results.append(rebuild_run(images, scratch, index, (email, home) if index <= publish_runs else None))
+            summary = {spec.name: _rebuild_summary([r[spec.name] for r in results]) for spec in images}
+            partial = report.with_suffix(".tmp")
+            partial.write_text(json.dumps({"summary": summary, "runs": results}, indent=2) + "\n")
+            partial.replace(report)
+            shutil.rmtree(scratch / f"rebuild-out-{index}", ignore_errors=True)
+            shutil.rmtree(scratch / f"published-{index}", ignore_errors=True)
+    finally:
+        publish.remove_gpg_home(home)
+    for name, figures in summary.items():
+        print(f"rebuilds of {name}: medians of {len(results)} run(s)")
+        for key, value in figures.items():
+            print(f"  {key:<40} {value}")
+    say(f"full results: {report}")
+    return report
+
+
+def _rebuild_summary(runs: list[dict]) -> dict:
+    medians = {key: statistics.median(r[key] for r in runs if key in r)
+               for key in ("cold_s", "no_change_s", "element_change_s", "element_change_ratio", "publish_s")
+               if any(key in r for r in runs)}
+    medians["ratio_of_medians"] = round(medians["element_change_s"] / medians["cold_s"], 2)
+    medians[f"element_change_target_<={REBUILD_TARGET}"] = medians["ratio_of_medians"] <= REBUILD_TARGET
+    medians[f"no_change_target_<={NO_CHANGE_TARGET_S}s"] = medians["no_change_s"] <= NO_CHANGE_TARGET_S
+    medians["all_checks_passed"] = all(r["check_passed"] for r in runs)
+    return medians

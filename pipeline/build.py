@@ -273,7 +273,7 @@ def write_manifest(ctx: BuildContext) -> None:
 
 
 def configure_boot(ctx: BuildContext) -> None:
-    ctx.layout = disk.new_layout(ctx.spec.disk_size)
+    ctx.layout = disk.new_layout(ctx.spec.disk_size, seed=ctx.input_hash or None)
     ctx.kernel = bootloader.find_kernel(ctx.tree)
     disk.create_mount_points(ctx.tree)
     disk.write_fstab(ctx.tree, ctx.layout)

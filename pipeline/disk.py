@@ -41,8 +41,16 @@ class Layout:
         return f"{self.esp_serial[:4]}-{self.esp_serial[4:]}".upper()
 
 
-def new_layout(disk_size: int) -> Layout:
-    return Layout(disk_size=disk_size, root_uuid=str(uuid.uuid4()), esp_serial=uuid.uuid4().hex[:8])
+# Filesystem identities derive from the build's input hash, so two builds of the same inputs
+# write the same fstab and grub.cfg (as mkosi seeds its UUIDs); without one, random.
+UUID_NAMESPACE = uuid.UUID("6f1c4a8e-3b52-4d8f-9c1e-7a2d5b9e0f13")
+
+
+def new_layout(disk_size: int, seed: str | None = None) -> Layout:
+    if seed is None:
+        return Layout(disk_size=disk_size, root_uuid=str(uuid.uuid4()), esp_serial=uuid.uuid4().hex[:8])
+    return Layout(disk_size=disk_size, root_uuid=str(uuid.uuid5(UUID_NAMESPACE, f"{seed} root")),
+                  esp_serial=uuid.uuid5(UUID_NAMESPACE, f"{seed} esp").hex[:8])
 
 
 def write_fstab(tree: Path, layout: Layout) -> None:

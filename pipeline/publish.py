@@ -39,6 +39,7 @@ import os
 import re
 import shlex
 import shutil
+import tempfile
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -660,3 +661,20 @@ def publish(artifact_dir: Path, name: str, target: str | Path, *, key: str | Non
                 say(f"pruned {', '.join(pruned)} (keeping {retention})")
     return Published(image=name, version=build.version, location=destination.location(build.version),
                      new=new, pruned=tuple(pruned))
+
+
+# --- a throw-away signing key, for the tests and the benchmark
+
+
+def make_gpg_home() -> tuple[Path, str]:
+    """A throw-away GNUPGHOME (a short path: gpg-agent's socket lives in it) with one signing key."""
+    home = Path(tempfile.mkdtemp(prefix="gpg-", dir="/tmp"))
+    email = "publish-test@example.invalid"
+    run(["gpg", "--batch", "--passphrase", "", "--quick-gen-key", f"Publish Test <{email}>",
+         "ed25519", "sign", "never"], env={"GNUPGHOME": str(home)})
+    return home, email
+
+
+def remove_gpg_home(home: Path) -> None:
+    run(["gpgconf", "--homedir", home, "--kill", "all"], check=False)  # the agent gpg started
+    shutil.rmtree(home, ignore_errors=True)

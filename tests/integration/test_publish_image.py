@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from pipeline import build, inventory, publish, pxe
-from tests.unit.test_publish import make_gpg_home, remove_gpg_home
+from pipeline.publish import make_gpg_home, remove_gpg_home
 
 
 @pytest.fixture(scope="module")

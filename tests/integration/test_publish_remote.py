@@ -15,7 +15,8 @@ from packageurl import PackageURL
 from pipeline import publish
 from pipeline.errors import CommandFailed
 from pipeline.run import run, start, stop
-from tests.unit.test_publish import NAME, make_gpg_home, remove_gpg_home, write_build
+from pipeline.publish import make_gpg_home, remove_gpg_home
+from tests.unit.test_publish import NAME, write_build
 
 SSHD = "/usr/sbin/sshd"
 READY_DEADLINE = 15

@@ -6,10 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -17,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import publish
+from pipeline.publish import make_gpg_home, remove_gpg_home
 from pipeline.errors import PipelineError
 from pipeline.run import run, start
 
@@ -79,20 +78,6 @@ def write_build(directory: Path, name: str = NAME, *, date: str = DATE, seed: st
     (directory / "check.json").write_text(json.dumps({"passed": check, "qcow2_sha256": info["qcow2_sha256"]}))
     (directory / "boot-test.json").write_text(json.dumps({"passed": boot, "qcow2_sha256": info["qcow2_sha256"]}))
     return info
-
-
-def make_gpg_home() -> tuple[Path, str]:
-    """A throw-away GNUPGHOME (a short path: gpg-agent's socket lives in it) with one signing key."""
-    home = Path(tempfile.mkdtemp(prefix="gpg-", dir="/tmp"))
-    email = "publish-test@example.invalid"
-    run(["gpg", "--batch", "--passphrase", "", "--quick-gen-key", f"Publish Test <{email}>",
-         "ed25519", "sign", "never"], env={"GNUPGHOME": str(home)})
-    return home, email
-
-
-def remove_gpg_home(home: Path) -> None:
-    run(["gpgconf", "--homedir", home, "--kill", "all"], check=False)  # the agent gpg started
-    shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
