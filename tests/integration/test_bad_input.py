@@ -156,6 +156,7 @@ def test_interrupted_build_leaves_nothing_behind(tmp_path):
     _, rest = proc.communicate(timeout=180)
     assert proc.returncode != 0
     assert "interrupted" in rest, seen + rest
+    assert "image: " not in rest, f"the build finished after Ctrl-C:\n{seen}--- Ctrl-C here ---\n{rest}"
     assert_nothing_built(out)
     loops = subprocess.run(["losetup", "--list", "--noheadings", "--output", "BACK-FILE"],
                            capture_output=True, text=True).stdout

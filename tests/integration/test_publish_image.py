@@ -9,7 +9,8 @@ import subprocess
 
 import pytest
 
-from pipeline import build, inventory, publish, pxe
+from pipeline import build, publish
+from pipeline.paths import ROOT
 from pipeline.publish import make_gpg_home, remove_gpg_home
 
 
@@ -56,16 +57,46 @@ def test_republishing_keeps_the_version(artifacts, spec, published, signer):
 
 
 def test_pxe_tree_from_the_published_version(artifacts, spec, published, tmp_path):
-    """The deploy path: a node's kickstart installs the published liveimg, checked by its published sha256."""
+    """The deploy path as the README gives it, through the CLI: kickstarts and a PXE tree rendered
+    from the published version install its liveimg, checked against its published sha256, and
+    the tree is walked over HTTP as booting nodes would."""
     target, result = published
     inventory_file = tmp_path / "inventory.toml"
     inventory_file.write_text(f'spec_file = "{spec.source}"\n[site]\nbase_url = "http://10.0.0.1:8080"\n'
                               '[node.compute1]\nmacs = ["52:54:00:12:34:01"]\nboot = "uefi"\n'
+                              f'root_disk = "sda"\nrole = "{spec.name}"\n'
+                              '[node.compute2]\nmacs = ["52:54:00:12:34:02"]\nboot = "bios"\n'
                               f'root_disk = "sda"\nrole = "{spec.name}"\n')
-    tree = pxe.render_tree(inventory.load(inventory_file), tmp_path / "pxe", build_dir=target)
-    kickstart = (tree.root / "kickstarts/compute1.ks").read_text()
     sums = publish.read_sums((target / spec.name / result.version / publish.SUMS).read_text())
-    assert f"--checksum={sums[artifacts.liveimg.name]}" in kickstart
-    report = pxe.check(tree.root)
-    assert report.passed, report.problems
-    assert build.sha256(tree.root / spec.name / artifacts.liveimg.name) == sums[artifacts.liveimg.name]
+    cli(["kickstart.render", str(inventory_file), f"--build-dir={target}", f"--output-dir={tmp_path / 'ks'}",
+         "--target=RHEL10"])
+    assert f"--checksum={sums[artifacts.liveimg.name]}" in (tmp_path / "ks/compute1.ks").read_text()
+    root = tmp_path / "pxe"
+    cli(["pxe.render", str(inventory_file), f"--build-dir={target}", f"--output-dir={root}"])
+    assert f"--checksum={sums[artifacts.liveimg.name]}" in (root / "kickstarts/compute2.ks").read_text()
+    checked = cli(["pxe.check", f"--root={root}"])
+    assert "2 nodes" in checked.stdout and "no problems" in checked.stdout
+    assert build.sha256(root / spec.name / artifacts.liveimg.name) == sums[artifacts.liveimg.name]
+
+
+def test_pxe_check_catches_a_tampered_liveimg(artifacts, spec, published, tmp_path):
+    target, _ = published
+    inventory_file = tmp_path / "inventory.toml"
+    inventory_file.write_text(f'spec_file = "{spec.source}"\n[site]\nbase_url = "http://10.0.0.1:8080"\n'
+                              '[node.compute1]\nmacs = ["52:54:00:12:34:01"]\nboot = "uefi"\n'
+                              f'root_disk = "sda"\nrole = "{spec.name}"\n')
+    root = tmp_path / "pxe"
+    cli(["pxe.render", str(inventory_file), f"--build-dir={target}", f"--output-dir={root}"])
+    served = root / spec.name / artifacts.liveimg.name
+    served.unlink()  # a hard link to the published file: replace it, never write through it
+    served.write_bytes(b"not the image")
+    failed = cli(["pxe.check", f"--root={root}"], check=False)
+    assert failed.returncode == 1
+    assert f"liveimg http://10.0.0.1:8080/{spec.name}/{artifacts.liveimg.name}: its sha256 is" in failed.stdout
+
+
+def cli(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(ROOT / "inv"), *args], capture_output=True, text=True, cwd=ROOT)
+    if check:
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result

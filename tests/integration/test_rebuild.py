@@ -8,11 +8,12 @@ from __future__ import annotations
 import dataclasses
 import re
 import shutil
+import subprocess
 
 import pytest
 
 from pipeline import build, inspect, manifest
-from pipeline.paths import DEFAULT_CACHE, ELEMENTS
+from pipeline.paths import DEFAULT_CACHE, ELEMENTS, ROOT
 
 CHANGED_HOOK = "kvm-base/post-install.d/60-lock-passwords"
 NEED_TO_GET = re.compile(r"Need to get (\S+ \S+?)(?:/| of archives)")
@@ -65,6 +66,15 @@ def test_same_packages_and_file_list(artifacts, rebuilt):
     assert difference.same_packages and difference.same_file_list, report
     unexpected = {path: fields for path, fields in difference.files_changed.items() if path not in VOLATILE}
     assert unexpected == {}, report
+
+
+def test_diff_task_reports_the_same_lists(artifacts, rebuilt):
+    _, art = rebuilt
+    result = subprocess.run([str(ROOT / "inv"), "diff", str(artifacts.directory), str(art.directory)],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "packages: same; file list: same" in result.stdout
+    assert "/etc/fstab: content" in result.stdout  # what differs is named
 
 
 def test_rebuilt_image_passes_its_offline_check(rebuilt):
