@@ -139,12 +139,19 @@ def test_policy_module_that_does_not_compile_is_refused_with_file_and_line(tmp_p
     assert "line 3" in line, line
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """SIGINT as a terminal's Ctrl-C finds it: a test run started in the background (as CI
+    runners may) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_interrupted_build_leaves_nothing_behind(tmp_path):
     """Ctrl-C while DIB runs (its chroot mounts are up): no work dir, mount, loop device or image."""
     out = tmp_path / "out"
     path = spec_file(tmp_path, GOOD_IMAGE)
     proc = subprocess.Popen([*INVOKE, "build", "probe", "--spec-file", str(path), "--output-dir", str(out)],
-                            cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=_ctrl_c_as_in_a_terminal)
     deadline = time.monotonic() + 300
     seen = ""
     for line in proc.stderr:  # wait until DIB is installing packages inside its chroot
