@@ -264,6 +264,7 @@ def rebuild_benchmark(images: list[ImageSpec], output_dir: Path, runs: int, publ
             shutil.rmtree(scratch / f"published-{index}", ignore_errors=True)
     finally:
         publish.remove_gpg_home(home)
+        shutil.rmtree(scratch / "changed-elements", ignore_errors=True)
     for name, figures in summary.items():
         print(f"rebuilds of {name}: medians of {len(results)} run(s)")
         for key, value in figures.items():
