@@ -377,7 +377,7 @@ def ci(c, spec_file=None, output_dir=str(DEFAULT_OUTPUT), cache_dir=str(DEFAULT_
             if timings.seconds:
                 _run_check(spec, Path(output_dir))
             art = builder.artifacts_for(spec, Path(output_dir))
-            if _boot_test_passed(art):
+            if art.passed(art.boot_report):
                 say(f"boot test already passed on this {art.qcow2.name}")
             else:
                 firmware = "uefi" if spec.is_kvm_host else "both"
@@ -389,16 +389,6 @@ def ci(c, spec_file=None, output_dir=str(DEFAULT_OUTPUT), cache_dir=str(DEFAULT_
                                        gnupg_home=Path(gnupg_home) if gnupg_home else None,
                                        retention=int(retention), ssh_options=ssh_option or [])
             print(result.location)
-
-
-def _boot_test_passed(art) -> bool:
-    import json
-
-    try:
-        verdict = json.loads(art.boot_report.read_text())
-        return verdict.get("passed") is True and verdict.get("qcow2_sha256") == art.read_info()["qcow2_sha256"]
-    except (OSError, ValueError):
-        return False
 
 
 namespace.add_task(ci)

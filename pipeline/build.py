@@ -89,6 +89,11 @@ class Artifacts:
     def logs(self) -> Path:
         return self.directory / "logs"
 
+    def passed(self, report: Path) -> bool:
+        """Whether a verdict (check_report, boot_report) says passed, about this build's qcow2."""
+        verdict, built = _read_json(report), _read_json(self.info).get("qcow2_sha256")
+        return verdict.get("passed") is True and built is not None and verdict.get("qcow2_sha256") == built
+
     def read_info(self) -> dict:
         try:
             return json.loads(self.info.read_text())
@@ -203,7 +208,7 @@ def dib_environment(ctx: BuildContext) -> dict[str, str]:
         # layer moves the cache to its own directory, which shares them.
         "DIB_IMAGE_CACHE": str(ctx.cache_dir),
         **(ctx.layer.environment(saving=not ctx.from_layer) if ctx.layer else {}),
-        "SOURCE_DATE_EPOCH": str(ctx.source_date_epoch),
+        **({"SOURCE_DATE_EPOCH": str(ctx.source_date_epoch)} if ctx.source_date_epoch else {}),
         "DIB_OVS_BRIDGES": " ".join(b.dib_value for b in spec.bridges),
         # DIB's own temporary mounts go under our work directory, so cleanup finds them.
         "TMPDIR": str(ctx.work / "tmp"),
@@ -400,8 +405,7 @@ def stale_reason(art: Artifacts, input_hash: str) -> str | None:
         return f"missing {', '.join(missing)}"
     if art.qcow2.stat().st_size != info.get("qcow2_size"):
         return f"{art.qcow2.name} is not the file that was built"
-    check = _read_json(art.check_report)
-    if not (check.get("passed") is True and check.get("qcow2_sha256") == info.get("qcow2_sha256")):
+    if not art.passed(art.check_report):
         return "its offline check has not passed"
     return None
 

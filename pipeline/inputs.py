@@ -82,7 +82,10 @@ def input_hash(spec: ImageSpec) -> str:
     """sha256 over the spec, our element trees, DIB's version, profiles, and the pipeline."""
     digest = hashlib.sha256()
     spec_json = spec.to_json()
-    spec_json.pop("description")  # words for `inv list`; no part of the image
+    # Words for `inv list`, and where the spec and the directories it names are: the contents
+    # of those directories are hashed below, so a checkout moved elsewhere keeps its versions.
+    for key in ("description", "source", "element_dirs", "profile_dirs"):
+        spec_json.pop(key)
     digest.update(json.dumps(spec_json, sort_keys=True).encode())
     digest.update(f"diskimage-builder {dib_version()}\n".encode())
     for element in resolved_elements(spec):

@@ -26,10 +26,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .inputs import Element, dib_version, resolved_elements, tree_digest
+from .inputs import PIPELINE_ELEMENTS, Element, dib_version, resolved_elements, tree_digest
 from .spec import ImageSpec
 
-ELEMENT = "kvm-package-layer"
+ELEMENT, = PIPELINE_ELEMENTS  # kvm-package-layer
 MAX_AGE = 7 * 24 * 3600
 KEEP = 4  # layers kept in the cache, most recently used first
 COMPLETE = "complete"

@@ -27,7 +27,6 @@ def steps(monkeypatch, tmp_path):
     monkeypatch.setattr(publish, "require_key", lambda key, home=None: done.append(("key", key)) or "FPR")
     monkeypatch.setattr(build, "build", fake_build)
     monkeypatch.setattr(tasks, "_run_check", lambda spec, out: done.append(("check", spec.name)))
-    monkeypatch.setattr(tasks, "_boot_test_passed", lambda art: False)
     monkeypatch.setattr(tasks, "_pytest", lambda c, args, warn=False: done.append(("boot", _image(args))) or True)
     monkeypatch.setattr(publish, "publish", lambda directory, name, target, **kw: done.append(("publish", name))
                         or publish.Published(name, "20261125-00000000", str(target), True, ()))
