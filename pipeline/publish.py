@@ -25,8 +25,11 @@ and published checksums never change under a name.
 A remote target (`[user@]host:/path` as scp and rsync write it, or `ssh://[user@]host[:port]/path`)
 gets the same tree: staged locally beside the build, copied with `rsync -a` over ssh into a
 hidden .incoming-VERSION-PID there, checked there with `sha256sum --check`, renamed with
-`mv -T`, and `latest` replaced with `ln -sfn` to a temporary name and `mv -T`. A local target
-is locked while it is published to; publish to a remote target from one place at a time.
+`mv -T`, and `latest` replaced with `ln -sfn` to a temporary name and `mv -T`.
+
+Either target is locked while it is published to (flock on TARGET/NAME/.publish.lock), so the
+leftovers a publish finds are surely dead. On a remote target the lock is held by `flock` over
+an ssh session whose stdin only this process holds: a publish killed with SIGKILL lets go too.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ from . import tools
 from .errors import PipelineError
 from .manifest import sha256
 from .progress import say, step
-from .run import run
+from .run import hold, release, run
 
 VERSION = re.compile(r"(\d{8})-([0-9a-f]{8})")
 HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -482,6 +485,10 @@ REMOTE_LIST = 'mkdir -p -- "$1" && find "$1" -mindepth 1 -maxdepth 1 -printf "%f
 # The copy checked with sha256sum and flushed, then renamed into place.
 REMOTE_COMMIT = ('cd -- "$1/$2" && sha256sum --check --strict --quiet SHA256SUMS && sync -- * . '
                  '&& mv -T -- "$1/$2" "$1/$3" && sync -- "$1"')
+# Prints "locked" once it holds the lock, then holds it until its stdin ends.
+REMOTE_LOCK = ('mkdir -p -- "$1" && exec flock --nonblock --conflict-exit-code 75 "$1/$2" '
+               'sh -c \'echo locked && exec cat >/dev/null\'')
+REMOTE_LOCK_BUSY = 75
 REMOTE_LATEST = 'ln -sfn -- "$2" "$1/$3" && mv -T -- "$1/$3" "$1/latest" && sync -- "$1"'
 
 
@@ -510,17 +517,32 @@ class RemoteTarget:
             argv += ["-o", option]
         return argv
 
-    def ssh(self, argv: list[str], *, capture: bool = False, check: bool = True):
-        """Run argv on the host; quoted for its shell, as ssh hands the command to it."""
+    def _ssh_argv(self, argv: list[str]) -> list[str]:
+        """argv run on the host: quoted for its shell, as ssh hands the command to it."""
         host = self.host.replace("[", "").replace("]", "")  # ssh takes an IPv6 address bare
-        return run([*self.ssh_command(), host, shlex.join(argv)], capture=capture, check=check)
+        return [*self.ssh_command(), host, shlex.join(argv)]
+
+    def ssh(self, argv: list[str], *, capture: bool = False, check: bool = True):
+        return run(self._ssh_argv(argv), capture=capture, check=check)
 
     def _script(self, script: str, *args: str, capture: bool = False):
         return self.ssh(["sh", "-c", script, "sh", *args], capture=capture)
 
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
-        yield
+        """Only one publish at a time per image and target, as on a local target."""
+        holder = hold(self._ssh_argv(["sh", "-c", REMOTE_LOCK, "sh", self.directory, LOCK]))
+        try:
+            if holder.stdout.readline().strip() != b"locked":
+                holder.stdin.close()
+                error = holder.stderr.read().decode(errors="replace").strip()
+                if holder.wait() == REMOTE_LOCK_BUSY:
+                    raise PipelineError(f"{self}: another publish is running (it holds {LOCK})")
+                raise PipelineError(f"{self}: cannot take {LOCK} there: "
+                                    f"{error.splitlines()[-1] if error else f'ssh exited {holder.returncode}'}")
+            yield
+        finally:
+            release(holder)
 
     def listing(self) -> Listing:
         out = self._script(REMOTE_LIST, self.directory, capture=True).stdout

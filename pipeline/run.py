@@ -105,5 +105,28 @@ def start(argv: list[str], *, log: Path, env: dict[str, str] | None = None) -> s
                                 stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def hold(argv: list[str], *, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start a process that lives while its stdin stays open (a lock held over ssh).
+
+    stdin, stdout and stderr are pipes. Only this process holds stdin's write end, so if it
+    dies, the child reads end-of-file and lets go."""
+    argv = [str(arg) for arg in argv]
+    _debug(argv)
+    return subprocess.Popen(argv, env=clean_env(env), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+
+
+def release(proc: subprocess.Popen, grace: float = 10) -> None:
+    """End a process started by hold: close its stdin, then stop it if it lingers."""
+    try:
+        proc.stdin.close()
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        _stop_group(proc, grace)
+    finally:
+        for stream in (proc.stdout, proc.stderr):
+            stream.close()
+
+
 def stop(proc: subprocess.Popen, grace: float = 10) -> None:
     _stop_group(proc, grace)

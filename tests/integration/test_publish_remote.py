@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import pytest
 from packageurl import PackageURL
 
 from pipeline import publish
-from pipeline.errors import CommandFailed
+from pipeline.errors import CommandFailed, PipelineError
 from pipeline.run import run, start, stop
 from pipeline.publish import make_gpg_home, remove_gpg_home
 from tests.unit.test_publish import NAME, write_build
@@ -103,6 +105,10 @@ def test_publish_over_rsync_and_ssh(tmp_path, sshd, gpg_key, monkeypatch):
     def there(*argv: str) -> str:
         return ssh(list(argv), capture=True).stdout
 
+    def entries() -> list[str]:
+        """What the image's directory holds, hidden leftovers included, but the lock file."""
+        return [entry for entry in there("ls", "-A", image_dir).split() if entry != publish.LOCK]
+
     builds = []
     for seed, date in (("1", "20261121"), ("2", "20261122")):
         directory = tmp_path / f"build-{seed}" / NAME
@@ -127,17 +133,17 @@ def test_publish_over_rsync_and_ssh(tmp_path, sshd, gpg_key, monkeypatch):
     with pytest.raises(CommandFailed, match="refused for the test"):
         publish.publish(builds[1][0], NAME, target, **options)
     monkeypatch.undo()
-    assert there("ls", "-A", image_dir).split() == [first.version, "latest"]
+    assert entries() == [first.version, "latest"]
 
     # A killed publish's leftover is removed by the next; the retention count prunes the oldest.
     there("mkdir", "-p", f"{image_dir}/.incoming-20261122-deadbeef-4242")
     second = publish.publish(builds[1][0], NAME, target, **options)
-    assert there("ls", "-A", image_dir).split() == [first.version, second.version, "latest"]
+    assert entries() == [first.version, second.version, "latest"]
     third_dir = tmp_path / "build-3" / NAME
     write_build(third_dir, seed="3", date="20261123")
     third = publish.publish(third_dir, NAME, target, **options)
     assert third.pruned == (first.version,)
-    assert there("ls", "-A", image_dir).split() == [second.version, third.version, "latest"]
+    assert entries() == [second.version, third.version, "latest"]
     assert there("readlink", f"{image_dir}/latest").strip() == third.version
 
     # Republishing a version is a no-op that says so (and a rollback for latest).
@@ -145,6 +151,48 @@ def test_publish_over_rsync_and_ssh(tmp_path, sshd, gpg_key, monkeypatch):
     assert not again.new and again.pruned == ()
     assert there("readlink", f"{image_dir}/latest").strip() == second.version
     assert not list(builds[1][0].glob(".publish-*")), "the local staging directory is removed"
+
+
+def test_one_publish_at_a_time_and_a_killed_one_lets_go(tmp_path, sshd, gpg_key):
+    """The remote lock is flock held over an ssh session: a second publish is refused while it
+    is held, and a publisher killed with SIGKILL (no cleanup runs) releases it."""
+    home, email = gpg_key
+    target = f"ssh://root@127.0.0.1:{sshd['port']}{tmp_path / 'remote'}"
+    build_dir = tmp_path / "build" / NAME
+    write_build(build_dir, seed="1", date="20261121")
+    options = {"key": email, "gnupg_home": home, "ssh_options": sshd["options"]}
+
+    holder = publish.parse_target(target, NAME, sshd["options"])
+    with holder.session():
+        with pytest.raises(PipelineError, match=r"another publish is running \(it holds \.publish\.lock\)"):
+            publish.publish(build_dir, NAME, target, **options)
+    assert publish.publish(build_dir, NAME, target, **options).new
+
+    # A publisher that takes the lock and is then killed outright.
+    script = ("import sys, time; from pipeline import publish\n"
+              "target = publish.parse_target(sys.argv[1], sys.argv[2], sys.argv[3:])\n"
+              "with target.session():\n"
+              "    print('holding', flush=True)\n"
+              "    time.sleep(600)\n")
+    killed = subprocess.Popen([sys.executable, "-c", script, target, NAME, *sshd["options"]],
+                              cwd=Path(__file__).parents[2], stdout=subprocess.PIPE)
+    try:
+        assert killed.stdout.readline().strip() == b"holding"
+        with pytest.raises(PipelineError, match="another publish is running"):
+            publish.publish(build_dir, NAME, target, **options)
+    finally:
+        killed.kill()
+        killed.wait()
+        killed.stdout.close()
+    deadline = time.monotonic() + 10  # the remote flock ends when its ssh session does
+    while True:
+        try:
+            assert not publish.publish(build_dir, NAME, target, **options).new
+            break
+        except PipelineError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def test_sbom_of_a_real_package_database():

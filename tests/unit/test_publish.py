@@ -4,6 +4,7 @@ sha256sum and CycloneDX's own schema validator. Each fault the issue names is a 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import signal
@@ -460,3 +461,40 @@ def test_remote_commands_are_quoted_for_the_remote_shell(monkeypatch):
                          "-o", "UserKnownHostsFile=/keys/known"]
     assert argv[-2] == "deploy@::1"
     assert argv[-1] == "rm -rf -- '/srv/my images/img/20261121-aaaaaaaa'"
+
+
+class FakeHolder:
+    """What run.hold returns, for an ssh that printed `out`, `err` and exited with `code`."""
+
+    def __init__(self, out: bytes, err: bytes, code: int):
+        self.stdin, self.stdout, self.stderr = io.BytesIO(), io.BytesIO(out), io.BytesIO(err)
+        self.returncode = code
+
+    def wait(self, timeout=None):
+        return self.returncode
+
+
+@pytest.mark.parametrize("out, err, code, problem", [
+    (b"", b"", 75, r"ssh://root@127\.0\.0\.1:2222/srv/img: another publish is running \(it holds \.publish\.lock\)"),
+    (b"", b"ssh: connect to host 127.0.0.1 port 2222: Connection refused\n", 255,
+     r"cannot take \.publish\.lock there: ssh: connect to host .* Connection refused$"),
+    (b"", b"", 1, r"cannot take \.publish\.lock there: ssh exited 1$"),
+])
+def test_remote_lock_failures_are_one_line(monkeypatch, out, err, code, problem):
+    argvs = []
+    monkeypatch.setattr(publish, "hold", lambda argv: argvs.append(argv) or FakeHolder(out, err, code))
+    monkeypatch.setattr(publish, "release", lambda holder: None)
+    target = publish.parse_target("ssh://root@127.0.0.1:2222/srv", NAME)
+    with pytest.raises(PipelineError, match=problem):
+        with target.session():
+            pytest.fail("the session must not start without the lock")
+    assert argvs[0][-1].startswith("sh -c ") and argvs[0][-1].endswith("/srv/img .publish.lock")
+
+
+def test_remote_lock_is_held_for_the_session_and_released(monkeypatch):
+    released = []
+    monkeypatch.setattr(publish, "hold", lambda argv: FakeHolder(b"locked\n", b"", 0))
+    monkeypatch.setattr(publish, "release", released.append)
+    with publish.parse_target("host:/srv", NAME).session():
+        assert not released
+    assert len(released) == 1
