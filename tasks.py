@@ -281,21 +281,28 @@ def pxe_check(c, root=str(PXE_ROOT), base_url=None):
     "image": "the image whose built kernel and initrd the nodes boot (./inv list shows them)",
     "spec-file": f"image spec file (default {SPEC_FILE.name})",
     "build-dir": f"where the image was built (default {DEFAULT_OUTPUT.name}/); logs go to BUILD_DIR/IMAGE/pxe-boot/",
-    "firmware": "bios, uefi or both (default both)"})
+    "firmware": "bios, uefi or both (default both)",
+    "loader": "ipxe (default: iPXE, everything over HTTP) or pxelinux-grub (pxelinux for BIOS, GRUB for "
+              "UEFI, by TFTP)"})
 @user_errors
-def pxe_boot_test(c, image, spec_file=None, build_dir=str(DEFAULT_OUTPUT), firmware="both"):
+def pxe_boot_test(c, image, spec_file=None, build_dir=str(DEFAULT_OUTPUT), firmware="both", loader="ipxe"):
     """Boot QEMU VMs from the network as nodes of a two-node inventory (one BIOS, one UEFI) and prove
-    each got its own files: iPXE script, kernel and initrd (from the access log) and its own kickstart
-    URL on the kernel's command line (from the serial console). Prints each boot's time from VM start
-    to the kernel running. The built image's kernel and initrd stand in for an installer's."""
+    each got its own files: with iPXE, its script, kernel and initrd (from the access log); with
+    pxelinux or GRUB, the loader's own lines (from the serial console); and its own kickstart URL on
+    the kernel's command line. Prints each boot's time from VM start to the kernel running. The built
+    image's kernel and initrd stand in for an installer's."""
     from pipeline import pxeboot
     from pipeline.boot import Firmware
+    from pipeline.inventory import Loader
 
     if firmware not in ("both", *Firmware):
         raise Exit(f"error: --firmware is bios, uefi or both, not {firmware!r}", code=1)
+    if loader not in tuple(Loader):
+        raise Exit(f"error: --loader is {' or '.join(Loader)}, not {loader!r}", code=1)
     firmwares = list(Firmware) if firmware == "both" else [Firmware(firmware)]
     role = _spec(image, spec_file).name
-    results = pxeboot.boot_test(role, Path(spec_file) if spec_file else SPEC_FILE, Path(build_dir), firmwares)
+    results = pxeboot.boot_test(role, Path(spec_file) if spec_file else SPEC_FILE, Path(build_dir), firmwares,
+                                loader=Loader(loader))
     for result, problems in results:
         print("\n".join(pxeboot.summary(result) + [f"  problem: {problem}" for problem in problems]))
     if any(problems for _, problems in results):

@@ -22,6 +22,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -74,6 +75,7 @@ BOOT_PROGRAM = {Loader.IPXE: ("undionly.kpxe", "ipxe.efi"), Loader.PXELINUX_GRUB
 # The installer's name for the boot NIC, given by its MAC (dracut's ifname=): the installer's
 # kernel may name the NIC differently from the installed system.
 BOOT_NIC = "bootnet"
+SERIAL_CONSOLE = re.compile(r"console=ttyS(?P<port>\d+)(?:,(?P<speed>\d+)\S*)?")
 HTTP_TIMEOUT = 30  # seconds without a byte before a fetch fails
 DNSMASQ_STARTUP = 2.0  # seconds dnsmasq has to fail on its configuration before we call it running
 
@@ -100,6 +102,19 @@ class NodeBoot:
         firmware = (("grub", f"grub/grub.cfg-{mac}") if self.node.boot is Boot.UEFI
                     else ("pxelinux", f"pxelinux.cfg/{mac}"))
         return dict([("ipxe", f"ipxe/{mac}.ipxe"), firmware, ("kickstart", self.kickstart)])
+
+    @property
+    def announcement(self) -> str:
+        """What the node's GRUB or pxelinux configuration prints first: the console shows it was read."""
+        return f"Installing {self.node.name} (role {self.node.role})"
+
+    @property
+    def serial(self) -> tuple[int, int] | None:
+        """The serial port and speed of the kernel's last console=ttySN[,SPEED], for pxelinux's SERIAL."""
+        for arg in reversed(self.args):
+            if found := SERIAL_CONSOLE.fullmatch(arg):
+                return int(found["port"]), int(found["speed"] or 9600)
+        return None
 
 
 @dataclass(frozen=True)

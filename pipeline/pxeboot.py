@@ -1,11 +1,17 @@
 """Boot a node of a PXE tree in QEMU, as it would boot on the site's network, and prove it got its
 own files.
 
-QEMU's user network does DHCP (and TFTP): its DHCP filename is the URL of the tree's boot.ipxe,
-which the NIC's iPXE ROM (Debian package ipxe-qemu) fetches over HTTP, so the whole chain (boot.ipxe,
-ipxe/01-MAC.ipxe, kernel, initrd) goes through our server and its access log. The guest reaches
-the host's 127.0.0.1:PORT at 10.0.2.2:PORT, so the tree's base_url is http://10.0.2.2:PORT. The VM
-has no disk; it is stopped as soon as its kernel prints its command line on the serial console.
+QEMU's user network does DHCP and TFTP (from the tree's root), and the NIC's ROM is iPXE (Debian
+package ipxe-qemu). The guest reaches the host's 127.0.0.1:PORT at 10.0.2.2:PORT, so the tree's
+base_url is http://10.0.2.2:PORT. The VM has no disk; it is stopped as soon as its kernel prints
+its command line on the serial console. By the site's loader:
+
+- ipxe: the DHCP filename is the URL of the tree's boot.ipxe, so the whole chain (boot.ipxe,
+  ipxe/01-MAC.ipxe, kernel, initrd) goes through our server and its access log;
+- pxelinux-grub: the DHCP filename is pxelinux.0 (BIOS) or grubnetx64.efi (UEFI), which read
+  their per-MAC configuration, kernel and initrd by TFTP. QEMU's TFTP keeps no log, so the proof
+  is the console: the loader's own lines, and the node's own kickstart URL on the kernel's
+  command line (their default configurations boot no installer).
 
 No installer kernel can be had here: the tree (pipeline.pxe) offers the built image's own kernel
 and initrd in its place, with an installer's command line. What is proved is the chain up to the
@@ -27,6 +33,7 @@ from . import inventory as inventories
 from . import pxe, tools
 from .boot import OVMF_CODE, OVMF_VARS, Firmware, _free_port, accelerator
 from .errors import PipelineError, ToolMissing
+from .inventory import Boot, Loader
 from .run import start, stop
 
 BOOT_DEADLINE = 300  # seconds from QEMU start to the kernel's command line; ~15-25 s under TCG here
@@ -91,22 +98,42 @@ class BootResult:
     command_line: tuple[str, ...]
     requests: tuple[Request, ...]  # this boot's, in the order the server answered them
     console: Path
+    loader: Loader = Loader.IPXE
+    console_text: str = ""  # the console as the boot left it, without escape sequences
 
 
-def own_files(tree: pxe.Tree, node: str) -> list[str]:
-    """The URL paths a node's iPXE chain fetches, in order: boot.ipxe, its script, kernel, initrd."""
+def own_files(tree: pxe.Tree, node: str, loader: Loader = Loader.IPXE) -> list[str]:
+    """The URL paths a node's chain fetches over HTTP, in order. iPXE: boot.ipxe, its script, kernel,
+    initrd. pxelinux and GRUB fetch nothing over HTTP: they read everything by TFTP."""
+    if loader is not Loader.IPXE:
+        return []
     boot = _node_boot(tree, node)
     return ["/boot.ipxe", f"/{boot.files['ipxe']}", f"/{boot.kernel}", f"/{boot.initrd}"]
 
 
+def own_console_lines(tree: pxe.Tree, node: str, loader: Loader) -> list[str]:
+    """What the console shows when the loader read the node's own configuration and loaded its kernel
+    by TFTP: pxelinux's banner and its loading of the kernel; GRUB's greeting and the line that the
+    node's own grub.cfg echoes. Nothing for iPXE, whose proof is the access log."""
+    if loader is Loader.IPXE:
+        return []
+    boot = _node_boot(tree, node)
+    if boot.node.boot is Boot.UEFI:
+        return ["Welcome to GRUB!", boot.announcement]
+    return ["PXELINUX ", f"Loading {boot.kernel}"]
+
+
 def problems(tree: pxe.Tree, result: BootResult) -> tuple[str, ...]:
-    """What the boot got wrong: a file of its own not fetched with 200, another node's script or
-    kickstart fetched, a kernel command line without its own kickstart URL or with another's."""
+    """What the boot got wrong: a file of its own not fetched with 200, a loader's line missing from
+    the console, another node's script or kickstart fetched, a kernel command line without its own
+    kickstart URL or with another's."""
     found = []
     fetched = {request.path: request.status for request in result.requests}
-    for path in own_files(tree, result.node):
+    for path in own_files(tree, result.node, result.loader):
         if fetched.get(path) != 200:
             found.append(f"{path}: {'not fetched' if path not in fetched else f'status {fetched[path]}'}")
+    found += [f"the console never showed {line!r}" for line in own_console_lines(tree, result.node, result.loader)
+              if line not in result.console_text]
     own = _node_boot(tree, result.node)
     own_urls, urls = kickstart_urls(own.args), kickstart_urls(result.command_line)
     for other in tree.boots:
@@ -130,12 +157,12 @@ def _node_boot(tree: pxe.Tree, node: str) -> pxe.NodeBoot:
 # --- the test site: a two-node inventory, its tree, served
 
 
-def write_inventory(path: Path, role: str, spec_file: Path, base_url: str) -> Path:
+def write_inventory(path: Path, role: str, spec_file: Path, base_url: str, loader: Loader = Loader.IPXE) -> Path:
     """A two-node inventory of the role: one BIOS node and one UEFI node, by DHCP, fetching from
-    the host as QEMU's guests see it."""
+    the host as QEMU's guests see it, booted by the loader."""
     lines = ["# The PXE boot test's inventory (pipeline/pxeboot.py): thrown away after the test.",
              f"spec_file = {json.dumps(str(Path(spec_file).resolve()))}", "", "[site]",
-             f"base_url = {json.dumps(base_url)}"]
+             f"base_url = {json.dumps(base_url)}", "", "[site.pxe]", f"loader = {json.dumps(str(loader))}"]
     for firmware, (name, mac) in NODES.items():  # JSON strings are TOML strings
         lines += ["", f"[node.{name}]", f"macs = [{json.dumps(mac)}]", f"boot = {json.dumps(str(firmware))}",
                   'root_disk = "vda"', f"role = {json.dumps(role)}"]
@@ -148,10 +175,12 @@ class Site:
     tree: pxe.Tree
     base_url: str  # as the guests see it: http://10.0.2.2:PORT
     workdir: Path  # the logs: console-FIRMWARE.log, qemu-FIRMWARE.log, access.log
+    loader: Loader = Loader.IPXE
 
 
 @contextmanager
-def serving_site(role: str, spec_file: Path, build_dir: Path, workdir: Path) -> Iterator[Site]:
+def serving_site(role: str, spec_file: Path, build_dir: Path, workdir: Path,
+                 loader: Loader = Loader.IPXE) -> Iterator[Site]:
     """Render the test inventory's tree from the built role into workdir/tree and serve it on the
     loopback port its base_url names. On leaving, the server stops, the access log is kept in
     workdir and the tree (hard links to the build's files) is removed."""
@@ -161,7 +190,7 @@ def serving_site(role: str, spec_file: Path, build_dir: Path, workdir: Path) -> 
     port = _free_port()  # free now; the tree must name it before the server can take it
     base_url = f"http://{GUEST_HOST}:{port}"
     try:
-        inventory = inventories.load(write_inventory(workdir / "inventory.toml", role, spec_file, base_url))
+        inventory = inventories.load(write_inventory(workdir / "inventory.toml", role, spec_file, base_url, loader))
         # The tree beside the build, so that its kernel, initrd and liveimg are hard links, not copies.
         tree = pxe.render_tree(inventory, workdir / "tree", build_dir=Path(build_dir))
     except BaseException:  # the image not built, say: nothing to keep
@@ -169,7 +198,7 @@ def serving_site(role: str, spec_file: Path, build_dir: Path, workdir: Path) -> 
         raise
     try:
         with pxe.serving(tree.root, "127.0.0.1", port, echo=False):
-            yield Site(tree, base_url, workdir)
+            yield Site(tree, base_url, workdir, loader)
     finally:
         if (tree.root / pxe.ACCESS_LOG).is_file():
             shutil.copyfile(tree.root / pxe.ACCESS_LOG, workdir / pxe.ACCESS_LOG)
@@ -180,13 +209,17 @@ def serving_site(role: str, spec_file: Path, build_dir: Path, workdir: Path) -> 
 
 
 def qemu_argv(firmware: Firmware, mac: str, site: Site, console: Path) -> list[str]:
-    """A diskless VM whose NIC (the node's MAC, first in the boot order) boots the site's boot.ipxe."""
+    """A diskless VM whose NIC (the node's MAC, first in the boot order) boots the site's loader:
+    boot.ipxe by URL (iPXE takes a URL as the DHCP filename), or pxelinux.0 or GRUB by TFTP."""
+    if site.loader is Loader.IPXE:
+        boot_file = f"{site.base_url}/boot.ipxe"
+    else:
+        boot_file = pxe.BOOT_PROGRAM[site.loader][firmware is Firmware.UEFI]
     accel, cpu = accelerator()
     argv = ["qemu-system-x86_64", "-name", f"pxe-boot-{firmware}", "-machine", f"q35,accel={accel}", "-cpu", cpu,
             "-m", str(MEMORY_MIB), "-nodefaults", "-display", "none", "-monitor", "none", "-no-reboot",
             "-serial", f"file:{console}",
-            # iPXE takes a URL as the DHCP filename: the first script comes over HTTP too.
-            "-netdev", f"user,id=n0,tftp={site.tree.root},bootfile={site.base_url}/boot.ipxe",
+            "-netdev", f"user,id=n0,tftp={site.tree.root},bootfile={boot_file}",
             "-device", f"virtio-net-pci,netdev=n0,mac={mac},bootindex=1"]
     if firmware is Firmware.UEFI:
         variables = site.workdir / "OVMF_VARS.fd"
@@ -234,7 +267,8 @@ def boot(site: Site, firmware: Firmware, deadline: float = BOOT_DEADLINE) -> Boo
         seconds = round(time.monotonic() - started, 1)
     finally:
         stop(proc)
-    return BootResult(name, firmware, seconds, args, parse_access_log(_read(access_log, logged)), console)
+    return BootResult(name, firmware, seconds, args, parse_access_log(_read(access_log, logged)), console,
+                      site.loader, ESCAPES.sub("", _read(console).replace("\r", "\n")))
 
 
 def _read(path: Path, offset: int = 0) -> str:
@@ -250,10 +284,10 @@ def _read(path: Path, offset: int = 0) -> str:
 
 
 def boot_test(role: str, spec_file: Path, build_dir: Path, firmwares: list[Firmware],
-              deadline: float = BOOT_DEADLINE) -> list[tuple[BootResult, tuple[str, ...]]]:
+              deadline: float = BOOT_DEADLINE, loader: Loader = Loader.IPXE) -> list[tuple[BootResult, tuple[str, ...]]]:
     """Boot the test inventory's node of each firmware, one after the other, from a throw-away tree
     of the built role; each boot with what it got wrong (problems). Logs stay in build/ROLE/pxe-boot/."""
-    with serving_site(role, spec_file, build_dir, Path(build_dir) / role / "pxe-boot") as site:
+    with serving_site(role, spec_file, build_dir, Path(build_dir) / role / "pxe-boot", loader) as site:
         results = [boot(site, firmware, deadline) for firmware in firmwares]
         return [(result, problems(site.tree, result)) for result in results]
 
@@ -261,6 +295,6 @@ def boot_test(role: str, spec_file: Path, build_dir: Path, firmwares: list[Firmw
 def summary(result: BootResult) -> list[str]:
     """What a boot fetched and how long its kernel took to run, for people."""
     urls = " ".join(kickstart_urls(result.command_line)) or "none"
-    return [f"{result.node} ({result.firmware}): kernel running {result.seconds} s after QEMU start, inst.ks: "
+    return [f"{result.node} ({result.firmware}, {result.loader}): kernel running {result.seconds} s after QEMU start, inst.ks: "
             f"{urls} (console: {result.console})",
             *(f"  {request.method} {request.path} {request.status}" for request in result.requests)]

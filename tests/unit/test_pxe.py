@@ -1,6 +1,7 @@
 """The PXE tree: rendered from an inventory and fake build artifacts, served on loopback, and walked
 by `check` as booting nodes would. No root, no network but loopback (the dnsmasq test needs root)."""
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -158,6 +159,22 @@ def test_grub_and_pxelinux_read_the_kernel_by_tftp_from_the_same_root(tree):
     # A machine not in the inventory is not installed: it boots the next device.
     assert line_of(tree.root / "grub/grub.cfg", "exit") == "exit"
     assert line_of(tree.root / "pxelinux.cfg/default", "LOCALBOOT") == "LOCALBOOT 0"
+    # pxelinux writes to the kernel's serial console too; SERIAL must be its first directive.
+    directives = [line for line in pxelinux.read_text().splitlines() if line and not line.startswith("#")]
+    assert directives[0] == "SERIAL 0 115200"
+    assert line_of(grub, "echo") == 'echo "Installing compute1 (role host-image)"'
+
+
+@pytest.mark.parametrize("args, serial", [
+    (("console=tty0", "console=ttyS0,115200"), (0, 115200)),
+    (("console=ttyS1,57600n8", "console=tty0"), (1, 57600)),
+    (("console=ttyS0",), (0, 9600)),
+    (("console=ttyS0,115200", "console=ttyS1,9600"), (1, 9600)),  # the kernel's last console is its main one
+    (("console=tty0", "console=ttyUSB0"), None),
+])
+def test_serial_console_of_the_kernel_args(tree, args, serial):
+    boot = dataclasses.replace(tree.boots[0], args=args)
+    assert boot.serial == serial
 
 
 def test_boot_programs(tree):

@@ -1,6 +1,7 @@
 """The PXE boot test's pure parts: the access log, the kernel's command line on the console, what
 a boot got wrong; and the boot's deadline and QEMU's exit, with a fake QEMU. No root, no network."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ import pytest
 from pipeline import inventory, pxe, pxeboot
 from pipeline.boot import Firmware
 from pipeline.errors import PipelineError
+from pipeline.inventory import Loader
 from pipeline.paths import SPEC_FILE
 
 BASE = "http://10.0.2.2:41234"
@@ -178,3 +180,31 @@ def test_qemu_boots_the_nodes_mac_from_the_sites_url(site, tmp_path):
     assert argv[argv.index("-device") + 1] == "virtio-net-pci,netdev=n0,mac=52:54:00:7e:00:02,bootindex=1"
     assert "-no-reboot" in argv and "-drive" in argv  # a panic ends QEMU; OVMF's flash
     assert "-drive" not in pxeboot.qemu_argv(Firmware.BIOS, "52:54:00:7e:00:01", site, tmp_path / "console.log")
+
+
+def test_qemu_boots_pxelinux_or_grub_by_tftp(site, tmp_path):
+    site = dataclasses.replace(site, loader=Loader.PXELINUX_GRUB)
+    site.workdir.mkdir()
+    for firmware, boot_file in ((Firmware.BIOS, "pxelinux.0"), (Firmware.UEFI, "grubnetx64.efi")):
+        argv = pxeboot.qemu_argv(firmware, "52:54:00:7e:00:01", site, tmp_path / "console.log")
+        assert argv[argv.index("-netdev") + 1] == f"user,id=n0,tftp={site.tree.root},bootfile={boot_file}"
+
+
+def test_pxelinux_and_grub_fetch_nothing_over_http_and_show_themselves_on_the_console(tree):
+    assert pxeboot.own_files(tree, "pxe-bios", Loader.PXELINUX_GRUB) == []
+    assert pxeboot.own_console_lines(tree, "pxe-bios", Loader.IPXE) == []
+    assert pxeboot.own_console_lines(tree, "pxe-bios", Loader.PXELINUX_GRUB) == [
+        "PXELINUX ", "Loading host-image/host-image.vmlinuz"]
+    assert pxeboot.own_console_lines(tree, "pxe-uefi", Loader.PXELINUX_GRUB) == [
+        "Welcome to GRUB!", "Installing pxe-uefi (role host-image)"]
+
+
+def test_a_pxelinux_boot_is_proved_by_its_console(tree):
+    console = ("PXELINUX 6.04 PXE 20200816 Copyright (C) 1994-2015 H. Peter Anvin et al\n"
+               "Loading host-image/host-image.vmlinuz... ok\nLoading host-image/host-image.initrd...ok\n")
+    booted = dataclasses.replace(result([]), loader=Loader.PXELINUX_GRUB, console_text=console)
+    assert pxeboot.problems(tree, booted) == ()
+    # The same boot without pxelinux's lines on the console (iPXE booted it, say).
+    assert pxeboot.problems(tree, dataclasses.replace(booted, console_text="iPXE ok\n")) == (
+        "the console never showed 'PXELINUX '",
+        "the console never showed 'Loading host-image/host-image.vmlinuz'")
