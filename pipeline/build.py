@@ -264,12 +264,14 @@ def unpack_tree(ctx: BuildContext) -> None:
 def write_manifest(ctx: BuildContext) -> None:
     """The build manifest, read from the tree (packages, kernel) and written into it."""
     spec = ctx.spec
+    packages = manifest.packages_of(ctx.tree)
     ctx.manifest = manifest.document(
         spec=spec.to_json(),
         elements=[{"name": e.name, "source": "ours" if e.ours else "diskimage-builder"}
                   for e in inputs.resolved_elements(spec)],
         dib_version=inputs.dib_version(), pipeline_version=inputs.pipeline_version(), commit=inputs.git_commit(),
-        packages=manifest.packages_of(ctx.tree), kernel=bootloader.find_kernel(ctx.tree).version,
+        packages=packages, licenses=manifest.declared_licenses(ctx.tree, packages),
+        kernel=bootloader.find_kernel(ctx.tree).version,
         tuned_profile=spec.tuned_profile, policy=manifest.policy_hash(list(ctx.selinux_modules.glob("*.pp"))),
         input_hash=ctx.input_hash, version=ctx.version, source_date_epoch=ctx.source_date_epoch,
         timings=dict(ctx.timings.seconds))

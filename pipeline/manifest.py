@@ -2,8 +2,9 @@
 
 The manifest says what an image is and how it was made: the spec, the resolved
 elements, DIB's and the pipeline's versions and commit, every package read from the
-image's own dpkg database, the kernel, the tuned profile, the hash of our SELinux
-policy modules, the input hash and the timings. It is written into the image too
+image's own dpkg database with the licenses its copyright file declares, the kernel,
+the tuned profile, the hash of our SELinux policy modules, the input hash and the
+timings. It is written into the image too
 (EMBEDDED), before the tree is labeled, so it carries the timings of the steps done
 by then; the copy beside the artifacts has them all.
 
@@ -15,12 +16,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
+
+from debian import copyright as debian_copyright
 
 from .errors import PipelineError
 
@@ -40,7 +44,7 @@ def policy_hash(packages: list[Path]) -> dict[str, str]:
 def document(*, spec: dict, elements: list[dict], dib_version: str, pipeline_version: str,
              commit: str | None, packages: dict[str, str], kernel: str, tuned_profile: str,
              policy: dict[str, str], input_hash: str, version: str, source_date_epoch: int,
-             timings: dict[str, float]) -> dict[str, Any]:
+             timings: dict[str, float], licenses: dict[str, list[str]] | None = None) -> dict[str, Any]:
     return {
         "image": spec["name"],
         "version": version,
@@ -54,6 +58,7 @@ def document(*, spec: dict, elements: list[dict], dib_version: str, pipeline_ver
         "tuned_profile": tuned_profile,
         "selinux_policy_modules": policy,
         "packages": dict(sorted(packages.items())),
+        "licenses": dict(sorted((licenses or {}).items())),
         "timings": timings,
     }
 
@@ -82,6 +87,45 @@ def parse_dpkg_status(text: str) -> dict[str, str]:
 
 def packages_of(tree: Path) -> dict[str, str]:
     return parse_dpkg_status((tree / DPKG_STATUS).read_text(errors="replace"))
+
+
+DOC_DIR = "usr/share/doc"
+SYMLINK_HOPS = 8  # doc directories link to their source package's (libfoo-dev -> libfoo1), seldom further
+
+
+def _inside(tree: Path, path: Path) -> Path | None:
+    """path with its symlinks followed inside the tree (an absolute link is relative to the tree's
+    root, as it is in the image); None if it leads out of the tree or loops."""
+    for _ in range(SYMLINK_HOPS):
+        if not path.is_symlink():
+            return path
+        target = os.readlink(path)
+        path = Path(os.path.normpath(tree / target.lstrip("/") if target.startswith("/") else path.parent / target))
+        if not path.is_relative_to(tree):
+            return None
+    return None
+
+
+def declared_licenses(tree: Path, packages: Iterable[str]) -> dict[str, list[str]]:
+    """Each package's licenses as its /usr/share/doc/PACKAGE/copyright declares them, when that file
+    is machine-readable (DEP-5): every Files paragraph's license, in order of first use, as Debian
+    names them (GPL-2+, Expat). A package with a free-form copyright file, or none, is left out."""
+    logging.getLogger("debian.copyright").setLevel(logging.ERROR)  # it logs each Format URL it fixes
+    found = {}
+    for name in packages:
+        doc = _inside(tree, tree / DOC_DIR / name)
+        copyright_file = _inside(tree, doc / "copyright") if doc else None
+        if copyright_file is None or not copyright_file.is_file():
+            continue
+        try:
+            with open(copyright_file, encoding="utf-8", errors="replace") as text:
+                parsed = debian_copyright.Copyright(text, strict=False)
+        except (debian_copyright.Error, ValueError):  # free-form, or DEP-5 that does not parse
+            continue
+        names = [p.license.synopsis for p in parsed.all_files_paragraphs() if p.license and p.license.synopsis]
+        if names:
+            found[name] = list(dict.fromkeys(names))
+    return found
 
 
 def embed(tree: Path, manifest: dict[str, Any]) -> None:

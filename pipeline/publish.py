@@ -53,8 +53,10 @@ from urllib.parse import unquote, urlsplit
 from cyclonedx.model.bom import Bom, BomMetaData
 from cyclonedx.model.component import Component, ComponentType
 from cyclonedx.model.dependency import Dependency
+from cyclonedx.model.license import DisjunctiveLicense, LicenseAcknowledgement
 from cyclonedx.output import make_outputter
 from cyclonedx.schema import OutputFormat, SchemaVersion
+from cyclonedx.spdx import fixup_id as spdx_id
 from debian import deb822
 from packageurl import PackageURL
 
@@ -191,15 +193,24 @@ def installed_packages(dpkg_status: Path) -> list[deb822.Packages]:
     return installed
 
 
-def make_sbom(dpkg_status: Path, image: str, version: str, *, timestamp: datetime | None = None,
-              serial: uuid.UUID | None = None) -> str:
+def declared(license_name: str) -> DisjunctiveLicense:
+    """A license as a copyright file declares it: by SPDX id where Debian's name is one (MIT,
+    BSD-3-clause), by Debian's name otherwise (GPL-2+, Expat, public-domain)."""
+    if known := spdx_id(license_name):
+        return DisjunctiveLicense(id=known, acknowledgement=LicenseAcknowledgement.DECLARED)
+    return DisjunctiveLicense(name=license_name, acknowledgement=LicenseAcknowledgement.DECLARED)
+
+
+def make_sbom(dpkg_status: Path, image: str, version: str, *, licenses: dict[str, list[str]] | None = None,
+              timestamp: datetime | None = None, serial: uuid.UUID | None = None) -> str:
     """A CycloneDX 1.6 JSON SBOM of an image from its package database.
 
     The image is the metadata component (an operating system) and depends on every
     installed package; each package is a component with name, version and purl
     pkg:deb/debian/NAME@VERSION?arch=ARCH, depending on the installed packages its
     Depends and Pre-Depends name (the first installed alternative, Provides included).
-    dpkg's database carries no licenses, so components have none."""
+    dpkg's database carries no licenses: `licenses` (package -> names, from the manifest) gives
+    those the packages' copyright files declare."""
     packages = installed_packages(dpkg_status)
     if not packages:
         raise PipelineError(f"{dpkg_status}: no installed package: not an image's dpkg status")
@@ -213,7 +224,8 @@ def make_sbom(dpkg_status: Path, image: str, version: str, *, timestamp: datetim
                           qualifiers={"arch": arch})
         description = package.get("Description", "").partition("\n")[0].strip() or None
         component = Component(name=package["Package"], version=package["Version"], purl=purl,
-                              bom_ref=purl.to_string(), description=description)
+                              bom_ref=purl.to_string(), description=description,
+                              licenses=[declared(name) for name in (licenses or {}).get(package["Package"], [])])
         components.append((component, package, arch))
         bom.components.add(component)
         for name in [package["Package"], *(alt["name"] for group in package.relations["provides"] for alt in group)]:
@@ -258,7 +270,9 @@ def build_sbom(build: Build) -> str:
     epoch = build.info.get("source_date_epoch")
     timestamp = datetime.fromtimestamp(epoch, timezone.utc) if isinstance(epoch, int) else None
     serial = uuid.uuid5(uuid.NAMESPACE_URL, f"kvm-image-pipeline:{build.name}:{build.info['input_hash']}")
-    text = make_sbom(build.dpkg_status, build.name, build.version, timestamp=timestamp, serial=serial)
+    licenses = _read_json(build.directory / MANIFEST, "").get("licenses", {})
+    text = make_sbom(build.dpkg_status, build.name, build.version, licenses=licenses, timestamp=timestamp,
+                     serial=serial)
     validate_sbom(text, f"SBOM of {build.dpkg_status}")
     return text
 

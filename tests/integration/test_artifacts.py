@@ -49,6 +49,15 @@ def test_manifest_records_the_build(artifacts, spec):
     assert {"tree", "relabel", "liveimg", "conversion"} <= set(recorded["timings"])
 
 
+def test_manifest_has_the_licenses_the_copyright_files_declare(artifacts):
+    """Most Debian packages have a machine-readable copyright file; each license read is one the
+    image's own file declares (dpkg keeps /usr/share/doc/*/copyright: elements/kvm-base)."""
+    recorded = json.loads(artifacts.manifest.read_text())
+    licenses, packages = recorded["licenses"], recorded["packages"]
+    assert set(licenses) <= set(packages) and len(licenses) > len(packages) / 2, f"{len(licenses)} of {len(packages)}"
+    assert "GPL-3+" in licenses["bash"] and "LGPL-2.1+" in licenses["systemd"] and all(licenses.values())
+
+
 def test_unchanged_inputs_are_up_to_date(artifacts, spec, output_dir, check_report):
     """A second `inv build` of the same inputs rebuilds nothing: it says so and leaves the artifact."""
     assert check_report.passed

@@ -2,6 +2,7 @@
 
 import dataclasses
 import shutil
+import textwrap
 
 from pipeline import inputs, layer, manifest, spec as specs
 from pipeline.paths import ELEMENTS
@@ -95,3 +96,37 @@ def test_file_list_round_trip(tmp_path):
     assert files["/etc/hostname"][0] == "f" and files["/etc/hostname"][3] == "5"
     assert files["/etc/link"][0] == "l" and files["/etc/link"][5] == "hostname"
     assert files["/etc"][0] == "d"
+
+
+DEP5 = textwrap.dedent("""\
+    Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/
+    Upstream-Name: demo
+
+    Files: *
+    Copyright: 2020 Someone
+    License: GPL-2+
+
+    Files: lib/*
+    Copyright: 2021 Someone Else
+    License: BSD-3-clause
+     The license's text.
+
+    Files: debian/*
+    Copyright: 2022 A Maintainer
+    License: GPL-2+
+    """)
+
+
+def test_declared_licenses_from_machine_readable_copyright_files(tmp_path):
+    doc = tmp_path / "usr/share/doc"
+    for name in ("demo", "freeform", "nodoc"):
+        (doc / name).mkdir(parents=True)
+    (doc / "demo/copyright").write_text(DEP5)
+    (doc / "freeform/copyright").write_text("This is demo, written by Someone.\nLicense: GPL, see /usr/share/common-licenses.\n")
+    (doc / "demo-dev").symlink_to("demo")  # as Debian links a -dev package's doc directory
+    (doc / "demo-abs").symlink_to("/usr/share/doc/demo")  # absolute: inside the image, not the build host
+    (doc / "escapes").symlink_to("../../../../../../../etc")
+    (doc / "loops").symlink_to("loops")
+    names = ["demo", "demo-dev", "demo-abs", "freeform", "nodoc", "escapes", "loops", "absent"]
+    assert manifest.declared_licenses(tmp_path, names) == {
+        "demo": ["GPL-2+", "BSD-3-clause"], "demo-dev": ["GPL-2+", "BSD-3-clause"], "demo-abs": ["GPL-2+", "BSD-3-clause"]}

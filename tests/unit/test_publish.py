@@ -158,6 +158,26 @@ def test_sbom_components_purls_and_dependencies(build_dir):
     assert depends[purls["mawk"]] == {purls["libc6"]}
 
 
+def test_sbom_carries_the_declared_licenses(build_dir):
+    licenses = {"mawk": ["GPL-2"], "openssh-server": ["BSD-3-clause", "Expat", "public-domain"], "absent": ["MIT"]}
+    sbom = json.loads(publish.make_sbom(build_dir / "img.dpkg-status", NAME, f"{DATE}-0badcafe", licenses=licenses))
+    found = {c["name"]: c.get("licenses") for c in sbom["components"]}
+    assert found["mawk"] == [{"license": {"name": "GPL-2", "acknowledgement": "declared"}}]  # SPDX says GPL-2.0-only
+    assert found["openssh-server"] == [  # SPDX ids where Debian's names are ones, its names otherwise
+        {"license": {"id": "BSD-3-Clause", "acknowledgement": "declared"}},
+        {"license": {"name": "Expat", "acknowledgement": "declared"}},
+        {"license": {"name": "public-domain", "acknowledgement": "declared"}}]
+    assert found["libc6"] is None and "absent" not in found
+
+
+def test_published_sbom_takes_the_licenses_from_the_manifest(build_dir):
+    manifest_file = build_dir / "manifest.json"
+    manifest_file.write_text(json.dumps({**json.loads(manifest_file.read_text()), "licenses": {"tzdata": ["public-domain"]}}))
+    sbom = json.loads(publish.build_sbom(publish.verify_build(build_dir, NAME)))
+    assert [c["licenses"] for c in sbom["components"] if c["name"] == "tzdata"] == [
+        [{"license": {"name": "public-domain", "acknowledgement": "declared"}}]]
+
+
 def test_sbom_is_reproducible(build_dir):
     build = publish.verify_build(build_dir, NAME)
     assert publish.build_sbom(build) == publish.build_sbom(build)
