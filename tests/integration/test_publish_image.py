@@ -48,12 +48,13 @@ def test_sbom_lists_every_package_of_the_image(artifacts, published):
     names = {component["name"] for component in sbom["components"]}
     assert names == set(packages)
     assert sbom["metadata"]["component"]["version"] == result.version
-    # Each package's declared licenses, from the manifest (its copyright file), by SPDX id or Debian's name.
+    # Each package's declared licenses, from the manifest (its copyright file), by SPDX id or Debian's
+    # name; CycloneDX keeps a component's licenses as a sorted set.
     licenses = json.loads(artifacts.manifest.read_text())["licenses"]
-    declared = {component["name"]: [entry["license"].get("id") or entry["license"]["name"]
-                                    for entry in component.get("licenses", [])] for component in sbom["components"]}
+    declared = {component["name"]: {entry["license"].get("id") or entry["license"]["name"]
+                                    for entry in component.get("licenses", [])} for component in sbom["components"]}
     assert {name: found for name, found in declared.items() if found} == {
-        name: [publish.declared(license).id or license for license in names] for name, names in licenses.items()}
+        name: {publish.declared(license).id or license for license in names} for name, names in licenses.items()}
 
 
 def test_republishing_keeps_the_version(artifacts, spec, published, signer):
