@@ -44,7 +44,7 @@ def policy_hash(packages: list[Path]) -> dict[str, str]:
 def document(*, spec: dict, elements: list[dict], dib_version: str, pipeline_version: str,
              commit: str | None, packages: dict[str, str], kernel: str, tuned_profile: str,
              policy: dict[str, str], input_hash: str, version: str, source_date_epoch: int,
-             timings: dict[str, float], licenses: dict[str, list[str]] | None = None) -> dict[str, Any]:
+             timings: dict[str, float], licenses: dict[str, list[str]]) -> dict[str, Any]:
     return {
         "image": spec["name"],
         "version": version,
@@ -58,7 +58,7 @@ def document(*, spec: dict, elements: list[dict], dib_version: str, pipeline_ver
         "tuned_profile": tuned_profile,
         "selinux_policy_modules": policy,
         "packages": dict(sorted(packages.items())),
-        "licenses": dict(sorted((licenses or {}).items())),
+        "licenses": dict(sorted(licenses.items())),
         "timings": timings,
     }
 

@@ -105,7 +105,8 @@ class NodeBoot:
 
     @property
     def announcement(self) -> str:
-        """What the node's GRUB or pxelinux configuration prints first: the console shows it was read."""
+        """What the node's GRUB configuration echoes first: the console shows it was read. (pxelinux's
+        SAY does not reach a serial console, so its configuration has none.)"""
         return f"Installing {self.node.name} (role {self.node.role})"
 
     @property

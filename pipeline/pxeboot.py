@@ -84,9 +84,14 @@ def kickstart_urls(args: tuple[str, ...]) -> list[str]:
     return [arg.split("=", 1)[1] for arg in args if arg.startswith("inst.ks=")]
 
 
+def plain_console(console: str) -> str:
+    """The console's text without the firmware's escape sequences, carriage returns as line ends."""
+    return ESCAPES.sub("", console.replace("\r", "\n"))
+
+
 def console_tail(console: str, lines: int = CONSOLE_TAIL) -> str:
     """The last non-empty console lines, cleaned of escape sequences, as one line."""
-    cleaned = [text.strip() for text in ESCAPES.sub("", console.replace("\r", "\n")).splitlines()]
+    cleaned = [text.strip() for text in plain_console(console).splitlines()]
     return " | ".join([text for text in cleaned if text][-lines:]) or "(nothing)"
 
 
@@ -268,7 +273,7 @@ def boot(site: Site, firmware: Firmware, deadline: float = BOOT_DEADLINE) -> Boo
     finally:
         stop(proc)
     return BootResult(name, firmware, seconds, args, parse_access_log(_read(access_log, logged)), console,
-                      site.loader, ESCAPES.sub("", _read(console).replace("\r", "\n")))
+                      site.loader, plain_console(_read(console)))
 
 
 def _read(path: Path, offset: int = 0) -> str:

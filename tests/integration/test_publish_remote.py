@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -177,7 +178,8 @@ def test_one_publish_at_a_time_and_a_killed_one_lets_go(tmp_path, sshd, gpg_key)
     killed = subprocess.Popen([sys.executable, "-c", script, target, NAME, *sshd["options"]],
                               cwd=Path(__file__).parents[2], stdout=subprocess.PIPE)
     try:
-        assert killed.stdout.readline().strip() == b"holding"
+        ready, _, _ = select.select([killed.stdout], [], [], READY_DEADLINE)
+        assert ready and killed.stdout.readline().strip() == b"holding", "the publisher never took the lock"
         with pytest.raises(PipelineError, match="another publish is running"):
             publish.publish(build_dir, NAME, target, **options)
     finally:
