@@ -142,11 +142,11 @@ def bench(c, image, spec_file=None, output_dir=str(DEFAULT_OUTPUT), runs=1, rebu
 # the session that booted the image, since publishing needs its boot-test verdict.
 INTEGRATION = ROOT / "tests" / "integration"
 IMAGE_TEST_RUNS = (
-    ("guest-image", "both", ["test_artifacts.py", "test_bad_input.py", "test_boot.py", "test_build.py",
-                             "test_zz_final.py"]),
+    ("guest-image", "both", ["test_artifacts.py", "test_bad_input.py", "test_boot.py", "test_login.py",
+                             "test_build.py", "test_zz_final.py"]),
     ("guest-image", None, ["test_rebuild.py"]),
-    ("host-image", "uefi", ["test_artifacts.py", "test_boot.py", "test_build.py", "test_host.py",
-                            "test_pxe_boot.py", "test_zz_final.py"]),
+    ("host-image", "uefi", ["test_artifacts.py", "test_boot.py", "test_login.py", "test_build.py",
+                            "test_host.py", "test_pxe_boot.py", "test_zz_final.py"]),
     ("host-image", None, ["test_publish_image.py", "test_publish_remote.py"]),
 )
 

@@ -1,5 +1,6 @@
-"""Boot an image in QEMU: a throw-away overlay, a NoCloud seed with a fresh SSH key,
-SSH on a forwarded loopback port, and the guest agent on a socket.
+"""Boot an image in QEMU: a throw-away overlay, a seed that gives the image's default cloud
+user a fresh SSH key as a cloud would (NoCloud, or an OpenStack config drive), SSH on a
+forwarded loopback port, and the guest agent on a socket.
 
 KVM is used only where it really runs a guest: /dev/kvm exists on machines
 whose nested KVM aborts QEMU or hangs guests, so probe_kvm boots the host's
@@ -16,7 +17,8 @@ import shutil
 import socket
 import tempfile
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
@@ -35,11 +37,19 @@ GROWTH = 2**30              # the overlay is this much larger than the image, so
 # names them enp0s8, enp0s9, ... whatever else the VM has.
 UPLINK_SLOT = 8
 HOST_MEMORY_MIB = 3072      # a KVM host image runs throw-away guests of its own in the boot test
+# The default user of Debian's cloud-init (/etc/cloud/cloud.cfg): a cloud user logs in as it, not as root.
+CLOUD_USER = "debian"
 
 
 class Firmware(StrEnum):
     BIOS = "bios"
     UEFI = "uefi"
+
+
+class Datasource(StrEnum):
+    """How a boot hands the guest its identity, keys and user-data, as a cloud would."""
+    NOCLOUD = "nocloud"             # a FAT volume labeled CIDATA: meta-data, user-data
+    CONFIG_DRIVE = "config-drive"   # OpenStack's: config-2, openstack/latest/meta_data.json and user_data
 
 
 class BootTimeout(PipelineError):
@@ -110,6 +120,8 @@ class VM:
     memory_mib: int = 2048
     cpus: int = 2
     uplink_nics: int = 0    # NICs with no network behind them, for OVS bridges to own
+    datasource: Datasource = Datasource.NOCLOUD
+    users: list[dict] = field(default_factory=list)  # user-data users beside the default one
 
     def __post_init__(self):
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -130,28 +142,26 @@ class VM:
         return overlay
 
     def _seed(self) -> Path:
-        """A NoCloud seed (a FAT volume labeled CIDATA) that lets root in with a fresh key."""
+        """The seed volume: a fresh key for the default user, and user-data with self.users."""
         run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "boot-test", "-f", self.key])
         public_key = self.key.with_suffix(".pub").read_text().strip()
-        files = self.workdir / "seed"
-        files.mkdir()
-        (files / "meta-data").write_text(f"instance-id: boot-test-{os.getpid()}\nlocal-hostname: boot-test\n")
-        (files / "user-data").write_text(
-            "#cloud-config\n"
-            "disable_root: false\n"
-            f"ssh_authorized_keys:\n  - {public_key}\n")
+        user_data = {"users": ["default", *self.users]}
         seed = self.workdir / "seed.img"
-        run(["mkfs.vfat", "-n", "CIDATA", "-C", seed, "2048"])
-        run(["mcopy", "-i", seed, files / "meta-data", files / "user-data", "::/"])
+        if self.datasource is Datasource.CONFIG_DRIVE:
+            config_drive(seed, public_key, cloud_config(user_data))
+        else:
+            nocloud_seed(seed, cloud_config({**user_data, "ssh_authorized_keys": [public_key]}))
         return seed
 
-    def _write_ssh_config(self) -> None:
-        self.ssh_config.write_text(f"""\
+    def ssh_config_for(self, user: str, key: Path) -> Path:
+        """An ssh_config whose host `guest` is this VM, logged into as USER with KEY only."""
+        config = self.ssh_config if user == CLOUD_USER else self.workdir / f"ssh_config-{user}"
+        config.write_text(f"""\
 Host guest
   HostName 127.0.0.1
   Port {self.port}
-  User root
-  IdentityFile {self.key}
+  User {user}
+  IdentityFile {key}
   IdentitiesOnly yes
   StrictHostKeyChecking no
   UserKnownHostsFile /dev/null
@@ -159,6 +169,15 @@ Host guest
   ConnectTimeout 10
   ServerAliveInterval 10
 """)
+        return config
+
+    def ssh_argv(self, user: str = CLOUD_USER, key: Path | None = None, *options: str) -> list[str]:
+        """ssh into this VM as USER with KEY (default: the seed's key), up to the remote command."""
+        config = self.ssh_config if user == CLOUD_USER and key is None else self.ssh_config_for(user, key or self.key)
+        return ["ssh", "-F", config, *options, "guest", "--"]
+
+    def _write_ssh_config(self) -> None:
+        self.ssh_config_for(CLOUD_USER, self.key)
 
     def qemu_argv(self, overlay: Path, seed: Path) -> list[str]:
         accel, cpu = accelerator()
@@ -212,8 +231,7 @@ Host guest
 
     def ssh(self, command: list[str], *, check: bool = True, timeout: float = 120):
         # ssh hands the remote shell one string: quote, or arguments split again.
-        return run(["ssh", "-F", self.ssh_config, "guest", "--", shlex.join(command)], capture=True,
-                   check=check, timeout=timeout)
+        return run([*self.ssh_argv(), shlex.join(command)], capture=True, check=check, timeout=timeout)
 
     def guest_agent(self, command: str, timeout: float = 30) -> dict:
         """Send one QEMU guest agent command over its socket and return the reply."""
@@ -246,6 +264,41 @@ Host guest
         self.stop()
 
 
+def cloud_config(config: dict) -> str:
+    """User-data text. JSON is YAML, so json.dumps quotes keys and passwords safely for cloud-init."""
+    return "#cloud-config\n" + json.dumps(config, indent=2) + "\n"
+
+
+def _fat_volume(image: Path, label: str, files: dict[str, str]) -> None:
+    """A small FAT volume holding FILES (path inside the volume: text), made without mounting."""
+    run(["mkfs.vfat", "-n", label, "-C", image, "2048"])
+    directories = sorted({str(parent) for path in files for parent in Path(path).parents} - {"."})
+    if directories:  # sorted, so each parent is made before its children
+        run(["mmd", "-i", image, *(f"::/{directory}" for directory in directories)])
+    with tempfile.TemporaryDirectory(prefix="seed-") as tmp:
+        for index, (path, text) in enumerate(files.items()):
+            source = Path(tmp) / str(index)
+            source.write_text(text)
+            run(["mcopy", "-i", image, source, f"::/{path}"])
+
+
+def nocloud_seed(image: Path, user_data: str) -> None:
+    """cloud-init's NoCloud seed: a volume labeled CIDATA with meta-data and user-data."""
+    meta_data = f"instance-id: boot-test-{uuid.uuid4()}\nlocal-hostname: boot-test\n"
+    _fat_volume(image, "CIDATA", {"meta-data": meta_data, "user-data": user_data})
+
+
+def config_drive(image: Path, public_key: str, user_data: str) -> None:
+    """An OpenStack config drive as Nova writes one in vfat format (config_drive_format=vfat):
+    label config-2, the instance's keypair in openstack/latest/meta_data.json's public_keys."""
+    instance = str(uuid.uuid4())
+    meta_data = {"uuid": instance, "name": "boot-test", "hostname": "boot-test", "launch_index": 0,
+                 "availability_zone": "nova", "public_keys": {"boot-test": public_key},
+                 "keys": [{"name": "boot-test", "type": "ssh", "data": public_key}]}
+    _fat_volume(image, "config-2", {"openstack/latest/meta_data.json": json.dumps(meta_data),
+                                    "openstack/latest/user_data": user_data})
+
+
 def boot(image: Path, disk_size: int, firmware: Firmware, workdir: Path, deadline: float = SSH_DEADLINE,
          **options) -> VM:
     """Start a VM and wait for SSH; on any failure the VM is stopped before raising."""
@@ -260,9 +313,11 @@ def boot(image: Path, disk_size: int, firmware: Firmware, workdir: Path, deadlin
     return vm
 
 
-def boot_spec(spec: ImageSpec, image: Path, firmware: Firmware, workdir: Path, deadline: float = SSH_DEADLINE) -> VM:
+def boot_spec(spec: ImageSpec, image: Path, firmware: Firmware, workdir: Path, deadline: float = SSH_DEADLINE,
+              **options) -> VM:
     """boot() sized for what the spec builds: a KVM host gets memory for guests of its
-    own and one NIC per bridge uplink."""
+    own and one NIC per bridge uplink. OPTIONS go to VM (datasource, users)."""
     uplinks = sum(1 for bridge in spec.bridges if bridge.uplink)
     memory = HOST_MEMORY_MIB if spec.is_kvm_host else VM.memory_mib
-    return boot(image, spec.disk_size, firmware, workdir, deadline, memory_mib=memory, uplink_nics=uplinks)
+    return boot(image, spec.disk_size, firmware, workdir, deadline, memory_mib=memory, uplink_nics=uplinks,
+                **options)

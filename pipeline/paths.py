@@ -16,4 +16,4 @@ DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) /
 # The live tests run on a booted image, in this order (the last checks for SELinux
 # denials after all the others): `inv boot-test` and the benchmark run them.
 BOOT_TESTS = tuple(str(ROOT / "tests" / "integration" / name)
-                   for name in ("test_boot.py", "test_host.py", "test_zz_final.py"))
+                   for name in ("test_boot.py", "test_host.py", "test_login.py", "test_zz_final.py"))

@@ -28,6 +28,7 @@ DEBIAN_PACKAGE = {
     "sgdisk": "gdisk",
     "ssh": "openssh-client",
     "ssh-keygen": "openssh-client",
+    "sshpass": "sshpass",
     "sudo": "sudo",
     "tar": "tar",
     "grub-mkimage": "grub-common",
@@ -48,7 +49,7 @@ DEBIAN_PACKAGE_OF_FILE = {
 
 BUILD_TOOLS = ("checkmodule", "debootstrap", "grub-mkimage", "mcopy", "mkfs.ext4", "mkfs.vfat", "mmd",
                "pigz", "qemu-img", "semodule_package", "setfiles", "sgdisk", "sudo", "tar")
-BOOT_TOOLS = ("qemu-img", "qemu-system-x86_64", "mcopy", "mkfs.vfat", "ssh", "ssh-keygen")
+BOOT_TOOLS = ("qemu-img", "qemu-system-x86_64", "mcopy", "mkfs.vfat", "mmd", "ssh", "ssh-keygen")
 
 
 def require(*tools: str, path: str | None = None) -> None:

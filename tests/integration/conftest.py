@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import configparser
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import testinfra
 
-from pipeline import atomic, boot, build, spec as specs
+from pipeline import atomic, boot, build, spec as specs, tools
 from pipeline.paths import DEFAULT_CACHE, DEFAULT_OUTPUT, SPEC_FILE
+from pipeline.run import run
 
 SETTLE_DEADLINE = 300
 # The boot test's verdict on an artifact (build/NAME/boot-test.json), which `inv publish`
@@ -25,6 +27,16 @@ _booted: dict = {"artifacts": None, "firmwares": set(), "final_passed": set()}
 # (source domain, target type) of the one denial test_host.py causes on purpose:
 # the confined network agent reading /etc/shadow. test_zz_final.py allows exactly it.
 EXPECTED_DENIAL = ("kvmpipe_netagent_t", "shadow_t")
+# Each boot hands the guest its keys as a cloud would: a BIOS boot by a NoCloud seed, a UEFI
+# boot by an OpenStack config drive (the host image boots by UEFI only, so it gets that one).
+DATASOURCE = {"bios": boot.Datasource.NOCLOUD, "uefi": boot.Datasource.CONFIG_DRIVE}
+# Users the seed's user-data adds beside the default one: one with a key of its own, and
+# one with a password (unlocked) and no key, which must still not get in over SSH.
+KEY_USER = "probe"
+PASSWORD_USER = "pwprobe"
+PASSWORD = "not-a-login-over-ssh"
+# SHA-512 crypt of PASSWORD: python3 -c 'import crypt; print(crypt.crypt(PASSWORD, crypt.METHOD_SHA512))'
+PASSWORD_HASH = "$6$xxmjaKqmEp15WMH9$C/euphXWxNzZZQQ9S0YNch8CxQa4gSiQLxW3RFRNeLzv.ijkc5srYcNTpLP1cg/cybN6edEbAqwn9HDAJ/vOk0"
 
 
 def pytest_addoption(parser):
@@ -94,12 +106,23 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("sysctl", settings, ids=[key for key, _ in settings])
 
 
+def key_user_identity(workdir: Path) -> Path:
+    return workdir / f"id_{KEY_USER}"
+
+
 @pytest.fixture(scope="session")
 def vm(spec, artifacts, firmware):
     """One boot per firmware per session, shared by every test that needs a live guest."""
     workdir = artifacts.directory / f"boot-{firmware}"
     shutil.rmtree(workdir, ignore_errors=True)
-    machine = boot.boot_spec(spec, artifacts.qcow2, boot.Firmware(firmware), workdir)
+    workdir.mkdir(parents=True)
+    key_user_key = key_user_identity(workdir)
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", KEY_USER, "-f", key_user_key])
+    users = [{"name": KEY_USER, "shell": "/bin/bash",
+              "ssh_authorized_keys": [key_user_key.with_suffix(".pub").read_text().strip()]},
+             {"name": PASSWORD_USER, "shell": "/bin/bash", "lock_passwd": False, "passwd": PASSWORD_HASH}]
+    machine = boot.boot_spec(spec, artifacts.qcow2, boot.Firmware(firmware), workdir,
+                             datasource=DATASOURCE[firmware], users=users)
     _booted["artifacts"] = artifacts
     _booted["firmwares"].add(firmware)
     print(f"\n{firmware}: SSH ready after {machine.boot_seconds} s; console log {machine.console}")
@@ -111,7 +134,14 @@ def vm(spec, artifacts, firmware):
 
 @pytest.fixture(scope="session")
 def host(vm):
+    """The guest as a cloud user sees it: the default user, logged in with the seed's key."""
     return testinfra.get_host("ssh://guest", ssh_config=str(vm.ssh_config))
+
+
+@pytest.fixture(scope="session")
+def root(vm):
+    """The same login, with sudo for what needs root."""
+    return testinfra.get_host("ssh://guest", ssh_config=str(vm.ssh_config), sudo=True)
 
 
 @pytest.fixture(scope="session")
@@ -125,6 +155,33 @@ def settled(host):
         time.sleep(3)
     host.run("cloud-init status --wait")
     return state
+
+
+def attempt_logins(vm) -> dict[str, subprocess.CompletedProcess]:
+    """Every way a cloud user (or an attacker) would try to log in, each a fresh SSH session
+    (so sshd reads authorized_keys anew): the default user and the user-data user by key,
+    root by the seed's key, and the password user by password only."""
+    def attempt(argv: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+        return run([*argv, "id -un"], capture=True, check=False, timeout=60, env=env)
+
+    tools.require("sshpass")
+    key_user_key = key_user_identity(vm.workdir)
+    return {
+        boot.CLOUD_USER: attempt(vm.ssh_argv()),
+        KEY_USER: attempt(vm.ssh_argv(KEY_USER, key_user_key)),
+        "root": attempt(vm.ssh_argv("root")),
+        # sshpass answers any password prompt: if sshd offered one, this login would succeed.
+        PASSWORD_USER: attempt(["sshpass", "-e", *vm.ssh_argv(PASSWORD_USER, key_user_key,
+                                                              "-o", "PubkeyAuthentication=no",
+                                                              "-o", "PreferredAuthentications=keyboard-interactive,password")],
+                               env={"SSHPASS": PASSWORD}),
+    }
+
+
+@pytest.fixture(scope="session")
+def logins(vm, settled) -> dict[str, subprocess.CompletedProcess]:
+    """The login attempts of attempt_logins, once boot has settled."""
+    return attempt_logins(vm)
 
 
 @pytest.fixture(scope="session")

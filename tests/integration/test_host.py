@@ -59,32 +59,32 @@ def categories(context: str) -> frozenset[str]:
 # --- libvirt and sVirt
 
 
-def test_libvirtd_answers_with_selinux_secmodel(host, settled):
-    capabilities = host.check_output("virsh -c qemu:///system capabilities")
+def test_libvirtd_answers_with_selinux_secmodel(root, settled):
+    capabilities = root.check_output("virsh -c qemu:///system capabilities")
     assert re.search(r"<secmodel>\s*<model>selinux</model>", capabilities), capabilities[-2000:]
 
 
 @pytest.fixture(scope="module")
-def svirt_guests(host, settled):
+def svirt_guests(root, settled):
     """Two throw-away libvirt domains, each with its own qcow2 disk: {name: (process label, disk)}."""
     started = {}
     try:
         for name in SVIRT_DOMAINS:
             disk = f"{IMAGES}/{name}.qcow2"
-            host.check_output(f"qemu-img create -q -f qcow2 {disk} 64M")
-            host.check_output(f"cat > /tmp/{name}.xml <<'XML'\n{domain_xml(name, disk)}XML")
-            result = host.run(f"timeout {DOMAIN_START_DEADLINE} virsh -c qemu:///system create /tmp/{name}.xml")
+            root.check_output(f"qemu-img create -q -f qcow2 {disk} 64M")
+            root.check_output(f"cat > /tmp/{name}.xml <<'XML'\n{domain_xml(name, disk)}XML")
+            result = root.run(f"timeout {DOMAIN_START_DEADLINE} virsh -c qemu:///system create /tmp/{name}.xml")
             assert result.rc == 0, result.stdout + result.stderr
             started[name] = disk
         labels = {}
         for name, disk in started.items():
-            pid = host.check_output(f"cat /run/libvirt/qemu/{name}.pid")
-            labels[name] = (host.file(f"/proc/{pid}/attr/current").content_string.strip("\0\n"), disk)
+            pid = root.check_output(f"cat /run/libvirt/qemu/{name}.pid")
+            labels[name] = (root.file(f"/proc/{pid}/attr/current").content_string.strip("\0\n"), disk)
         yield labels
     finally:
         for name, disk in started.items():
-            host.run(f"virsh -c qemu:///system destroy {name}")
-            host.run(f"rm -f {disk} /tmp/{name}.xml")
+            root.run(f"virsh -c qemu:///system destroy {name}")
+            root.run(f"rm -f {disk} /tmp/{name}.xml")
 
 
 def test_svirt_guests_run_as_svirt_t_with_distinct_categories(svirt_guests):
@@ -94,9 +94,9 @@ def test_svirt_guests_run_as_svirt_t_with_distinct_categories(svirt_guests):
     assert first and second and first != second, process_labels
 
 
-def test_svirt_disks_carry_svirt_image_t_with_their_guests_categories(host, svirt_guests):
+def test_svirt_disks_carry_svirt_image_t_with_their_guests_categories(root, svirt_guests):
     for name, (label, disk) in svirt_guests.items():
-        disk_label = host.check_output(f"stat -c %C {disk}")
+        disk_label = root.check_output(f"stat -c %C {disk}")
         assert selinux_type(disk_label) == "svirt_image_t", (name, disk_label)
         assert categories(disk_label) == categories(label), (name, disk_label, label)
 
@@ -104,58 +104,58 @@ def test_svirt_disks_carry_svirt_image_t_with_their_guests_categories(host, svir
 # --- Open vSwitch and the confined network agent
 
 
-def test_spec_bridges_exist_with_their_uplinks(host, spec, settled):
-    assert sorted(host.check_output("ovs-vsctl list-br").split()) == sorted(b.name for b in spec.bridges)
+def test_spec_bridges_exist_with_their_uplinks(root, spec, settled):
+    assert sorted(root.check_output("ovs-vsctl list-br").split()) == sorted(b.name for b in spec.bridges)
     for bridge in spec.bridges:
-        ports = host.check_output(f"ovs-vsctl list-ports {bridge.name}").split()
+        ports = root.check_output(f"ovs-vsctl list-ports {bridge.name}").split()
         assert ports == ([bridge.uplink] if bridge.uplink else []), (bridge.name, ports)
 
 
 @pytest.fixture(scope="module")
-def plugged(host, settled):
+def plugged(root, settled):
     """Two namespaces on br-int as OVS internal ports, plugged by the confined agent."""
     plugged = []
     try:
         for namespace, (port, address) in NAMESPACES.items():
-            result = host.run(f"{AGENT} plug {namespace} br-int {port} {address}")
+            result = root.run(f"{AGENT} plug {namespace} br-int {port} {address}")
             assert result.rc == 0, result.stdout + result.stderr
             plugged.append((namespace, port))
         yield plugged
     finally:
         for namespace, port in plugged:
-            host.run(f"{AGENT} unplug {namespace} br-int {port}")
+            root.run(f"{AGENT} unplug {namespace} br-int {port}")
 
 
-def br_int_packets(host, port: str) -> int:
+def br_int_packets(root, port: str) -> int:
     """Packets OVS counted on a br-int port, both directions, straight from the datapath."""
-    stats = host.check_output(f"ovs-ofctl dump-ports br-int {port}")
+    stats = root.check_output(f"ovs-ofctl dump-ports br-int {port}")
     return sum(int(n) for n in re.findall(r"[rt]x pkts=(\d+)", stats))
 
 
-def test_ping_crosses_br_int_between_namespaces(host, plugged):
+def test_ping_crosses_br_int_between_namespaces(root, plugged):
     (_, port_a), (namespace_b, port_b) = plugged
-    ports = host.check_output("ovs-vsctl list-ports br-int").split()
+    ports = root.check_output("ovs-vsctl list-ports br-int").split()
     assert {port_a, port_b} <= set(ports)
-    before = br_int_packets(host, port_b)
+    before = br_int_packets(root, port_b)
     address_a = NAMESPACES["kvmpipe-ns-a"][1].split("/")[0]
-    ping = host.run(f"{AGENT} exec {namespace_b} ping -c 3 -W 5 {address_a}")
+    ping = root.run(f"{AGENT} exec {namespace_b} ping -c 3 -W 5 {address_a}")
     assert ping.rc == 0 and " 0% packet loss" in ping.stdout, ping.stdout + ping.stderr
     # Both namespaces' only link is their br-int port: the echo and reply crossed OVS.
-    assert br_int_packets(host, port_b) - before >= 6
+    assert br_int_packets(root, port_b) - before >= 6
 
 
-def test_agent_runs_in_its_confined_domain(host, plugged):
+def test_agent_runs_in_its_confined_domain(root, plugged):
     namespace = plugged[0][0]
-    label = host.check_output(f"{AGENT} exec {namespace} cat /proc/self/attr/current").strip("\0")
+    label = root.check_output(f"{AGENT} exec {namespace} cat /proc/self/attr/current").strip("\0")
     assert selinux_type(label) == AGENT_DOMAIN, label
 
 
-def test_agent_is_denied_what_it_was_not_granted(host, plugged, expected_denial):
+def test_agent_is_denied_what_it_was_not_granted(root, plugged, expected_denial):
     """Root may read /etc/shadow (DAC allows it); the agent's domain may not: that is SELinux."""
-    assert host.run("head -c 1 /etc/shadow").rc == 0
-    result = host.run(f"{AGENT} exec {plugged[0][0]} cat /etc/shadow")
+    assert root.run("head -c 1 /etc/shadow").rc == 0
+    result = root.run(f"{AGENT} exec {plugged[0][0]} cat /etc/shadow")
     assert result.rc != 0 and "Permission denied" in result.stderr, result.stdout + result.stderr
-    audit = host.run("ausearch --input-logs --message AVC --start boot --raw")
+    audit = root.run("ausearch --input-logs --message AVC --start boot --raw")
     denials = [line for line in audit.stdout.splitlines()
                if "denied" in line and f":{expected_denial[0]}:" in line and f":{expected_denial[1]}:" in line]
     assert denials, audit.stdout + audit.stderr

@@ -1,0 +1,53 @@
+"""The seeds a boot hands the guest, as a cloud would: NoCloud and an OpenStack config drive.
+
+Made with the real mkfs.vfat and mtools (no root, no mount) and read back with mtools.
+"""
+
+import json
+import subprocess
+
+import yaml
+
+from pipeline import boot
+
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHd0ZXN0a2V5dGVzdGtleXRlc3RrZXl0ZXN0a2V5 boot-test"
+USERS = [{"name": "probe", "ssh_authorized_keys": [KEY]},
+         # A crypt hash is full of characters YAML and shells care about.
+         {"name": "pw", "lock_passwd": False, "passwd": "$6$salt$a:b#c 'd\" e"}]
+
+
+def read(image, path: str) -> str:
+    return subprocess.run(["mtype", "-i", image, f"::/{path}"], check=True, capture_output=True, text=True).stdout
+
+
+def label(image) -> str:
+    out = subprocess.run(["mlabel", "-s", "-i", image, "::"], check=True, capture_output=True, text=True).stdout
+    return out.split("is", 1)[1].strip()
+
+
+def test_user_data_is_cloud_config_that_parses_back_exactly():
+    text = boot.cloud_config({"users": ["default", *USERS]})
+    assert text.startswith("#cloud-config\n")
+    assert yaml.safe_load(text) == {"users": ["default", *USERS]}
+
+
+def test_nocloud_seed_is_a_cidata_volume_with_meta_and_user_data(tmp_path):
+    image = tmp_path / "seed.img"
+    boot.nocloud_seed(image, boot.cloud_config({"users": ["default"], "ssh_authorized_keys": [KEY]}))
+    assert label(image).upper() == "CIDATA"
+    meta = yaml.safe_load(read(image, "meta-data"))
+    assert meta["instance-id"].startswith("boot-test-")
+    assert yaml.safe_load(read(image, "user-data"))["ssh_authorized_keys"] == [KEY]
+
+
+def test_config_drive_is_laid_out_as_nova_writes_it(tmp_path):
+    image = tmp_path / "config-drive.img"
+    boot.config_drive(image, KEY, boot.cloud_config({"users": ["default", *USERS]}))
+    assert label(image).lower() == "config-2"
+    meta = json.loads(read(image, "openstack/latest/meta_data.json"))
+    assert meta["public_keys"] == {"boot-test": KEY}
+    assert meta["uuid"] and meta["hostname"] == "boot-test"
+    user_data = yaml.safe_load(read(image, "openstack/latest/user_data"))
+    assert user_data["users"][1:] == USERS
+    # The default user's key comes from the metadata, as on OpenStack, not from user-data.
+    assert "ssh_authorized_keys" not in user_data
