@@ -198,8 +198,8 @@ namespace.configure({"run": {"echo": True}})
 @user_errors
 def render(c, inventory, output_dir=str(DEFAULT_OUTPUT / "kickstarts"), target="RHEL9", build_dir=str(DEFAULT_OUTPUT)):
     """Render one kickstart per inventory node, each checked with pykickstart; none is written unless all pass."""
-    from pipeline import inventory as inventories
-    from pipeline import kickstart
+    from pipeline.deploy import inventory as inventories
+    from pipeline.deploy import kickstart
 
     written = kickstart.render_all(inventories.load(Path(inventory)), Path(output_dir), target,
                                    build_dir=Path(build_dir))
@@ -210,7 +210,7 @@ def render(c, inventory, output_dir=str(DEFAULT_OUTPUT / "kickstarts"), target="
 @user_errors
 def kickstart_bench(c, nodes=1000, target="RHEL9"):
     """Time loading, rendering, validating and writing kickstarts for many synthetic nodes."""
-    from pipeline import kickstart
+    from pipeline.deploy import kickstart
 
     kickstart.benchmark(int(nodes), target)
 
@@ -234,8 +234,8 @@ PXE_ROOT = DEFAULT_OUTPUT / "pxe"
 def pxe_render(c, inventory, output_dir=str(PXE_ROOT), target="RHEL9", build_dir=str(DEFAULT_OUTPUT)):
     """Render the PXE tree: iPXE, GRUB and pxelinux configurations per MAC, kickstarts, dnsmasq.conf,
     boot programs, and each role's kernel, initrd and image. Nothing is written unless all of it is good."""
-    from pipeline import inventory as inventories
-    from pipeline import pxe
+    from pipeline.deploy import inventory as inventories
+    from pipeline.deploy import pxe
 
     tree = pxe.render_tree(inventories.load(Path(inventory)), Path(output_dir), target, build_dir=Path(build_dir))
     roles = sorted({boot.node.role for boot in tree.boots})
@@ -254,7 +254,7 @@ def pxe_serve(c, root=str(PXE_ROOT), address="127.0.0.1", port=8080, no_tftp=Fal
 
     Each request is logged to stdout and to ROOT/access.log; dnsmasq logs to ROOT/dnsmasq.log.
     """
-    from pipeline import pxe
+    from pipeline.deploy import pxe
 
     pxe.serve(Path(root), address, int(port), tftp=not no_tftp)
 
@@ -266,7 +266,7 @@ def pxe_serve(c, root=str(PXE_ROOT), address="127.0.0.1", port=8080, no_tftp=Fal
 def pxe_check(c, root=str(PXE_ROOT), base_url=None):
     """Walk the tree as booting nodes would: every boot configuration's kernel, initrd and kickstart URL,
     every kickstart (pykickstart), its liveimg (sha256) and %include URLs, all over HTTP."""
-    from pipeline import pxe
+    from pipeline.deploy import pxe
 
     report = pxe.check(Path(root), base_url)
     for problem in report.problems:
@@ -291,9 +291,9 @@ def pxe_boot_test(c, image, spec_file=None, build_dir=str(DEFAULT_OUTPUT), firmw
     pxelinux or GRUB, the loader's own lines (from the serial console); and its own kickstart URL on
     the kernel's command line. Prints each boot's time from VM start to the kernel running. The built
     image's kernel and initrd stand in for an installer's."""
-    from pipeline import pxeboot
+    from pipeline.deploy import pxeboot
     from pipeline.boot import Firmware
-    from pipeline.inventory import Loader
+    from pipeline.deploy.inventory import Loader
 
     if firmware not in ("both", *Firmware):
         raise Exit(f"error: --firmware is bios, uefi or both, not {firmware!r}", code=1)

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import pxeboot
+from pipeline.deploy import pxeboot
 from pipeline.boot import Firmware
-from pipeline.inventory import Loader
+from pipeline.deploy.inventory import Loader
 
 
 @pytest.fixture(scope="module", params=list(Loader), ids=str)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import inventory, kickstart, spec
+from pipeline import spec
+from pipeline.deploy import inventory, kickstart
 from pipeline.build import kernel_cmdline
 from pipeline.errors import InventoryError, SpecError
 from pipeline.paths import ROOT
@@ -230,7 +231,7 @@ def test_a_bad_spec_file_is_named(tmp_path):
         inventory.load(path)
 
 
-# --- [site.pxe]: the PXE server's settings (pipeline/pxe.py)
+# --- [site.pxe]: the PXE server's settings (pipeline/deploy/pxe.py)
 
 
 def test_site_pxe_defaults_and_values(tmp_path):

@@ -10,7 +10,8 @@ from pykickstart.constants import SELINUX_ENFORCING
 from pykickstart.parser import KickstartParser
 from pykickstart.version import makeVersion
 
-from pipeline import inventory, kickstart, spec
+from pipeline import spec
+from pipeline.deploy import inventory, kickstart
 from pipeline.build import kernel_cmdline
 from pipeline.errors import InventoryError, PipelineError
 from pipeline.paths import ROOT

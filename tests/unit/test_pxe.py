@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import inventory, kickstart, pxe, tools
+from pipeline import tools
+from pipeline.deploy import inventory, kickstart, pxe
 from pipeline.errors import InventoryError, PipelineError, ToolMissing
 from pipeline.paths import ROOT
 from pipeline.run import run

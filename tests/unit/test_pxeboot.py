@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import inventory, pxe, pxeboot
+from pipeline.deploy import inventory, pxe, pxeboot
 from pipeline.boot import Firmware
 from pipeline.errors import PipelineError
-from pipeline.inventory import Loader
+from pipeline.deploy.inventory import Loader
 from pipeline.paths import SPEC_FILE
 
 BASE = "http://10.0.2.2:41234"

@@ -43,12 +43,13 @@ from urllib.parse import urljoin, urlsplit
 import jinja2
 from pykickstart.errors import KickstartError, KickstartWarning
 
-from . import kickstart, tools
-from .build import Artifacts
-from .errors import CommandFailed, InventoryError, PipelineError
+from .. import tools
+from ..build import Artifacts
+from ..errors import CommandFailed, InventoryError, PipelineError
+from ..paths import DEFAULT_OUTPUT, ROOT
+from ..run import run, start, stop
+from . import kickstart
 from .inventory import Boot, Inventory, Loader, Node
-from .paths import DEFAULT_OUTPUT, ROOT
-from .run import run, start, stop
 
 TEMPLATES = ROOT / "kickstarts" / "pxe"
 DEFAULT_OUTPUT_DIR = DEFAULT_OUTPUT / "pxe"

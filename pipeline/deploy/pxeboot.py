@@ -29,12 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from .. import tools
+from ..boot import OVMF_CODE, OVMF_VARS, Firmware, _free_port, accelerator
+from ..errors import PipelineError, ToolMissing
+from ..run import start, stop
 from . import inventory as inventories
-from . import pxe, tools
-from .boot import OVMF_CODE, OVMF_VARS, Firmware, _free_port, accelerator
-from .errors import PipelineError, ToolMissing
+from . import pxe
 from .inventory import Boot, Loader
-from .run import start, stop
 
 BOOT_DEADLINE = 300  # seconds from QEMU start to the kernel's command line; ~15-25 s under TCG here
 MEMORY_MIB = 1024  # the kernel and initrd fit, and the kernel starts; nothing more is asked of it
@@ -165,7 +166,7 @@ def _node_boot(tree: pxe.Tree, node: str) -> pxe.NodeBoot:
 def write_inventory(path: Path, role: str, spec_file: Path, base_url: str, loader: Loader = Loader.IPXE) -> Path:
     """A two-node inventory of the role: one BIOS node and one UEFI node, by DHCP, fetching from
     the host as QEMU's guests see it, booted by the loader."""
-    lines = ["# The PXE boot test's inventory (pipeline/pxeboot.py): thrown away after the test.",
+    lines = ["# The PXE boot test's inventory (pipeline/deploy/pxeboot.py): thrown away after the test.",
              f"spec_file = {json.dumps(str(Path(spec_file).resolve()))}", "", "[site]",
              f"base_url = {json.dumps(base_url)}", "", "[site.pxe]", f"loader = {json.dumps(str(loader))}"]
     for firmware, (name, mac) in NODES.items():  # JSON strings are TOML strings

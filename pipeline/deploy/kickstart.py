@@ -27,12 +27,12 @@ from pykickstart.errors import KickstartError, KickstartWarning
 from pykickstart.parser import KickstartParser
 from pykickstart.version import makeVersion
 
+from ..build import artifacts_for
+from ..errors import InventoryError, PipelineError
+from ..paths import DEFAULT_OUTPUT, ROOT
+from ..spec import ImageSpec
 from . import inventory as inventories
-from .build import artifacts_for
-from .errors import InventoryError, PipelineError
 from .inventory import Inventory, Node
-from .paths import DEFAULT_OUTPUT, ROOT
-from .spec import ImageSpec
 
 TEMPLATES = ROOT / "kickstarts"
 TEMPLATE = "node.ks.j2"
@@ -87,7 +87,7 @@ def role_files(image: ImageSpec, build_dir: Path) -> Path:
 
 
 def _published_liveimage(image: ImageSpec, version: Path) -> LiveImage:
-    from .publish import SUMS, read_sums  # publishing's libraries are only needed here
+    from ..publish import SUMS, read_sums  # publishing's libraries are only needed here
 
     file = LIVEIMG[0].format(role=image.name)
     sha256 = read_sums((version / SUMS).read_text()).get(file)

@@ -16,11 +16,11 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address
 from pathlib import Path
 from typing import Any, Callable
 
-from . import spec as specs
-from .build import kernel_cmdline
-from .errors import InventoryError
-from .paths import SPEC_FILE
-from .profiles import SAFE_NAME
+from .. import spec as specs
+from ..build import kernel_cmdline
+from ..errors import InventoryError
+from ..paths import SPEC_FILE
+from ..profiles import SAFE_NAME
 
 MAC = re.compile(r"^[0-9a-f]{2}(?::[0-9a-f]{2}){5}$")
 # RFC 1123: dot-separated labels of letters, digits and inner hyphens, 253 characters at most.
