@@ -1,0 +1,166 @@
+"""The installer: reads our rendered kickstarts into a plan, refuses what it does not
+implement before any disk is touched, and runs the plan in Anaconda's order.
+
+Kickstarts are rendered by the real templates and parsed by the real pykickstart; only
+the subprocess gateway (installer.run) is faked, recording every command.
+"""
+
+import hashlib
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from pipeline.deploy import installer, inventory, kickstart
+from pipeline.paths import ROOT
+
+EXAMPLE = ROOT / "kickstarts" / "inventory.example.toml"
+DISK_COMMANDS = ("wipefs", "sgdisk", "pvcreate", "vgcreate", "lvcreate", "lvconvert", "mkfs.ext4", "mkfs.vfat",
+                 "mount")
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    """The example inventory's kickstarts, as pxe.render writes them: {node: text}."""
+    out = tmp_path_factory.mktemp("ks")
+    image = {name: kickstart.LiveImage(f"{name}.tar.gz", "ab" * 32) for name in ("host-image", "guest-image")}
+    kickstart.render_all(inventory.load(EXAMPLE), out, liveimgs=image)
+    return {path.stem: path.read_text() for path in out.glob("*.ks")}
+
+
+@pytest.fixture
+def commands(monkeypatch):
+    """The fake gateway: every argv the installer runs, in order."""
+    seen: list[list[str]] = []
+
+    def fake_run(argv, **options):
+        argv = [str(arg) for arg in argv]
+        seen.append(argv)
+        stdout = "1234-uuid\n" if argv[0] == "blkid" else ""
+        return subprocess.CompletedProcess(argv, 0, stdout, "")
+
+    monkeypatch.setattr(installer, "run", fake_run)
+    return seen
+
+
+def test_every_rendered_kickstart_is_implemented(rendered):
+    for node, text in rendered.items():
+        plan = installer.read(text, f"{node}.ks")
+        assert plan.liveimg_sha256 == "ab" * 32 and plan.network.mac.count(":") == 5
+
+
+def test_cache_node_plan(rendered):
+    plan = installer.read(rendered["compute1"], "compute1.ks")
+    assert plan.disks == ("sda", "sdb", "nvme0n1") and plan.boot_drive == "sda"
+    assert plan.hostname == "compute1" and not plan.network.dhcp
+    assert str(plan.network.address) == "10.0.0.11/24" and plan.network.nameservers == ("10.0.0.1",)
+    images = next(lv for lv in plan.logical_volumes if lv.mountpoint == "/var/lib/libvirt/images")
+    assert (images.cache_pvs, images.cache_size_mib, images.cache_mode) == (("pv.ssd",), 100000, "writethrough")
+    assert [m for m, _, _ in plan.mounts()] == ["/", "/boot", "/boot/efi", "/var/lib/libvirt/images"]
+    assert "hugepages=16" in plan.kernel_args and "security=selinux" in plan.kernel_args
+    assert plan.lock_root and plan.post_scripts[0][2]  # %post --erroronfail
+
+
+@pytest.mark.parametrize("line, refused", [
+    ("firewall --enabled", "line 1: command 'firewall' is not implemented"),
+    ("part /srv --fstype=xfs --size=100 --ondisk=sda --encrypted", "line 1: part option --encrypted"),
+    ("%packages\nvim\n%end", "line 1: section '%packages' is not implemented"),
+    ("%pre\nwipefs -a /dev/sdz\n%end", "line 1: section '%pre' is not implemented"),
+])
+def test_unimplemented_commands_are_refused_naming_the_line(rendered, line, refused):
+    text = line + "\n" + rendered["compute2"]
+    with pytest.raises(installer.KickstartRefused, match=refused):
+        installer.read(text, "compute2.ks")
+
+
+def test_an_unimplemented_file_system_is_refused(rendered):
+    text = rendered["compute2"].replace("part /boot --fstype=ext4", "part /boot --fstype=xfs")
+    with pytest.raises(installer.KickstartRefused, match=r"--fstype=xfs is not implemented"):
+        installer.read(text, "compute2.ks")
+
+
+def test_permissive_or_an_unchecked_image_is_refused(rendered):
+    with pytest.raises(installer.KickstartRefused, match=r"line \d+: selinux option --permissive is not implemented"):
+        installer.read(rendered["compute2"].replace("selinux --enforcing", "selinux --permissive"), "x.ks")
+    unchecked = rendered["compute2"].replace("--checksum=" + "ab" * 32, "")
+    with pytest.raises(installer.KickstartRefused, match="liveimg needs --checksum"):
+        installer.read(unchecked, "x.ks")
+
+
+def plan_for(tmp_path, text: str, payload: bytes, checksum: str | None = None) -> installer.Plan:
+    image = tmp_path / "served.tar.gz"
+    image.write_bytes(payload)
+    plan = installer.read(text, "node.ks")
+    plan.liveimg_url = image.as_uri()
+    plan.liveimg_sha256 = checksum or hashlib.sha256(payload).hexdigest()
+    return plan
+
+
+def test_checksum_mismatch_stops_before_any_disk(rendered, commands, tmp_path):
+    plan = plan_for(tmp_path, rendered["compute1"], b"not the image", checksum="cd" * 32)
+    work = tmp_path / "ram"
+    work.mkdir()
+    setup = installer.Installer(plan, uefi=True, workdir=work, target=tmp_path / "target", say=lambda _: None)
+    with pytest.raises(installer.InstallError) as caught:
+        setup.install()
+    message = str(caught.value)
+    assert plan.liveimg_url in message and "cd" * 32 in message
+    assert hashlib.sha256(b"not the image").hexdigest() in message
+    assert commands == [] and list(work.iterdir()) == []
+
+
+def test_partitioning_writes_only_the_listed_disks_with_a_real_cache(rendered, commands, tmp_path):
+    plan = plan_for(tmp_path, rendered["compute1"], b"x")
+    installer.Installer(plan, uefi=True, workdir=tmp_path, target=tmp_path / "t", say=lambda _: None).partition()
+    written = {argv[-1] for argv in commands if argv[0] in ("wipefs", "sgdisk")}
+    assert written == {"/dev/sda", "/dev/sdb", "/dev/nvme0n1"}
+    layout = next(argv for argv in commands if argv[0] == "sgdisk" and argv[-1] == "/dev/sda" and "--new=1:0:+600M" in argv)
+    assert "--typecode=1:EF00" in layout and "--new=3:0:0" in layout  # the PV grows, last
+    origin = next(argv for argv in commands if argv[:2] == ["lvcreate", "--yes"] and "images" in argv)
+    assert origin[-1] == "/dev/disk/by-partlabel/ks-pv.data" and "100%PVS" in origin  # not on the SSD
+    pool = next(argv for argv in commands if "cache-pool" in argv)
+    assert pool[-1] == "/dev/disk/by-partlabel/ks-pv.ssd" and "100000m" in pool
+    convert = next(argv for argv in commands if argv[0] == "lvconvert")
+    assert convert[convert.index("--cachemode") + 1] == "writethrough" and convert[-1] == "vg_data/images"
+
+
+def test_bios_node_gets_grub_on_its_boot_drive(rendered, commands, tmp_path):
+    plan = installer.read(rendered["compute2"], "compute2.ks")
+    target = tmp_path / "t"
+    installer.Installer(plan, uefi=False, workdir=tmp_path, target=target, say=lambda _: None).install_bootloader()
+    grub = [argv for argv in commands if "grub-install" in argv]
+    assert grub == [["chroot", str(target), "grub-install", "--target=i386-pc",
+                     "/dev/disk/by-id/wwn-0x5000c500a1b2c3d4"]]
+    defaults = (target / "etc/default/grub.d/90-kickstart.cfg").read_text()
+    assert f"GRUB_CMDLINE_LINUX='{plan.kernel_args}'" in defaults
+
+
+def test_network_file_matches_the_nic_by_mac():
+    static = installer.Network("52:54:00:12:34:01", False, installer.IPv4Interface("10.0.0.11/255.255.255.0"),
+                               "10.0.0.1", ("10.0.0.1", "10.0.0.2"))
+    text = installer.networkd_file(static)
+    assert "MACAddress=52:54:00:12:34:01" in text and "Address=10.0.0.11/24" in text
+    assert "Gateway=10.0.0.1" in text and text.count("DNS=") == 2
+    assert "DHCP=ipv4" in installer.networkd_file(installer.Network("52:54:00:12:34:03", True))
+
+
+def test_grub_arguments_are_quoted_for_the_shell_that_sources_them():
+    assert installer.grub_defaults("a='b' $(reboot)").splitlines()[1] == "GRUB_CMDLINE_LINUX='a='\"'\"'b'\"'\"' $(reboot)'"
+
+
+def test_outcome_is_reported_to_the_kickstart_server():
+    url = installer.report_url("http://10.0.0.1:8080/kickstarts/compute1.ks", "compute1", "fail", "sha256 mismatch")
+    assert url == "http://10.0.0.1:8080/status/compute1/fail?reason=sha256%20mismatch"
+
+
+def test_kernel_argument():
+    assert installer.kernel_argument("inst.ks", "console=ttyS0 inst.ks=http://h/k.ks quiet") == "http://h/k.ks"
+    assert installer.kernel_argument("inst.ks", "inst.ks2=x inst.ks=") is None
+
+
+def test_a_kickstart_that_cannot_be_fetched_fails_with_one_line(tmp_path, commands, capsys):
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text(f"inst.ks={(tmp_path / 'missing.ks').as_uri()}\n")
+    assert installer.main(cmdline, tmp_path / "work") == 1
+    out = capsys.readouterr().out
+    assert "installer: FAILED: missing:" in out and commands == []
