@@ -138,9 +138,15 @@ class Plan:
         return sorted(mounts, key=lambda mount: mount[0].rstrip("/").count("/") if mount[0] != "/" else -1)
 
 
-def check_supported(text: str, source: str) -> None:
+def fetch_text(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=60) as response:
+        return response.read().decode()
+
+
+def check_supported(text: str, source: str, fetch: Callable[[str], str] = fetch_text) -> None:
     """Refuse any command, section or option this installer does not implement, naming
-    the line. Runs on the text as the installer got it, before pykickstart and any disk."""
+    the line (in an %include's file, that file's URL and line). Runs on the text as the
+    installer got it, before pykickstart and any disk."""
     in_section = False
     for number, line in enumerate(text.splitlines(), start=1):
         words = line.strip()
@@ -169,16 +175,22 @@ def check_supported(text: str, source: str) -> None:
         if unknown:
             raise KickstartRefused(f"{source}: line {number}: {command} option {unknown[0]} is not implemented by "
                                    f"this installer")
+        if command == "%include" and len(tokens) == 2:
+            try:
+                included = fetch(tokens[1])
+            except OSError as error:
+                raise KickstartRefused(f"{source}: line {number}: %include {tokens[1]}: {error}") from None
+            check_supported(included, tokens[1], fetch)
 
 
-def read(text: str, source: str, version: str = KICKSTART_VERSION) -> Plan:
+def read(text: str, source: str, version: str = KICKSTART_VERSION, fetch: Callable[[str], str] = fetch_text) -> Plan:
     """The kickstart as a Plan; KickstartRefused names what is not implemented."""
     from pykickstart.constants import CLEARPART_TYPE_ALL, KS_SCRIPT_POST, SELINUX_ENFORCING
     from pykickstart.errors import KickstartError
     from pykickstart.parser import KickstartParser
     from pykickstart.version import makeVersion
 
-    check_supported(text, source)
+    check_supported(text, source, fetch)
     parser = KickstartParser(makeVersion(version), followIncludes=True)
     try:
         parser.readKickstartFromString(text)
@@ -477,9 +489,7 @@ def main(cmdline_path: Path = Path("/proc/cmdline"), workdir: Path = Path("/run/
     hostname = Path(urlsplit(url).path).stem or "unknown"  # until the kickstart names it
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        with urllib.request.urlopen(url, timeout=60) as response:
-            text = response.read().decode()
-        plan = read(text, url)
+        plan = read(fetch_text(url), url)
         hostname = plan.hostname
         setup = Installer(plan, uefi=Path("/sys/firmware/efi").is_dir(), workdir=workdir, say=say)
         setup.install()

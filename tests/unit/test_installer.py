@@ -73,6 +73,14 @@ def test_unimplemented_commands_are_refused_naming_the_line(rendered, line, refu
         installer.read(text, "compute2.ks")
 
 
+def test_an_included_file_is_held_to_the_same_rules(rendered, tmp_path):
+    included = tmp_path / "site.ks"
+    included.write_text("sshkey --username=root 'ssh-ed25519 AAAA x'\nfirewall --enabled\n")
+    text = rendered["compute2"] + f"%include {included.as_uri()}\n"
+    with pytest.raises(installer.KickstartRefused, match=f"{included.as_uri()}: line 2: command 'firewall'"):
+        installer.read(text, "compute2.ks")
+
+
 def test_an_unimplemented_file_system_is_refused(rendered):
     text = rendered["compute2"].replace("part /boot --fstype=ext4", "part /boot --fstype=xfs")
     with pytest.raises(installer.KickstartRefused, match=r"--fstype=xfs is not implemented"):
