@@ -57,7 +57,7 @@ GUEST_KERNEL_PACKAGE = "linux-image-cloud-amd64"
 GUEST_PACKAGES = ("qemu-guest-agent",)
 CLOUD_INIT_PACKAGES = ("cloud-init", "cloud-guest-utils")
 HOST_PACKAGES = ("qemu-system-x86", "qemu-utils", "libvirt-daemon-system", "libvirt-clients", "ovmf",
-                 "openvswitch-switch", "ifupdown")
+                 "openvswitch-switch", "ifupdown", "lvm2", "thin-provisioning-tools")
 # kvm-host: (wants directory, unit) links that `systemctl enable` made at build time.
 HOST_UNITS = (("multi-user.target.wants", "libvirtd.service"),
               ("multi-user.target.wants", "openvswitch-switch.service"),

@@ -159,3 +159,17 @@ def test_agent_is_denied_what_it_was_not_granted(root, plugged, expected_denial)
     denials = [line for line in audit.stdout.splitlines()
                if "denied" in line and f":{expected_denial[0]}:" in line and f":{expected_denial[1]}:" in line]
     assert denials, audit.stdout + audit.stderr
+
+
+# --- what an installed node needs: root on LVM, VM images on an LVM-cached volume
+
+
+def test_initramfs_activates_lvm_and_cache_tools_are_there(root):
+    """The kickstarts put root on LVM and /var/lib/libvirt/images on a cached LV. The running
+    kernel's initramfs must activate LVM (lvm2's udev rule activates each VG as its PVs
+    appear) and check a cache's metadata (cache_check, with dm-cache)."""
+    initramfs = set(root.check_output("lsinitramfs /boot/initrd.img-$(uname -r)").split())
+    wanted = {"usr/sbin/lvm", "usr/lib/udev/rules.d/69-lvm.rules", "usr/sbin/cache_check"}
+    assert wanted <= initramfs, sorted(wanted - initramfs)
+    assert any(path.endswith("/dm-cache.ko") for path in initramfs)
+    assert root.run("cache_check -V").rc == 0
