@@ -19,6 +19,7 @@ Two halves:
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import shlex
 import time
@@ -60,7 +61,7 @@ SUPPORTED: dict[str, frozenset[str]] = {
 SECTIONS: dict[str, frozenset[str]] = {"%post": frozenset({"--erroronfail", "--interpreter"})}
 FILESYSTEMS = ("ext4", "efi", "biosboot")
 TARGET = Path("/mnt/sysimage")   # where Anaconda mounts the installed system
-PARTLABEL_PREFIX = "ks-"         # GPT partition names, so each is found by /dev/disk/by-partlabel
+PARTLABEL_PREFIX = "ks-"         # GPT partition names: how the installer finds each on its disk
 
 
 class InstallError(PipelineError):
@@ -130,11 +131,10 @@ class Plan:
     ssh_keys: list[tuple[str, str]] = field(default_factory=list)   # (user, key)
     post_scripts: list[tuple[str, str, bool]] = field(default_factory=list)  # (interpreter, body, error on fail)
 
-    def mounts(self) -> list[tuple[str, str, str]]:
-        """(mount point, fstype, device) shallowest first, as they must be mounted."""
-        mounts = [(p.role, p.fstype, f"/dev/disk/by-partlabel/{p.partlabel}") for p in self.partitions
-                  if p.fstype in ("ext4", "efi")]
-        mounts += [(lv.mountpoint, lv.fstype, f"/dev/{lv.vg}/{lv.name}") for lv in self.logical_volumes]
+    def mounts(self) -> list[tuple[str, str, Partition | LogicalVolume]]:
+        """(mount point, fstype, what holds it) shallowest first, as they must be mounted."""
+        mounts = [(p.role, p.fstype, p) for p in self.partitions if p.fstype in ("ext4", "efi")]
+        mounts += [(lv.mountpoint, lv.fstype, lv) for lv in self.logical_volumes]
         return sorted(mounts, key=lambda mount: mount[0].rstrip("/").count("/") if mount[0] != "/" else -1)
 
 
@@ -300,6 +300,7 @@ class Installer:
     target: Path = TARGET
     say: Callable[[str], None] = print
     timings: dict[str, float] = field(default_factory=dict)
+    partition_devices: dict[str, str] = field(default_factory=dict)  # role -> /dev/..., once partitioned
 
     def step(self, name: str, action: Callable[[], None]) -> None:
         self.say(f"installer: {name} ...")
@@ -336,8 +337,37 @@ class Installer:
 
     # -- storage
 
+    def device(self, holder: Partition | LogicalVolume) -> str:
+        if isinstance(holder, LogicalVolume):
+            return f"/dev/{holder.vg}/{holder.name}"
+        return self.partition_devices[holder.role]
+
+    def partitions_on(self, disk: str) -> list[tuple[str, str | None]]:
+        """(device, GPT name) of each partition on DISK, as the kernel sees them now."""
+        listing = json.loads(run(["lsblk", "--json", "--paths", "--output", "NAME,PARTLABEL", disk_path(disk)],
+                                 capture=True).stdout)
+        return [(child["name"], child.get("partlabel")) for child in listing["blockdevices"][0].get("children", [])]
+
+    def find_partitions(self, disk: str) -> None:
+        """Our partitions on DISK by their GPT names, looked up on that disk only (another
+        disk may carry the same names from an earlier install)."""
+        by_label = {label: device for device, label in self.partitions_on(disk)}
+        for part in self.plan.partitions:
+            if part.disk == disk:
+                if part.partlabel not in by_label:
+                    raise InstallError(f"{disk_path(disk)}: partition {part.role} ({part.partlabel}) not found after "
+                                       f"partitioning")
+                self.partition_devices[part.role] = by_label[part.partlabel]
+
     def partition(self) -> None:
+        # Volume groups an earlier install left are activated by udev as the installer boots,
+        # and would keep their disks busy.
+        run(["vgchange", "--activate", "n"], check=False)
         for disk in self.plan.disks:  # zerombr + clearpart --all --initlabel
+            # An earlier install's PV and file-system signatures live inside its partitions,
+            # which wiping the disk's partition table alone leaves in place.
+            for device, _ in self.partitions_on(disk):
+                run(["wipefs", "--all", "--force", device])
             run(["wipefs", "--all", "--force", disk_path(disk)])
             run(["sgdisk", "--zap-all", "--clear", disk_path(disk)])
         type_codes = {"biosboot": "EF02", "efi": "EF00"}
@@ -352,7 +382,11 @@ class Installer:
             if on_disk:
                 run([*argv, disk_path(disk)])
         run(["udevadm", "settle"])
-        pv_device = {p.role: f"/dev/disk/by-partlabel/{p.partlabel}" for p in self.plan.partitions if p.is_pv}
+        for disk in self.plan.disks:
+            self.find_partitions(disk)
+        for device in self.partition_devices.values():  # what an older layout left at the same offsets
+            run(["wipefs", "--all", "--force", device])
+        pv_device = {p.role: self.partition_devices[p.role] for p in self.plan.partitions if p.is_pv}
         for pv in pv_device.values():
             run(["pvcreate", "--yes", "--force", pv])
         for vg, pvs in self.plan.volume_groups.items():
@@ -369,15 +403,16 @@ class Installer:
                      "--cachemode", lv.cache_mode or "writethrough", f"{lv.vg}/{lv.name}"])
 
     def make_filesystems(self) -> None:
-        for mountpoint, fstype, device in self.plan.mounts():
+        for mountpoint, fstype, holder in self.plan.mounts():
+            device = self.device(holder)
             if fstype == "efi":
                 run(["mkfs.vfat", "-F", "32", "-n", "EFI", device])
             else:
                 run(["mkfs.ext4", "-F", "-q", device])
-        for mountpoint, fstype, device in self.plan.mounts():
+        for mountpoint, fstype, holder in self.plan.mounts():
             where = self.target / mountpoint.lstrip("/")
             where.mkdir(parents=True, exist_ok=True)
-            run(["mount", *(["-t", "vfat"] if fstype == "efi" else []), device, where])
+            run(["mount", *(["-t", "vfat"] if fstype == "efi" else []), self.device(holder), where])
 
     # -- the root tree and the system
 
@@ -390,7 +425,8 @@ class Installer:
 
     def configure(self) -> None:
         fstab = ["# From the kickstart's part and logvol lines (the installer)."]
-        for mountpoint, fstype, device in self.plan.mounts():
+        for mountpoint, fstype, holder in self.plan.mounts():
+            device = self.device(holder)
             kind, options, passno = ("vfat", "umask=0077", 2) if fstype == "efi" else ("ext4", "defaults",
                                                                                         1 if mountpoint == "/" else 2)
             fstab.append(f"UUID={self.uuid(device)} {mountpoint} {kind} {options} 0 {passno}")

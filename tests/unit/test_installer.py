@@ -6,6 +6,7 @@ the subprocess gateway (installer.run) is faked, recording every command.
 """
 
 import hashlib
+import json
 import subprocess
 from pathlib import Path
 
@@ -28,6 +29,15 @@ def rendered(tmp_path_factory):
     return {path.stem: path.read_text() for path in out.glob("*.ks")}
 
 
+def lsblk(disk: str) -> str:
+    """lsblk --json of a disk the installer partitioned: every ks-* name the example uses."""
+    names = {"/dev/sda": ["ks-boot-efi", "ks-boot", "ks-pv.root"], "/dev/sdb": ["ks-pv.data"],
+             "/dev/nvme0n1": ["ks-pv.ssd"]}.get(disk, [])
+    separator = "p" if disk[-1].isdigit() else ""
+    children = [{"name": f"{disk}{separator}{index}", "partlabel": name} for index, name in enumerate(names, start=1)]
+    return json.dumps({"blockdevices": [{"name": disk, "partlabel": None, "children": children}]})
+
+
 @pytest.fixture
 def commands(monkeypatch):
     """The fake gateway: every argv the installer runs, in order."""
@@ -36,7 +46,7 @@ def commands(monkeypatch):
     def fake_run(argv, **options):
         argv = [str(arg) for arg in argv]
         seen.append(argv)
-        stdout = "1234-uuid\n" if argv[0] == "blkid" else ""
+        stdout = {"blkid": "1234-uuid\n", "lsblk": lsblk(argv[-1])}.get(argv[0], "")
         return subprocess.CompletedProcess(argv, 0, stdout, "")
 
     monkeypatch.setattr(installer, "run", fake_run)
@@ -121,13 +131,18 @@ def test_partitioning_writes_only_the_listed_disks_with_a_real_cache(rendered, c
     plan = plan_for(tmp_path, rendered["compute1"], b"x")
     installer.Installer(plan, uefi=True, workdir=tmp_path, target=tmp_path / "t", say=lambda _: None).partition()
     written = {argv[-1] for argv in commands if argv[0] in ("wipefs", "sgdisk")}
-    assert written == {"/dev/sda", "/dev/sdb", "/dev/nvme0n1"}
+    assert {"/dev/sda", "/dev/sdb", "/dev/nvme0n1"} <= written
+    assert all(device.startswith(("/dev/sda", "/dev/sdb", "/dev/nvme0n1")) for device in written), written
+    # An earlier install's partitions are wiped before the disk's table, the new ones before pvcreate.
+    wipes = [argv[-1] for argv in commands if argv[0] == "wipefs"]
+    assert wipes.index("/dev/sdb1") < wipes.index("/dev/sdb") < len(wipes) - 1 - wipes[::-1].index("/dev/sdb1")
+    assert commands[0] == ["vgchange", "--activate", "n"]  # an earlier install's VGs let go of the disks
     layout = next(argv for argv in commands if argv[0] == "sgdisk" and argv[-1] == "/dev/sda" and "--new=1:0:+600M" in argv)
     assert "--typecode=1:EF00" in layout and "--new=3:0:0" in layout  # the PV grows, last
     origin = next(argv for argv in commands if argv[:2] == ["lvcreate", "--yes"] and "images" in argv)
-    assert origin[-1] == "/dev/disk/by-partlabel/ks-pv.data" and "100%PVS" in origin  # not on the SSD
+    assert origin[-1] == "/dev/sdb1" and "100%PVS" in origin  # not on the SSD
     pool = next(argv for argv in commands if "cache-pool" in argv)
-    assert pool[-1] == "/dev/disk/by-partlabel/ks-pv.ssd" and "100000m" in pool
+    assert pool[-1] == "/dev/nvme0n1p1" and "100000m" in pool
     convert = next(argv for argv in commands if argv[0] == "lvconvert")
     assert convert[convert.index("--cachemode") + 1] == "writethrough" and convert[-1] == "vg_data/images"
 
@@ -172,3 +187,10 @@ def test_a_kickstart_that_cannot_be_fetched_fails_with_one_line(tmp_path, comman
     assert installer.main(cmdline, tmp_path / "work") == 1
     out = capsys.readouterr().out
     assert "installer: FAILED: missing:" in out and commands == []
+
+
+def test_a_partition_missing_after_partitioning_is_an_error_naming_it(rendered, commands, tmp_path):
+    plan = installer.read(rendered["compute1"].replace("sdb", "sdx"), "compute1.ks")  # lsblk shows sdx bare
+    setup = installer.Installer(plan, uefi=True, workdir=tmp_path, target=tmp_path / "t", say=lambda _: None)
+    with pytest.raises(installer.InstallError, match=r"/dev/sdx: partition pv.data \(ks-pv.data\) not found"):
+        setup.partition()
