@@ -109,6 +109,12 @@ def accelerator() -> tuple[str, str]:
     return ("kvm", "host") if kvm_works() else ("tcg", "max")
 
 
+def new_ssh_key(path: Path, comment: str) -> str:
+    """A fresh passwordless ed25519 key pair at PATH (and PATH.pub); returns the public key."""
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", path])
+    return path.with_suffix(".pub").read_text().strip()
+
+
 @dataclass
 class VM:
     """A running guest. Use as a context manager, so the QEMU process never outlives it."""
@@ -143,8 +149,7 @@ class VM:
 
     def _seed(self) -> Path:
         """The seed volume: a fresh key for the default user, and user-data with self.users."""
-        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "boot-test", "-f", self.key])
-        public_key = self.key.with_suffix(".pub").read_text().strip()
+        public_key = new_ssh_key(self.key, "boot-test")
         user_data = {"users": ["default", *self.users]}
         seed = self.workdir / "seed.img"
         if self.datasource is Datasource.CONFIG_DRIVE:
@@ -155,7 +160,7 @@ class VM:
 
     def ssh_config_for(self, user: str, key: Path) -> Path:
         """An ssh_config whose host `guest` is this VM, logged into as USER with KEY only."""
-        config = self.ssh_config if user == CLOUD_USER else self.workdir / f"ssh_config-{user}"
+        config = self.ssh_config if (user, key) == (CLOUD_USER, self.key) else self.workdir / f"ssh_config-{user}"
         config.write_text(f"""\
 Host guest
   HostName 127.0.0.1
@@ -173,7 +178,8 @@ Host guest
 
     def ssh_argv(self, user: str = CLOUD_USER, key: Path | None = None, *options: str) -> list[str]:
         """ssh into this VM as USER with KEY (default: the seed's key), up to the remote command."""
-        config = self.ssh_config if user == CLOUD_USER and key is None else self.ssh_config_for(user, key or self.key)
+        key = key or self.key
+        config = self.ssh_config if (user, key) == (CLOUD_USER, self.key) else self.ssh_config_for(user, key)
         return ["ssh", "-F", config, *options, "guest", "--"]
 
     def _write_ssh_config(self) -> None:

@@ -116,10 +116,8 @@ def vm(spec, artifacts, firmware):
     workdir = artifacts.directory / f"boot-{firmware}"
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
-    key_user_key = key_user_identity(workdir)
-    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", KEY_USER, "-f", key_user_key])
-    users = [{"name": KEY_USER, "shell": "/bin/bash",
-              "ssh_authorized_keys": [key_user_key.with_suffix(".pub").read_text().strip()]},
+    key_user_key = boot.new_ssh_key(key_user_identity(workdir), KEY_USER)
+    users = [{"name": KEY_USER, "shell": "/bin/bash", "ssh_authorized_keys": [key_user_key]},
              {"name": PASSWORD_USER, "shell": "/bin/bash", "lock_passwd": False, "passwd": PASSWORD_HASH}]
     machine = boot.boot_spec(spec, artifacts.qcow2, boot.Firmware(firmware), workdir,
                              datasource=DATASOURCE[firmware], users=users)

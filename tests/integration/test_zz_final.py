@@ -22,15 +22,20 @@ def is_expected(record: str, expected_denial: tuple[str, str]) -> bool:
     return bool(re.search(rf"scontext=\w+:\w+:{source}:", record) and re.search(rf"tcontext=\w+:\w+:{target}:", record))
 
 
-def unexpected_events(raw: str, expected_denial: tuple[str, str]) -> list[str]:
-    """ausearch --raw records grouped into events, minus the one denial test_host.py causes
-    on purpose (its confined agent reading /etc/shadow)."""
-    events: dict[str, list[str]] = defaultdict(list)
+def events(raw: str, since: float = 0.0) -> list[list[str]]:
+    """ausearch --raw records grouped into events (by their audit id), those from SINCE on."""
+    grouped: dict[str, list[str]] = defaultdict(list)
     for line in raw.splitlines():
         match = EVENT_ID.search(line)
-        if match:
-            events[match[1]].append(line)
-    return ["\n".join(lines) for lines in events.values()
+        if match and float(match[1].split(":")[0]) >= since:
+            grouped[match[1]].append(line)
+    return list(grouped.values())
+
+
+def unexpected_events(raw: str, expected_denial: tuple[str, str]) -> list[str]:
+    """The events, minus the one denial test_host.py causes on purpose (its confined agent
+    reading /etc/shadow)."""
+    return ["\n".join(lines) for lines in events(raw)
             if not any(line.startswith("type=AVC") and is_expected(line, expected_denial) for line in lines)]
 
 
@@ -76,23 +81,14 @@ AVC = re.compile(r"avc:\s+denied\s+\{ (?P<perms>[^}]+) \}.*?scontext=[^:\s]+:[^:
                  r".*?tcontext=[^:\s]+:[^:\s]+:(?P<target>\w+):\S*\s+tclass=(?P<tclass>\w+)")
 
 
-def events_since(raw: str, since: float) -> list[str]:
-    events: dict[str, list[str]] = defaultdict(list)
-    for line in raw.splitlines():
-        match = EVENT_ID.search(line)
-        if match and float(match[1].split(":")[0]) >= since:
-            events[match[1]].append(line)
-    return ["\n".join(lines) for lines in events.values()]
-
-
 def explained(source: str, target: str, tclass: str, permission: str) -> bool:
     return any((source, target, tclass, permission) == key or (key[:2] == ("*", "*") and key[2:] == (tclass, permission))
                for key in HIDDEN_DENIALS_EXPLAINED)
 
 
-def unexplained(event: str) -> bool:
+def unexplained(event: list[str]) -> bool:
     """True for an event with a denial (or an SELinux error) that HIDDEN_DENIALS_EXPLAINED lacks."""
-    denials = [AVC.search(line) for line in event.splitlines() if line.startswith(("type=AVC", "type=USER_AVC"))]
+    denials = [AVC.search(line) for line in event if line.startswith(("type=AVC", "type=USER_AVC"))]
     if not denials or not all(denials):
         return True
     return not all(explained(d["source"], d["target"], d["tclass"], permission)
@@ -113,5 +109,5 @@ def test_no_hidden_denials_while_users_log_in(root, vm, settled):
     assert restored.rc == 0, restored.stderr
     assert all(logins[user].returncode == 0 for user in (CLOUD_USER, KEY_USER)), logins
     assert audit.rc in (0, 1), audit.stderr
-    hidden = [event for event in events_since(audit.stdout, since) if unexplained(event)]
+    hidden = ["\n".join(event) for event in events(audit.stdout, since) if unexplained(event)]
     assert hidden == [], "\n----\n".join(hidden)[-6000:]
