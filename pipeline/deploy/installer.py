@@ -313,13 +313,19 @@ class Installer:
         """Everything, in Anaconda's order; the disks are first written after the image is verified."""
         image = self.workdir / "liveimg.tar.gz"
         self.step("fetch image", lambda: self.fetch_image(image))
-        self.step("partitioning", self.partition)
-        self.step("file systems", self.make_filesystems)
-        self.step("image", lambda: self.unpack(image))
-        self.step("system", self.configure)
-        self.step("bootloader", self.install_bootloader)
-        self.step("labels", self.relabel)
-        self.step("%post", self.run_post)
+        try:
+            self.step("partitioning", self.partition)
+            self.step("file systems", self.make_filesystems)
+            self.step("image", lambda: self.unpack(image))
+            self.step("system", self.configure)
+            self.step("bootloader", self.install_bootloader)
+            self.step("labels", self.relabel)
+            self.step("%post", self.run_post)
+        except BaseException:
+            # Leave nothing mounted (the target, the chroot's binds); the disks are as far as they got.
+            run(["umount", "--recursive", self.target], check=False)
+            image.unlink(missing_ok=True)
+            raise
         self.step("unmount", self.unmount)
 
     # -- before any disk

@@ -8,11 +8,11 @@ the subprocess gateway (installer.run) is faked, recording every command.
 import hashlib
 import json
 import subprocess
-from pathlib import Path
 
 import pytest
 
 from pipeline.deploy import installer, inventory, kickstart
+from pipeline.errors import CommandFailed
 from pipeline.paths import ROOT
 
 EXAMPLE = ROOT / "kickstarts" / "inventory.example.toml"
@@ -194,3 +194,23 @@ def test_a_partition_missing_after_partitioning_is_an_error_naming_it(rendered, 
     setup = installer.Installer(plan, uefi=True, workdir=tmp_path, target=tmp_path / "t", say=lambda _: None)
     with pytest.raises(installer.InstallError, match=r"/dev/sdx: partition pv.data \(ks-pv.data\) not found"):
         setup.partition()
+
+
+def test_a_failed_step_leaves_nothing_mounted(rendered, commands, monkeypatch, tmp_path):
+    recording = installer.run
+
+    def failing_run(argv, **options):
+        result = recording(argv, **options)
+        if argv[0] == "mkfs.ext4":
+            raise CommandFailed([str(a) for a in argv], 1, "no space left on device")
+        return result
+
+    monkeypatch.setattr(installer, "run", failing_run)
+    plan = plan_for(tmp_path, rendered["compute1"], b"image")
+    work = tmp_path / "ram"
+    work.mkdir()
+    setup = installer.Installer(plan, uefi=True, workdir=work, target=tmp_path / "t", say=lambda _: None)
+    with pytest.raises(CommandFailed, match="no space left"):
+        setup.install()
+    assert commands[-1] == ["umount", "--recursive", str(tmp_path / "t")]
+    assert list(work.iterdir()) == []  # the fetched image is not kept either
