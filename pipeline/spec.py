@@ -41,6 +41,9 @@ class SelinuxMode(StrEnum):
 class OutputFormat(StrEnum):
     QCOW2 = "qcow2"
     RAW = "raw"
+    # A kernel and the whole root tree as its initramfs: a system that runs from RAM
+    # after a network boot (the installer). It has no disk, so none of the disk formats.
+    NETBOOT = "netboot"
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,10 @@ class ImageSpec:
     def profile_dir(self) -> Path:
         """The directory that holds tuned_profile (validated at load time)."""
         return next(d for d in self.profile_dirs if (d / self.tuned_profile / "tuned.conf").is_file())
+
+    @property
+    def is_netboot(self) -> bool:
+        return OutputFormat.NETBOOT in self.formats
 
     @property
     def is_kvm_host(self) -> bool:
@@ -226,6 +233,11 @@ def _formats(value: Any, _ctx) -> tuple[OutputFormat, ...]:
         formats = tuple(OutputFormat(n) for n in names)
     except ValueError:
         raise ValueError(f"formats must be among {', '.join(OutputFormat)}, not {names}") from None
+    if formats == (OutputFormat.NETBOOT,):
+        return formats
+    if OutputFormat.NETBOOT in formats:
+        raise ValueError("netboot is a format of its own (a kernel and a RAM root, no disk): "
+                         "it cannot be combined with disk formats")
     if OutputFormat.QCOW2 not in formats:
         raise ValueError("formats must include qcow2 (the artifact that is checked and boot-tested)")
     return formats
@@ -290,7 +302,7 @@ KEYS: dict[str, tuple[Callable[[Any, dict], Any], Any]] = {
     "element_dirs": (_element_dirs, []),  # before elements: they are looked up there
     "elements": (_elements, REQUIRED),
     "packages": (_packages, []),
-    "tuned_profile": (_text, REQUIRED),
+    "tuned_profile": (_line, ""),  # required for disk images: checked in _image
     "profile_dirs": (_profile_dirs, []),
     "selinux": (_selinux, "enforcing"),
     "kernel_args": (_kernel_args, []),
@@ -319,6 +331,10 @@ def _image(path: Path, name: str, table: Any) -> ImageSpec:
     spec = ImageSpec(name=name, source=path, **values)
     if spec.bridges and not spec.is_kvm_host:
         raise SpecError(path, name, "bridges", f"needs the {HOST_ELEMENT} element, which installs Open vSwitch")
+    if not spec.tuned_profile:
+        if not spec.is_netboot:
+            raise SpecError(path, name, "tuned_profile", "is required (every disk image is tuned from first boot)")
+        return spec
     if not any((d / spec.tuned_profile / "tuned.conf").is_file() for d in spec.profile_dirs):
         searched = ", ".join(str(d) for d in spec.profile_dirs)
         raise SpecError(path, name, "tuned_profile",
