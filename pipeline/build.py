@@ -19,8 +19,11 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import bootloader, disk, inputs, layer, liveimg, manifest, profiles, selinux, tools
+import pykickstart
+
+from . import bootloader, disk, inputs, layer, liveimg, manifest, netboot, profiles, selinux, tools
 from .errors import PipelineError
+from .inputs import PIPELINE_SOURCES
 from .manifest import sha256
 from .progress import Timings, say, step
 from .run import run
@@ -172,6 +175,8 @@ def check_free_space(path: Path, spec: ImageSpec) -> None:
 def profile_chain(spec: ImageSpec, cache_dir: Path) -> list[Path]:
     """Validate the spec's tuned profile against tuned's own rules and profiles; return
     the directories of ours and the user's that it loads (tuned's built-ins ship with it)."""
+    if not spec.tuned_profile:  # a netboot image runs no tuned
+        return []
     reference = profiles.reference(cache_dir)
     loaded = profiles.resolve(spec.tuned_profile, list(spec.profile_dirs), reference)
     builtin = set(reference.profiles.values())
@@ -179,7 +184,7 @@ def profile_chain(spec: ImageSpec, cache_dir: Path) -> list[Path]:
 
 
 def preflight(spec: ImageSpec, output_dir: Path, cache_dir: Path) -> list[Path]:
-    tools.require(*tools.BUILD_TOOLS)
+    tools.require(*tools.BUILD_TOOLS, *(tools.NETBOOT_TOOLS if spec.is_netboot else ()))
     tools.venv_tool("disk-image-create")
     check_free_space(output_dir, spec)
     check_mirrors(spec)
@@ -210,9 +215,16 @@ def dib_environment(ctx: BuildContext) -> dict[str, str]:
         **(ctx.layer.environment(saving=not ctx.from_layer) if ctx.layer else {}),
         **({"SOURCE_DATE_EPOCH": str(ctx.source_date_epoch)} if ctx.source_date_epoch else {}),
         "DIB_OVS_BRIDGES": " ".join(b.dib_value for b in spec.bridges),
+        # The kvm-installer element copies these in: the installer runs the code that rendered
+        # and validated the kickstarts.
+        "DIB_INSTALLER_PACKAGES": ":".join(str(p) for p in installer_packages()),
         # DIB's own temporary mounts go under our work directory, so cleanup finds them.
         "TMPDIR": str(ctx.work / "tmp"),
     }
+
+
+def installer_packages() -> list[Path]:
+    return [PIPELINE_SOURCES, Path(pykickstart.__file__).parent]
 
 
 def compile_policy(ctx: BuildContext) -> None:
@@ -319,13 +331,21 @@ def convert(ctx: BuildContext) -> None:
          ctx.disk, ctx.work / ctx.artifacts.qcow2.name])
 
 
+def make_netboot(ctx: BuildContext) -> None:
+    """The kernel, and the whole trimmed tree as its initramfs (pipeline.netboot)."""
+    ctx.kernel = bootloader.find_kernel(ctx.tree)
+    shutil.copyfile(ctx.kernel.vmlinuz, ctx.work / ctx.artifacts.kernel.name)
+    netboot.trim(ctx.tree, ctx.kernel.version)
+    netboot.make_initramfs(ctx.tree, ctx.work / ctx.artifacts.initrd.name)
+
+
 def move_into_place(ctx: BuildContext) -> None:
-    """Move finished files into place; the qcow2 goes last, so its presence means done."""
+    """Move finished files into place; the qcow2 (a netboot image's initrd) goes last, so its
+    presence means done."""
     art = ctx.artifacts
-    shutil.copyfile(ctx.kernel.vmlinuz, ctx.work / art.kernel.name)
-    shutil.copyfile(ctx.kernel.initrd, ctx.work / art.initrd.name)
-    qcow2_sha256 = sha256(ctx.work / art.qcow2.name)
-    liveimg_sha256 = sha256(ctx.work / art.liveimg.name)
+    if not ctx.spec.is_netboot:
+        shutil.copyfile(ctx.kernel.vmlinuz, ctx.work / art.kernel.name)
+        shutil.copyfile(ctx.kernel.initrd, ctx.work / art.initrd.name)
     ctx.manifest["timings"] = ctx.timings.seconds
     (ctx.work / art.manifest.name).write_text(json.dumps(ctx.manifest, indent=2) + "\n")
     info = {
@@ -336,21 +356,27 @@ def move_into_place(ctx: BuildContext) -> None:
         "spec": ctx.spec.to_json(),
         "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "kernel": ctx.kernel.version,
-        "kernel_cmdline": kernel_cmdline(ctx.spec),
-        "root_uuid": ctx.layout.root_uuid,
-        "esp_uuid": ctx.layout.esp_uuid,
-        "qcow2_sha256": qcow2_sha256,
-        "qcow2_size": (ctx.work / art.qcow2.name).stat().st_size,
-        "liveimg": art.liveimg.name,
-        "liveimg_sha256": liveimg_sha256,
+        "kernel_sha256": sha256(ctx.work / art.kernel.name),
+        "initrd_sha256": sha256(ctx.work / art.initrd.name),
+        "initrd_size": (ctx.work / art.initrd.name).stat().st_size,
         "timings": ctx.timings.seconds,
     }
+    if ctx.spec.is_netboot:
+        names = [art.kernel.name, art.packages.name, art.manifest.name, art.info.name, art.initrd.name]
+    else:
+        info |= {
+            "kernel_cmdline": kernel_cmdline(ctx.spec),
+            "root_uuid": ctx.layout.root_uuid,
+            "esp_uuid": ctx.layout.esp_uuid,
+            "qcow2_sha256": sha256(ctx.work / art.qcow2.name),
+            "qcow2_size": (ctx.work / art.qcow2.name).stat().st_size,
+            "liveimg": art.liveimg.name,
+            "liveimg_sha256": sha256(ctx.work / art.liveimg.name),
+        }
+        names = [art.kernel.name, art.initrd.name, art.packages.name, art.files.name, art.manifest.name,
+                 art.liveimg.name, art.info.name, *([art.raw.name] if OutputFormat.RAW in ctx.spec.formats else []),
+                 art.qcow2.name]
     (ctx.work / art.info.name).write_text(json.dumps(info, indent=2) + "\n")
-    names = [art.kernel.name, art.initrd.name, art.packages.name, art.files.name, art.manifest.name,
-             art.liveimg.name, art.info.name]
-    if OutputFormat.RAW in ctx.spec.formats:
-        names.append(art.raw.name)
-    names.append(art.qcow2.name)
     # An old image must not pass for this build's, nor its check or boot test for this one's.
     for old in (art.qcow2, art.check_report, art.boot_report):
         old.unlink(missing_ok=True)
@@ -358,11 +384,14 @@ def move_into_place(ctx: BuildContext) -> None:
         os.replace(ctx.work / name, art.directory / name)
 
 
-STEPS = (
+TREE_STEPS = (
     ("policy modules", compile_policy),
     ("tree", build_tree),
     ("unpack", unpack_tree),
     ("manifest", write_manifest),
+)
+STEPS = (
+    *TREE_STEPS,
     ("configure boot", configure_boot),
     ("relabel", relabel),
     ("file list", list_files),
@@ -370,6 +399,7 @@ STEPS = (
     ("assembly", assemble),
     ("conversion", convert),
 )
+NETBOOT_STEPS = (*TREE_STEPS, ("netboot", make_netboot))
 
 
 def cleanup(work: Path) -> None:
@@ -402,9 +432,15 @@ def stale_reason(art: Artifacts, input_hash: str) -> str | None:
     if info.get("input_hash") != input_hash:
         built_from = str(info.get("input_hash"))[:inputs.SHORT]
         return f"inputs changed (built from {built_from}, now {input_hash[:inputs.SHORT]})"
-    missing = [p.name for p in (art.qcow2, art.liveimg, art.kernel, art.initrd, art.manifest) if not p.is_file()]
+    netboot = info.get("spec", {}).get("formats") == ["netboot"]
+    wanted = (art.kernel, art.initrd, art.manifest) if netboot else (art.qcow2, art.liveimg, art.kernel, art.initrd,
+                                                                      art.manifest)
+    missing = [p.name for p in wanted if not p.is_file()]
     if missing:
         return f"missing {', '.join(missing)}"
+    if netboot:  # no disk, so no offline check: the deploy test proves it
+        return None if art.initrd.stat().st_size == info.get("initrd_size") else \
+            f"{art.initrd.name} is not the file that was built"
     if art.qcow2.stat().st_size != info.get("qcow2_size"):
         return f"{art.qcow2.name} is not the file that was built"
     if not art.passed(art.check_report):
@@ -421,7 +457,7 @@ def build(spec: ImageSpec, output_dir: Path, cache_dir: Path, force: bool = Fals
     if reason is None:
         say(f"{spec.name} is up to date: version {_read_json(art.info).get('version')}, "
             f"input hash {input_hash[:inputs.SHORT]}, offline check passed ({art.qcow2}); --force rebuilds")
-        print(art.qcow2, file=sys.stdout)
+        print(art.initrd if spec.is_netboot else art.qcow2, file=sys.stdout)
         return art, Timings()
     say(f"building {spec.name}: {reason}")
     art.logs.mkdir(parents=True, exist_ok=True)
@@ -434,13 +470,18 @@ def build(spec: ImageSpec, output_dir: Path, cache_dir: Path, force: bool = Fals
                        layer=layer.layer_for(spec, Path(cache_dir)))
     work.mkdir()
     try:
-        for name, action in STEPS:
+        for name, action in NETBOOT_STEPS if spec.is_netboot else STEPS:
             with step(name, ctx.timings):
                 action(ctx)
         move_into_place(ctx)
     finally:
         cleanup(work)
-    say(f"image: {art.qcow2} ({art.qcow2.stat().st_size / 2**20:.0f} MiB), version {ctx.version}; "
-        f"liveimg {art.liveimg.name} ({art.liveimg.stat().st_size / 2**20:.0f} MiB)")
-    print(art.qcow2, file=sys.stdout)
+    if spec.is_netboot:
+        say(f"netboot image: {art.kernel.name} and {art.initrd} ({art.initrd.stat().st_size / 2**20:.0f} MiB), "
+            f"version {ctx.version}")
+        print(art.initrd, file=sys.stdout)
+    else:
+        say(f"image: {art.qcow2} ({art.qcow2.stat().st_size / 2**20:.0f} MiB), version {ctx.version}; "
+            f"liveimg {art.liveimg.name} ({art.liveimg.stat().st_size / 2**20:.0f} MiB)")
+        print(art.qcow2, file=sys.stdout)
     return art, ctx.timings

@@ -11,6 +11,9 @@ from .errors import ToolMissing
 
 DEBIAN_PACKAGE = {
     "checkmodule": "checkpolicy",
+    "cpio": "cpio",
+    "depmod": "kmod",
+    "zstd": "zstd",
     "debootstrap": "debootstrap",
     "dnsmasq": "dnsmasq-base",  # not dnsmasq, whose package starts a system service
     "mcopy": "mtools",
@@ -18,6 +21,7 @@ DEBIAN_PACKAGE = {
     "mkfs.ext4": "e2fsprogs",
     "mkfs.vfat": "dosfstools",
     "mmd": "mtools",
+    "nginx": "nginx",  # the binary itself since bookworm; nginx-light and nginx-core only add modules
     "pigz": "pigz",
     "qemu-img": "qemu-utils",
     "rsync": "rsync",
@@ -49,6 +53,7 @@ DEBIAN_PACKAGE_OF_FILE = {
 
 BUILD_TOOLS = ("checkmodule", "debootstrap", "grub-mkimage", "mcopy", "mkfs.ext4", "mkfs.vfat", "mmd",
                "pigz", "qemu-img", "semodule_package", "setfiles", "sgdisk", "sudo", "tar")
+NETBOOT_TOOLS = ("cpio", "depmod", "zstd")
 BOOT_TOOLS = ("qemu-img", "qemu-system-x86_64", "mcopy", "mkfs.vfat", "mmd", "ssh", "ssh-keygen")
 
 
