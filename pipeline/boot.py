@@ -115,8 +115,63 @@ def new_ssh_key(path: Path, comment: str) -> str:
     return path.with_suffix(".pub").read_text().strip()
 
 
+def firmware_argv(firmware: Firmware, workdir: Path) -> list[str]:
+    """QEMU's firmware options: SeaBIOS is q35's default; UEFI is OVMF, with a fresh copy of its
+    variable store in WORKDIR (the firmware writes its boot entries there)."""
+    if firmware is not Firmware.UEFI:
+        return []
+    variables = workdir / "OVMF_VARS.fd"
+    shutil.copyfile(OVMF_VARS, variables)
+    return ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
+            "-drive", f"if=pflash,format=raw,unit=1,file={variables}"]
+
+
+def ssh_config(alias: str, port: int, user: str, key: Path) -> str:
+    """An ssh_config whose host ALIAS is a VM's SSH port forwarded to loopback: KEY only, and no
+    host key kept (each boot has new ones)."""
+    return f"""\
+Host {alias}
+  HostName 127.0.0.1
+  Port {port}
+  User {user}
+  IdentityFile {key}
+  IdentitiesOnly yes
+  StrictHostKeyChecking no
+  UserKnownHostsFile /dev/null
+  LogLevel ERROR
+  ConnectTimeout 10
+  ServerAliveInterval 10
+"""
+
+
+class QemuMachine:
+    """A QEMU process (self.proc) that start() starts. Use as a context manager, so that it
+    never outlives its block, nor a start that failed half-way."""
+
+    proc = None
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc)
+            self.proc = None
+
+    def __enter__(self):
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 @dataclass
-class VM:
+class VM(QemuMachine):
     """A running guest. Use as a context manager, so the QEMU process never outlives it."""
 
     image: Path          # the artifact: only ever a read-only backing file
@@ -161,19 +216,7 @@ class VM:
     def ssh_config_for(self, user: str, key: Path) -> Path:
         """An ssh_config whose host `guest` is this VM, logged into as USER with KEY only."""
         config = self.ssh_config if (user, key) == (CLOUD_USER, self.key) else self.workdir / f"ssh_config-{user}"
-        config.write_text(f"""\
-Host guest
-  HostName 127.0.0.1
-  Port {self.port}
-  User {user}
-  IdentityFile {key}
-  IdentitiesOnly yes
-  StrictHostKeyChecking no
-  UserKnownHostsFile /dev/null
-  LogLevel ERROR
-  ConnectTimeout 10
-  ServerAliveInterval 10
-""")
+        config.write_text(ssh_config("guest", self.port, user, key))
         return config
 
     def ssh_argv(self, user: str = CLOUD_USER, key: Path | None = None, *options: str) -> list[str]:
@@ -203,12 +246,7 @@ Host guest
         for index in range(self.uplink_nics):
             argv += ["-netdev", f"user,id=uplink{index},restrict=on",
                      "-device", f"virtio-net-pci,netdev=uplink{index},addr={UPLINK_SLOT + index:#x}"]
-        if self.firmware is Firmware.UEFI:
-            variables = self.workdir / "OVMF_VARS.fd"
-            shutil.copyfile(OVMF_VARS, variables)
-            argv += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
-                     "-drive", f"if=pflash,format=raw,unit=1,file={variables}"]
-        return argv
+        return argv + firmware_argv(self.firmware, self.workdir)
 
     # --- life cycle
 
@@ -253,21 +291,6 @@ Host guest
                 reply += chunk
         return json.loads(reply)
 
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop(self.proc)
-            self.proc = None
-
-    def __enter__(self) -> "VM":
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 def cloud_config(config: dict) -> str:

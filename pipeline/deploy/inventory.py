@@ -29,6 +29,8 @@ HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 # ',' (kickstart's list separator), '=', quote or space.
 DISK_NAME = re.compile(r"^[a-z][a-z0-9]*$")
 DISK_PATH = re.compile(r"^/dev(?:/[A-Za-z0-9_.:+@-]+)+$")
+# The netboot image the PXE tree boots, unless [site] names another (images.toml: [image.installer]).
+DEFAULT_INSTALLER = "installer"
 
 
 class Boot(StrEnum):
@@ -102,6 +104,7 @@ class Site:
     snippets: Path | None  # a directory of *.ks files added to every kickstart
     includes: tuple[str, ...]  # URLs for %include lines, fetched by the installer
     pxe: PxeSite = PxeSite()
+    installer: str = DEFAULT_INSTALLER  # the netboot image of the spec file that the PXE tree boots
 
     @property
     def snippet_files(self) -> list[Path]:
@@ -263,7 +266,20 @@ def _role(value: Any, ctx) -> str:
     if value not in spec.images:
         raise ValueError(f"unknown role {value!r}: not an image of {spec.path}; "
                          f"known images: {', '.join(sorted(spec.images))}")
+    if spec.images[value].is_netboot:
+        raise ValueError(f"role {value!r} is a netboot image (an installer), not an image to install")
     ctx["image"] = spec.images[value]  # the overrides below are checked against it
+    return value
+
+
+def _installer(value: Any, ctx) -> str:
+    spec: specs.SpecFile = ctx["spec"]
+    if value not in spec.images:
+        raise ValueError(f"unknown installer image {value!r}: not an image of {spec.path}; "
+                         f"known images: {', '.join(sorted(spec.images))}")
+    if not spec.images[value].is_netboot:
+        raise ValueError(f"image {value!r} is not a netboot image (formats = [\"netboot\"]): it cannot boot "
+                         "a node as its installer")
     return value
 
 
@@ -329,6 +345,7 @@ SITE_KEYS: Keys = {
     "snippets": (_snippets, None),
     "includes": (_includes, []),
     "pxe": (_pxe, {}),
+    "installer": (_optional(_installer), None),
 }
 PXE_KEYS: Keys = {
     "interface": (_optional(_interface), None),
@@ -436,7 +453,9 @@ def load(path: Path) -> Inventory:
         raise InventoryError(path, None, unknown[0], "unknown top-level key; expected spec_file, [site] "
                              "and [node.HOSTNAME] tables")
     spec = _spec_file(path, data.get("spec_file"))
-    site = Site(**_fields(path, None, "site.", data.get("site", {}), SITE_KEYS, {"base": path.parent}))
+    site_fields = _fields(path, None, "site.", data.get("site", {}), SITE_KEYS, {"base": path.parent, "spec": spec})
+    # The installer is looked up when a PXE tree is rendered: kickstarts alone need none.
+    site = Site(**{**site_fields, "installer": site_fields["installer"] or DEFAULT_INSTALLER})
     tables = data.get("node", {})
     if not isinstance(tables, dict) or not tables:
         raise InventoryError(path, None, "node", "no [node.HOSTNAME] tables")

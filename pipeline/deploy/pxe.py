@@ -3,17 +3,20 @@ kickstart, in one directory that is both the HTTP and the TFTP root.
 
     pxe.json                    what was rendered, for `check`: base URL, target, each node's files
     dnsmasq.conf                proxy DHCP + TFTP for the site ([site.pxe] of the inventory)
+    nginx-site.conf             an nginx server block serving the tree at base_url (pipeline.deploy.nginx)
     boot.ipxe                   iPXE's first script: it chains ipxe/01-MAC.ipxe
     ipxe/01-MAC.ipxe            a node's kernel, initrd and command line, over HTTP
     grub/grub.cfg-01-MAC        the same for GRUB (UEFI nodes), over TFTP; grub/grub.cfg for others
     pxelinux.cfg/01-MAC         the same for pxelinux (BIOS nodes); pxelinux.cfg/default for others
     undionly.kpxe ipxe.efi pxelinux.0 ldlinux.c32 grubnetx64.efi    the network boot programs
     kickstarts/NODE.ks          each node's kickstart (pipeline.kickstart)
-    ROLE/ROLE.vmlinuz ROLE.initrd ROLE.tar.gz  a role's kernel, initrd and liveimg tarball
+    INSTALLER/INSTALLER.vmlinuz INSTALLER.initrd  the installer every node boots (a netboot image,
+                                [image.installer] in images.toml; pipeline/deploy/installer.py)
+    ROLE/ROLE.tar.gz            a role's liveimg tarball, which the installer installs
 
-No installer kernel can be had here, so the chain boots the built image's own kernel and initrd
-(build/ROLE/) with an installer's command line. The tree is written beside the output directory
-and swapped in only when complete.
+Where Anaconda's kernel and initrd would go, the tree offers our installer's, with Anaconda's
+inst.ks=URL argument. The tree is written beside the output directory and swapped in only when
+complete.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ import jinja2
 from pykickstart.errors import KickstartError, KickstartWarning
 
 from .. import tools
-from ..build import Artifacts
+from ..build import artifacts_for
 from ..errors import CommandFailed, InventoryError, PipelineError
 from ..paths import DEFAULT_OUTPUT, ROOT
 from ..run import run, start, stop
@@ -141,7 +144,8 @@ def installer_args(inventory: Inventory, node: Node, kickstart_url: str) -> tupl
 
 def node_boot(inventory: Inventory, node: Node) -> NodeBoot:
     ks = f"kickstarts/{node.name}.ks"
-    return NodeBoot(node=node, kernel=f"{node.role}/{node.role}.vmlinuz", initrd=f"{node.role}/{node.role}.initrd",
+    installer = inventory.site.installer
+    return NodeBoot(node=node, kernel=f"{installer}/{installer}.vmlinuz", initrd=f"{installer}/{installer}.initrd",
                     kickstart=ks, args=installer_args(inventory, node, f"{inventory.site.base_url}/{ks}"))
 
 
@@ -167,20 +171,24 @@ def _dhcp_server(inventory: Inventory) -> IPv4Address | None:
                              "where dnsmasq answers PXE clients cannot be told from it") from None
 
 
-def _sources(inventory: Inventory, build_dir: Path,
-             images: dict[str, kickstart.LiveImage]) -> dict[str, list[tuple[Path, str]]]:
-    """Each role's built (or published) files and their names in the tree; a missing one names
-    the role and the file."""
-    sources = {}
+def _sources(inventory: Inventory, build_dir: Path, installer_dir: Path,
+             images: dict[str, kickstart.LiveImage]) -> list[tuple[Path, str]]:
+    """The installer's kernel and initrd and each role's built (or published) liveimg, with their
+    names in the tree; a missing one names the image and the file."""
+    installer = inventory.site.installer
+    if installer not in inventory.spec.images:
+        raise InventoryError(inventory.path, None, "site.installer",
+                             f"the PXE tree boots the netboot image {installer!r}, which is not an image of "
+                             f"{inventory.spec.path}: add it (see images.toml) or name another")
+    built = artifacts_for(inventory.spec.images[installer], installer_dir)
+    wanted = [("installer image", installer, built.kernel), ("installer image", installer, built.initrd)]
     for role, image in images.items():
-        found = Artifacts(kickstart.role_files(inventory.spec.images[role], build_dir), role)
-        files = [found.kernel, found.initrd, found.directory / image.file]
-        for path in files:
-            if not path.is_file():
-                raise PipelineError(f"role {role!r}: {path} not found, so the PXE tree cannot offer it: "
-                                    f"run ./inv build {role}")
-        sources[role] = [(path, f"{role}/{path.name}") for path in files]
-    return sources
+        wanted.append(("role", role, kickstart.role_files(inventory.spec.images[role], build_dir) / image.file))
+    for what, name, path in wanted:
+        if not path.is_file():
+            raise PipelineError(f"{what} {name!r}: {path} not found, so the PXE tree cannot offer it: "
+                                f"run ./inv build {name}")
+    return [(path, f"{name}/{path.name}") for _, name, path in wanted]
 
 
 def _place(source: Path, target: Path) -> None:
@@ -234,7 +242,7 @@ def _swap(work: Path, output_dir: Path) -> None:
 
 
 def render_tree(inventory: Inventory, output_dir: Path = DEFAULT_OUTPUT_DIR, target: str = kickstart.DEFAULT_TARGET,
-                *, build_dir: Path = DEFAULT_OUTPUT) -> Tree:
+                *, build_dir: Path = DEFAULT_OUTPUT, installer_dir: Path | None = None) -> Tree:
     """Write the PXE tree of the inventory to output_dir, replacing a previous one whole.
 
     Everything is checked first (boot programs, built artifacts, kickstarts by pykickstart) and
@@ -247,7 +255,8 @@ def render_tree(inventory: Inventory, output_dir: Path = DEFAULT_OUTPUT_DIR, tar
     _check_output(output_dir)
     server = _dhcp_server(inventory)
     images = kickstart.liveimages(inventory, Path(build_dir), {})
-    sources = _sources(inventory, Path(build_dir), images)
+    # The installer is built, not published: by default it is beside the roles' builds.
+    sources = _sources(inventory, Path(build_dir), Path(installer_dir or build_dir), images)
     boots = tuple(node_boot(inventory, node) for node in inventory.nodes.values())
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -255,9 +264,8 @@ def render_tree(inventory: Inventory, output_dir: Path = DEFAULT_OUTPUT_DIR, tar
     try:
         work.chmod(0o755)  # mkdtemp's 0700 would hide the tree from a server that is not root
         kickstart.render_all(inventory, work / "kickstarts", target, liveimgs=images)
-        for files in sources.values():
-            for source, name in files:
-                _place(source, work / name)
+        for source, name in sources:
+            _place(source, work / name)
         for name, source in PROGRAMS.items():
             shutil.copyfile(source, work / name)
         run(["grub-mkimage", "--directory", GRUB_EFI_MODULES, "--format", "x86_64-efi", "--prefix", "(tftp)/grub",
@@ -286,6 +294,9 @@ def _write_configs(work: Path, root: Path, inventory: Inventory, boots: tuple[No
     bios, efi = BOOT_PROGRAM[pxe.loader]
     _write(work, DNSMASQ_CONF, env.get_template("dnsmasq.conf.j2").render(
         common, root=root, conf_name=DNSMASQ_CONF, pxe=pxe, server=server, bios=bios, efi=efi))
+    from . import nginx  # here, not at the top: nginx builds on this module's names
+
+    nginx.write_site(work, root, inventory.site.base_url)
 
 
 def _manifest(inventory: Inventory, boots: tuple[NodeBoot, ...], target: str) -> dict:

@@ -13,9 +13,8 @@ its command line on the serial console. By the site's loader:
   is the console: the loader's own lines, and the node's own kickstart URL on the kernel's
   command line (their default configurations boot no installer).
 
-No installer kernel can be had here: the tree (pipeline.pxe) offers the built image's own kernel
-and initrd in its place, with an installer's command line. What is proved is the chain up to the
-kernel running with the node's own kickstart URL, not an installation.
+The kernel and initrd are the installer's (pipeline.pxe). What is proved is the chain up to the
+installer's kernel running with the node's own kickstart URL; the install is pipeline.deploy.nodes'.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .. import tools
-from ..boot import OVMF_CODE, OVMF_VARS, Firmware, _free_port, accelerator
+from ..boot import OVMF_CODE, OVMF_VARS, Firmware, _free_port, accelerator, firmware_argv
 from ..errors import PipelineError, ToolMissing
 from ..run import start, stop
 from . import inventory as inventories
@@ -227,12 +226,7 @@ def qemu_argv(firmware: Firmware, mac: str, site: Site, console: Path) -> list[s
             "-serial", f"file:{console}",
             "-netdev", f"user,id=n0,tftp={site.tree.root},bootfile={boot_file}",
             "-device", f"virtio-net-pci,netdev=n0,mac={mac},bootindex=1"]
-    if firmware is Firmware.UEFI:
-        variables = site.workdir / "OVMF_VARS.fd"
-        shutil.copyfile(OVMF_VARS, variables)
-        argv += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
-                 "-drive", f"if=pflash,format=raw,unit=1,file={variables}"]
-    return argv
+    return argv + firmware_argv(firmware, site.workdir)
 
 
 def _require(firmware: Firmware) -> None:

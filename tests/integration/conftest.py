@@ -15,6 +15,7 @@ import pytest
 import testinfra
 
 from pipeline import atomic, boot, build, spec as specs, tools
+from pipeline.deploy.inventory import DEFAULT_INSTALLER
 from pipeline.paths import DEFAULT_CACHE, DEFAULT_OUTPUT, SPEC_FILE
 from pipeline.run import run
 
@@ -72,6 +73,15 @@ def artifacts(pytestconfig, spec, output_dir) -> build.Artifacts:
         art.read_info()  # a clear error if it was never built
         return art
     art, _ = build.build(spec, output_dir, DEFAULT_CACHE)
+    return art
+
+
+@pytest.fixture(scope="session")
+def installer(pytestconfig, output_dir) -> build.Artifacts:
+    """The installer (the netboot image the PXE tree boots): built here unless up to date, by the
+    first session that network-boots a node; later sessions find it built."""
+    loaded = specs.load(Path(pytestconfig.getoption("spec_file")))
+    art, _ = build.build(loaded.get(DEFAULT_INSTALLER), output_dir, DEFAULT_CACHE)
     return art
 
 

@@ -14,9 +14,8 @@ kinds. The site is rendered once per loader:
 
 Either way the kernel starts with the node's own kickstart URL on its command line.
 
-No installer (anaconda) kernel and initrd can be had here: the built image's own kernel and
-initrd stand in for them. What is proved is the chain up to the kernel running with the node's own
-kickstart URL, not an installation.
+What boots is our installer (the netboot image `installer`); what is proved here is the chain
+up to its kernel running with the node's own kickstart URL. The install itself is test_deploy.py's.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ from pipeline.deploy.inventory import Loader
 
 
 @pytest.fixture(scope="module", params=list(Loader), ids=str)
-def site(pytestconfig, spec, artifacts, output_dir, request):
+def site(pytestconfig, spec, artifacts, installer, output_dir, request):
     """The two-node inventory's tree for a loader, rendered from the built image and served; logs
     are kept in build/IMAGE/pxe-boot-LOADER/."""
     with pxeboot.serving_site(spec.name, Path(pytestconfig.getoption("spec_file")), output_dir,
@@ -53,8 +52,7 @@ def other_node(site, booted) -> pxeboot.pxe.NodeBoot:
 
 
 def test_the_node_fetched_its_own_files_and_nothing_else(site, booted):
-    """The image's own kernel and initrd stand in for the installer's, which cannot be had here.
-    iPXE: the node fetched boot.ipxe, its own iPXE script, that kernel and that initrd, each with 200,
+    """iPXE: the node fetched boot.ipxe, its own iPXE script, that kernel and that initrd, each with 200,
     and not the other node's script. pxelinux and GRUB: nothing over HTTP (all came by TFTP)."""
     fetched = [(request.method, request.path, request.status) for request in booted.requests]
     assert fetched == [("GET", path, 200) for path in pxeboot.own_files(site.tree, booted.node, site.loader)]

@@ -28,18 +28,23 @@ SITE_PXE = '[site.pxe]\ninterface = "eth1"\nsubnet = "10.0.0.0/24"\nloader = "px
 DNSMASQ = shutil.which("dnsmasq", path=os.environ.get("PATH", "") + ":/usr/sbin")
 no_dnsmasq = pytest.mark.skipif(not DNSMASQ, reason="dnsmasq (Debian package dnsmasq-base) is not installed")
 TREE = sorted([
-    "boot.ipxe", "dnsmasq.conf", "pxe.json",
+    "boot.ipxe", "dnsmasq.conf", "nginx-site.conf", "pxe.json",
     "grubnetx64.efi", "ipxe.efi", "ldlinux.c32", "pxelinux.0", "undionly.kpxe",
     f"ipxe/{COMPUTE1}.ipxe", f"ipxe/{COMPUTE2}.ipxe", f"ipxe/{GUEST1}.ipxe",
     "grub/grub.cfg", f"grub/grub.cfg-{COMPUTE1}", f"grub/grub.cfg-{GUEST1}",  # the UEFI nodes
     "pxelinux.cfg/default", f"pxelinux.cfg/{COMPUTE2}",  # the BIOS node
     "kickstarts/compute1.ks", "kickstarts/compute2.ks", "kickstarts/guest1.ks",
-    *(f"{role}/{role}.{ext}" for role in ROLES for ext in ("vmlinuz", "initrd", "tar.gz")),
+    "installer/installer.vmlinuz", "installer/installer.initrd",
+    *(f"{role}/{role}.tar.gz" for role in ROLES),
 ])
 
 
 def fake_build(build: Path) -> Path:
-    """Each role's kernel, initrd and liveimg, a few bytes each, with a build-info.json holding its real sha256."""
+    """The installer's kernel and initrd, and each role's kernel, initrd and liveimg, a few bytes each,
+    with a build-info.json holding its real sha256."""
+    (build / "installer").mkdir(parents=True)
+    for ext in ("vmlinuz", "initrd"):
+        (build / "installer" / f"installer.{ext}").write_bytes(f"fake {ext} of the installer\n".encode() * 100)
     for role in ROLES:
         (build / role).mkdir(parents=True)
         for ext in ("vmlinuz", "initrd", "tar.gz"):
@@ -92,17 +97,16 @@ def server(tree):
 def test_tree_layout(tree):
     assert listing(tree.root) == TREE
     assert sorted(p.name for p in tree.root.parent.iterdir()) == ["build", "inventory.toml", "pxe"]  # no work dir
-    for role in ROLES:  # hard links to the build's files, not copies
-        for ext in ("vmlinuz", "initrd", "tar.gz"):
-            built = tree.root.parent / "build" / role / f"{role}.{ext}"
-            assert (tree.root / role / built.name).stat().st_ino == built.stat().st_ino
+    built = [f"installer/installer.{ext}" for ext in ("vmlinuz", "initrd")] + [f"{r}/{r}.tar.gz" for r in ROLES]
+    for name in built:  # hard links to the build's files, not copies
+        assert (tree.root / name).stat().st_ino == (tree.root.parent / "build" / name).stat().st_ino
 
 
 def test_a_file_that_is_not_world_readable_is_copied(tmp_path, build):
     # dnsmasq, as root, serves only world-readable files; the build's own file is left as it is.
-    built = build / "host-image/host-image.initrd"
+    built = build / "installer/installer.initrd"
     built.chmod(0o600)
-    copy = pxe.render_tree(example(tmp_path), tmp_path / "pxe", build_dir=build).root / "host-image/host-image.initrd"
+    copy = pxe.render_tree(example(tmp_path), tmp_path / "pxe", build_dir=build).root / "installer/installer.initrd"
     assert copy.stat().st_ino != built.stat().st_ino and copy.read_bytes() == built.read_bytes()
     assert (copy.stat().st_mode & 0o777, built.stat().st_mode & 0o777) == (0o644, 0o600)
 
@@ -143,20 +147,20 @@ def test_ipxe_scripts(tree):
     assert line_of(tree.root / "boot.ipxe", "chain") == "chain ipxe/01-${netX/mac:hexhyp}.ipxe || goto unknown"
     script = tree.root / f"ipxe/{COMPUTE1}.ipxe"
     assert script.read_text().startswith("#!ipxe\n")
-    kernel = f"kernel {SITE}/host-image/host-image.vmlinuz initrd=host-image.initrd "
+    kernel = f"kernel {SITE}/installer/installer.vmlinuz initrd=installer.initrd "
     assert line_of(script, "kernel").startswith(kernel)
-    assert line_of(script, "initrd") == f"initrd {SITE}/host-image/host-image.initrd || goto failed"
+    assert line_of(script, "initrd") == f"initrd {SITE}/installer/installer.initrd || goto failed"
     assert line_of(script, "iseq") == "iseq ${platform} efi || goto wrong_firmware"  # compute1 is UEFI
     assert line_of(tree.root / f"ipxe/{COMPUTE2}.ipxe", "iseq").startswith("iseq ${platform} pcbios ")
 
 
 def test_grub_and_pxelinux_read_the_kernel_by_tftp_from_the_same_root(tree):
     grub = tree.root / f"grub/grub.cfg-{COMPUTE1}"
-    assert line_of(grub, "linux").startswith("linux /host-image/host-image.vmlinuz inst.ks=")
-    assert line_of(grub, "initrd") == "initrd /host-image/host-image.initrd"
+    assert line_of(grub, "linux").startswith("linux /installer/installer.vmlinuz inst.ks=")
+    assert line_of(grub, "initrd") == "initrd /installer/installer.initrd"
     pxelinux = tree.root / f"pxelinux.cfg/{COMPUTE2}"
-    assert line_of(pxelinux, "KERNEL") == "KERNEL host-image/host-image.vmlinuz"
-    assert line_of(pxelinux, "INITRD") == "INITRD host-image/host-image.initrd"
+    assert line_of(pxelinux, "KERNEL") == "KERNEL installer/installer.vmlinuz"
+    assert line_of(pxelinux, "INITRD") == "INITRD installer/installer.initrd"
     # A machine not in the inventory is not installed: it boots the next device.
     assert line_of(tree.root / "grub/grub.cfg", "exit") == "exit"
     assert line_of(tree.root / "pxelinux.cfg/default", "LOCALBOOT") == "LOCALBOOT 0"
@@ -251,10 +255,10 @@ def get(url: str) -> int:
 def test_check_passes_against_a_loopback_server(tree, server):
     report = pxe.check(tree.root, server)
     assert report.passed, [str(p) for p in report.problems]
-    assert (report.nodes, report.urls) == (3, 21)
+    assert (report.nodes, report.urls) == (3, 19)  # the nodes share the installer's kernel and initrd
     log = (tree.root / "access.log").read_text()
     assert " 127.0.0.1 GET /kickstarts/compute1.ks 200\n" in log
-    assert " 127.0.0.1 HEAD /host-image/host-image.vmlinuz 200\n" in log
+    assert " 127.0.0.1 HEAD /installer/installer.vmlinuz 200\n" in log
     assert " 127.0.0.1 GET /guest-image/guest-image.tar.gz 200\n" in log  # hashed as the installer would fetch it
 
 
@@ -295,11 +299,13 @@ def test_check_starts_its_own_server(fresh):
 
 
 REMOVED = [
-    ("host-image/host-image.vmlinuz", [
-        f"node 'compute1': ipxe/{COMPUTE1}.ipxe: kernel {SITE}/host-image/host-image.vmlinuz: HTTP 404",
-        f"node 'compute1': grub/grub.cfg-{COMPUTE1}: kernel {SITE}/host-image/host-image.vmlinuz: HTTP 404",
-        f"node 'compute2': ipxe/{COMPUTE2}.ipxe: kernel {SITE}/host-image/host-image.vmlinuz: HTTP 404",
-        f"node 'compute2': pxelinux.cfg/{COMPUTE2}: kernel {SITE}/host-image/host-image.vmlinuz: HTTP 404"]),
+    ("installer/installer.vmlinuz", [
+        f"node 'compute1': ipxe/{COMPUTE1}.ipxe: kernel {SITE}/installer/installer.vmlinuz: HTTP 404",
+        f"node 'compute1': grub/grub.cfg-{COMPUTE1}: kernel {SITE}/installer/installer.vmlinuz: HTTP 404",
+        f"node 'compute2': ipxe/{COMPUTE2}.ipxe: kernel {SITE}/installer/installer.vmlinuz: HTTP 404",
+        f"node 'compute2': pxelinux.cfg/{COMPUTE2}: kernel {SITE}/installer/installer.vmlinuz: HTTP 404",
+        f"node 'guest1': ipxe/{GUEST1}.ipxe: kernel {SITE}/installer/installer.vmlinuz: HTTP 404",
+        f"node 'guest1': grub/grub.cfg-{GUEST1}: kernel {SITE}/installer/installer.vmlinuz: HTTP 404"]),
     (f"ipxe/{COMPUTE1}.ipxe", [f"node 'compute1': boot.ipxe: chain {SITE}/ipxe/{COMPUTE1}.ipxe: HTTP 404"]),
     (f"pxelinux.cfg/{COMPUTE2}",
      [f"node 'compute2': pxelinux.cfg/{COMPUTE2}: {SITE}/pxelinux.cfg/{COMPUTE2}: HTTP 404"]),
@@ -364,9 +370,9 @@ def snippet(tmp_path: Path, text: str) -> inventory.Inventory:
 FAILURES = [
     ("a snippet pykickstart rejects", lambda tmp, build: snippet(tmp, "bogus --x\n"), None,
      "node 'compute1': pykickstart (RHEL9) rejects its kickstart: line"),
-    ("a missing kernel", lambda tmp, build: example(tmp), "host-image/host-image.vmlinuz",
-     "role 'host-image': {build}/host-image/host-image.vmlinuz not found, so the PXE tree cannot offer it: "
-     "run ./inv build host-image"),
+    ("a missing kernel", lambda tmp, build: example(tmp), "installer/installer.vmlinuz",
+     "installer image 'installer': {build}/installer/installer.vmlinuz not found, so the PXE tree cannot offer it: "
+     "run ./inv build installer"),
     ("a missing liveimg", lambda tmp, build: example(tmp), "guest-image/guest-image.tar.gz",
      "role 'guest-image': {build}/guest-image/guest-image.tar.gz not found"),
     ("no build-info.json", lambda tmp, build: example(tmp), "guest-image/build-info.json",

@@ -14,16 +14,16 @@ from pipeline.paths import SPEC_FILE
 
 BASE = "http://10.0.2.2:41234"
 BIOS_SCRIPT, UEFI_SCRIPT = "/ipxe/01-52-54-00-7e-00-01.ipxe", "/ipxe/01-52-54-00-7e-00-02.ipxe"
-OWN_FILES = ["/boot.ipxe", BIOS_SCRIPT, "/host-image/host-image.vmlinuz", "/host-image/host-image.initrd"]
+OWN_FILES = ["/boot.ipxe", BIOS_SCRIPT, "/installer/installer.vmlinuz", "/installer/installer.initrd"]
 BIOS_ARGS = (f"inst.ks={BASE}/kickstarts/pxe-bios.ks", "BOOTIF=01-52-54-00-7e-00-01", "console=ttyS0,115200")
 # The start of a real console (OVMF's colours, iPXE's progress, then the kernel), as QEMU wrote it.
 UEFI_CONSOLE = (
     "\x1b[2J\x1b[01;01H\x1b[=3h\x1b[2J\x1b[01;01HBdsDxe: starting Boot0001\r\n"
     "iPXE initialising devices...ok\r\n"
-    "http://10.0.2.2:41234/host-image/host-image.initrd... 82%\r\x1b[K\r\n"
+    "http://10.0.2.2:41234/installer/installer.initrd... 82%\r\x1b[K\r\n"
     "EFI stub: Loaded initrd from command line option\r\n"
     "[    0.000000] Linux version 6.1.0-28-amd64 (debian-kernel@lists.debian.org)\r\n"
-    f"[    0.000000] Command line: host-image.vmlinuz initrd=host-image.initrd "
+    f"[    0.000000] Command line: installer.vmlinuz initrd=installer.initrd "
     f"inst.ks={BASE}/kickstarts/pxe-uefi.ks console=tty0 console=ttyS0,115200\r\n"
     "[    0.000000] BIOS-provided physical RAM map:\r\n"
 )
@@ -64,13 +64,13 @@ def test_parse_access_log():
 def test_command_line_from_a_uefi_console():
     # iPXE on UEFI puts the kernel's name first; the EFI stub reads initrd=.
     assert pxeboot.command_line(UEFI_CONSOLE) == (
-        "host-image.vmlinuz", "initrd=host-image.initrd", f"inst.ks={BASE}/kickstarts/pxe-uefi.ks",
+        "installer.vmlinuz", "initrd=installer.initrd", f"inst.ks={BASE}/kickstarts/pxe-uefi.ks",
         "console=tty0", "console=ttyS0,115200")
 
 
 @pytest.mark.parametrize("console", [
     "",
-    "[    0.000000] Command line: initrd=host-image.initrd inst.ks=http://10.0",  # still being written
+    "[    0.000000] Command line: initrd=installer.initrd inst.ks=http://10.0",  # still being written
     "[    1.234567] Kernel command line: inst.ks=x\n",  # a later line, not the kernel's first
 ])
 def test_no_command_line_yet(console):
@@ -88,11 +88,11 @@ def test_a_boot_that_got_its_own_files_has_no_problems(tree):
 
 def test_problems_name_what_the_boot_got_wrong(tree):
     requests = [log_line("/boot.ipxe"), log_line(UEFI_SCRIPT), log_line(BIOS_SCRIPT, 404),
-                log_line("/host-image/host-image.vmlinuz")]
+                log_line("/installer/installer.vmlinuz")]
     args = (f"inst.ks={BASE}/kickstarts/pxe-uefi.ks", "console=ttyS0")
     assert pxeboot.problems(tree, result(requests, args)) == (
         f"{BIOS_SCRIPT}: status 404",
-        "/host-image/host-image.initrd: not fetched",
+        "/installer/installer.initrd: not fetched",
         f"fetched node 'pxe-uefi''s {UEFI_SCRIPT[1:]}",
         f"the kernel command line has node 'pxe-uefi''s inst.ks={BASE}/kickstarts/pxe-uefi.ks",
         f"the kernel command line has inst.ks {BASE}/kickstarts/pxe-uefi.ks, not {BASE}/kickstarts/pxe-bios.ks",
@@ -145,11 +145,11 @@ with open(root + "/access.log", "a") as log:
 
 
 def test_boot_returns_at_the_kernel_command_line_with_this_boots_requests(site, tmp_path, monkeypatch):
-    line = f"[    0.000000] Command line: initrd=host-image.initrd {' '.join(BIOS_ARGS)}\\r\\n"
+    line = f"[    0.000000] Command line: initrd=installer.initrd {' '.join(BIOS_ARGS)}\\r\\n"
     fake_qemu(tmp_path, monkeypatch, f"open(console, 'w').write('SeaBIOS\\r\\n{line}')\ntime.sleep(60)")
     site.workdir.mkdir()
     booted = pxeboot.boot(site, Firmware.BIOS, deadline=20)
-    assert booted.command_line == ("initrd=host-image.initrd", *BIOS_ARGS)
+    assert booted.command_line == ("initrd=installer.initrd", *BIOS_ARGS)
     assert [request.path for request in booted.requests] == OWN_FILES
     assert 0 < booted.seconds < 20 and booted.console == site.workdir / "console-bios.log"
     assert pxeboot.problems(site.tree, booted) == ()
@@ -194,17 +194,17 @@ def test_pxelinux_and_grub_fetch_nothing_over_http_and_show_themselves_on_the_co
     assert pxeboot.own_files(tree, "pxe-bios", Loader.PXELINUX_GRUB) == []
     assert pxeboot.own_console_lines(tree, "pxe-bios", Loader.IPXE) == []
     assert pxeboot.own_console_lines(tree, "pxe-bios", Loader.PXELINUX_GRUB) == [
-        "PXELINUX ", "Loading host-image/host-image.vmlinuz"]
+        "PXELINUX ", "Loading installer/installer.vmlinuz"]
     assert pxeboot.own_console_lines(tree, "pxe-uefi", Loader.PXELINUX_GRUB) == [
         "Welcome to GRUB!", "Installing pxe-uefi (role host-image)"]
 
 
 def test_a_pxelinux_boot_is_proved_by_its_console(tree):
     console = ("PXELINUX 6.04 PXE 20200816 Copyright (C) 1994-2015 H. Peter Anvin et al\n"
-               "Loading host-image/host-image.vmlinuz... ok\nLoading host-image/host-image.initrd...ok\n")
+               "Loading installer/installer.vmlinuz... ok\nLoading host-image/installer.initrd...ok\n")
     booted = dataclasses.replace(result([]), loader=Loader.PXELINUX_GRUB, console_text=console)
     assert pxeboot.problems(tree, booted) == ()
     # The same boot without pxelinux's lines on the console (iPXE booted it, say).
     assert pxeboot.problems(tree, dataclasses.replace(booted, console_text="iPXE ok\n")) == (
         "the console never showed 'PXELINUX '",
-        "the console never showed 'Loading host-image/host-image.vmlinuz'")
+        "the console never showed 'Loading installer/installer.vmlinuz'")
