@@ -214,3 +214,16 @@ def test_a_failed_step_leaves_nothing_mounted(rendered, commands, monkeypatch, t
         setup.install()
     assert commands[-1] == ["umount", "--recursive", str(tmp_path / "t")]
     assert list(work.iterdir()) == []  # the fetched image is not kept either
+
+
+def test_labels_come_from_the_images_contexts_and_skip_the_fat_esp(rendered, commands, tmp_path):
+    plan = installer.read(rendered["compute1"], "compute1.ks")
+    target = tmp_path / "t"
+    for path in ("etc", "boot/efi", "root", "var/lib/libvirt/images"):
+        (target / path).mkdir(parents=True)
+    installer.Installer(plan, uefi=True, workdir=tmp_path, target=target, say=lambda _: None).relabel()
+    [setfiles] = commands
+    contexts = str(target / "etc/selinux/default/contexts/files/file_contexts")
+    assert setfiles[:6] == ["setfiles", "-F", "-e", str(target / "boot/efi"), "-r", str(target)]
+    assert setfiles[6] == contexts
+    assert setfiles[7:] == sorted(str(target / p) for p in ("etc", "boot", "root", "var/lib/libvirt/images"))
