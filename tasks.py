@@ -38,6 +38,15 @@ def _spec(name: str | None, spec_file: str | None):
     return specs.load(Path(spec_file) if spec_file else SPEC_FILE).get(name)
 
 
+def _disk_image(spec, what: str):
+    """The spec, if it is a disk image: a netboot image (the installer) has no disk to check,
+    boot, benchmark or publish; the deploy test proves it."""
+    if spec.is_netboot:
+        raise PipelineError(f"{spec.source}: image {spec.name!r} is a netboot image (formats = [\"netboot\"]): "
+                            f"it has no disk to {what}; tests/integration/test_deploy.py proves it")
+    return spec
+
+
 @task(name="list", help={"spec-file": f"image spec file (default {SPEC_FILE.name})"})
 @user_errors
 def list_(c, spec_file=None):
@@ -45,7 +54,7 @@ def list_(c, spec_file=None):
     loaded = specs.load(Path(spec_file) if spec_file else SPEC_FILE)
     for name, image in loaded.images.items():
         marker = "*" if name == loaded.default else " "
-        print(f"{marker} {name:<16} {image.release:<10} {image.tuned_profile:<18} {image.description}")
+        print(f"{marker} {name:<16} {image.release:<10} {image.tuned_profile or '-':<18} {image.description}")
 
 
 COMMON_HELP = {
@@ -72,7 +81,7 @@ def build(c, image, spec_file=None, output_dir=str(DEFAULT_OUTPUT), cache_dir=st
 
     spec = _spec(image, spec_file)
     _, timings = builder.build(spec, Path(output_dir), Path(cache_dir), force=force)
-    if timings.seconds and not skip_check:
+    if timings.seconds and not skip_check and not spec.is_netboot:  # a netboot image has no disk to check
         _run_check(spec, Path(output_dir))
 
 
@@ -88,7 +97,7 @@ def _run_check(spec, output_dir: Path) -> None:
 @user_errors
 def check(c, image, spec_file=None, output_dir=str(DEFAULT_OUTPUT)):
     """Check a built image offline with libguestfs (read-only); prints a table and writes JSON."""
-    _run_check(_spec(image, spec_file), Path(output_dir))
+    _run_check(_disk_image(_spec(image, spec_file), "check"), Path(output_dir))
 
 
 @task(positional=["image"], help={**COMMON_HELP, "firmware": "bios, uefi or both (default both)"})
@@ -96,7 +105,7 @@ def check(c, image, spec_file=None, output_dir=str(DEFAULT_OUTPUT)):
 def boot_test(c, image, spec_file=None, output_dir=str(DEFAULT_OUTPUT), firmware="both"):
     """Boot a throw-away overlay of the image in QEMU and run the testinfra tests over SSH
     (the host tests too for a KVM host image), ending with a check for SELinux denials."""
-    args = ["-m", "image", *BOOT_TESTS, "--use-built", f"--image={_spec(image, spec_file).name}",
+    args = ["-m", "image", *BOOT_TESTS, "--use-built", f"--image={_disk_image(_spec(image, spec_file), 'boot').name}",
             f"--firmware={firmware}", f"--output-dir={output_dir}"]
     if spec_file:
         args.append(f"--spec-file={spec_file}")
@@ -127,16 +136,17 @@ def bench(c, image, spec_file=None, output_dir=str(DEFAULT_OUTPUT), runs=1, rebu
 
     if rebuilds:
         loaded = specs.load(Path(spec_file) if spec_file else SPEC_FILE)
-        images = list(loaded.images.values()) if image == "all" else [loaded.get(image)]
+        images = [i for i in loaded.images.values() if not i.is_netboot] if image == "all" else [loaded.get(image)]
         benchmark.rebuild_benchmark(images, Path(output_dir), int(runs), int(publish_runs))
     else:
-        benchmark.benchmark(_spec(image, spec_file), Path(output_dir), int(runs))
+        benchmark.benchmark(_disk_image(_spec(image, spec_file), "benchmark"), Path(output_dir), int(runs))
 
 
 # The image tests: every image is built once and booted once per firmware listed.
 # The guest image proves both firmwares, the bad-input cases and rebuilds; the host
 # image, whose boot test runs guests of its own, boots by UEFI as compute nodes do, and
-# is the one deployed by PXE and published. Each entry is one pytest session (so one
+# is the one deployed by PXE (the deploy session builds the installer, which the publish
+# session's PXE tree needs) and published. Each entry is one pytest session (so one
 # build and one boot per firmware); files run in the order given: test_build.py's last
 # test sees the artifact after the boots. The rebuild and publish sessions come after
 # the session that booted the image, since publishing needs its boot-test verdict.
@@ -147,6 +157,7 @@ IMAGE_TEST_RUNS = (
     ("guest-image", None, ["test_rebuild.py"]),
     ("host-image", "uefi", ["test_artifacts.py", "test_boot.py", "test_login.py", "test_build.py",
                             "test_host.py", "test_pxe_boot.py", "test_zz_final.py"]),
+    ("host-image", None, ["test_deploy.py"]),
     ("host-image", None, ["test_publish_image.py", "test_publish_remote.py"]),
 )
 
@@ -228,16 +239,21 @@ PXE_ROOT = DEFAULT_OUTPUT / "pxe"
     "inventory": "the node inventory (see kickstarts/inventory.example.toml; [site.pxe] in kickstarts/README.md)",
     "output-dir": f"the tree's root (default {DEFAULT_OUTPUT.name}/pxe/); it is replaced whole",
     "target": "installer version for pykickstart: RHEL9 (default), RHEL10, F42 or F43",
-    "build-dir": f"where the images' kernel, initrd and liveimg are: a build directory (default "
-                 f"{DEFAULT_OUTPUT.name}/) or a publish target (each role's latest version)"})
+    "build-dir": f"where the roles' liveimg tarballs are: a build directory (default "
+                 f"{DEFAULT_OUTPUT.name}/) or a publish target (each role's latest version)",
+    "installer-dir": f"the build directory of the installer ([site] installer, default `installer`; "
+                     f"default {DEFAULT_OUTPUT.name}/)"})
 @user_errors
-def pxe_render(c, inventory, output_dir=str(PXE_ROOT), target="RHEL9", build_dir=str(DEFAULT_OUTPUT)):
+def pxe_render(c, inventory, output_dir=str(PXE_ROOT), target="RHEL9", build_dir=str(DEFAULT_OUTPUT),
+               installer_dir=str(DEFAULT_OUTPUT)):
     """Render the PXE tree: iPXE, GRUB and pxelinux configurations per MAC, kickstarts, dnsmasq.conf,
-    boot programs, and each role's kernel, initrd and image. Nothing is written unless all of it is good."""
+    an nginx site, boot programs, the installer's kernel and initrd, and each role's liveimg. Nothing
+    is written unless all of it is good."""
     from pipeline.deploy import inventory as inventories
     from pipeline.deploy import pxe
 
-    tree = pxe.render_tree(inventories.load(Path(inventory)), Path(output_dir), target, build_dir=Path(build_dir))
+    tree = pxe.render_tree(inventories.load(Path(inventory)), Path(output_dir), target, build_dir=Path(build_dir),
+                           installer_dir=Path(installer_dir))
     roles = sorted({boot.node.role for boot in tree.boots})
     print(f"PXE tree for {len(tree.boots)} nodes ({', '.join(roles)}) in {tree.root}; ./inv pxe.serve serves it")
 
@@ -289,8 +305,9 @@ def pxe_boot_test(c, image, spec_file=None, build_dir=str(DEFAULT_OUTPUT), firmw
     """Boot QEMU VMs from the network as nodes of a two-node inventory (one BIOS, one UEFI) and prove
     each got its own files: with iPXE, its script, kernel and initrd (from the access log); with
     pxelinux or GRUB, the loader's own lines (from the serial console); and its own kickstart URL on
-    the kernel's command line. Prints each boot's time from VM start to the kernel running. The built
-    image's kernel and initrd stand in for an installer's."""
+    the kernel's command line. Prints each boot's time from VM start to the kernel running. What
+    boots is the installer (./inv build installer): this proves the chain up to it, not an install
+    (tests/integration/test_deploy.py proves that)."""
     from pipeline.deploy import pxeboot
     from pipeline.boot import Firmware
     from pipeline.deploy.inventory import Loader
@@ -309,7 +326,39 @@ def pxe_boot_test(c, image, spec_file=None, build_dir=str(DEFAULT_OUTPUT), firmw
         raise Exit("error: PXE boot test failed: a node did not get its own files", code=1)
 
 
-namespace.add_collection(Collection("pxe", pxe_render, pxe_serve, pxe_check, pxe_boot_test))
+@task(name="bench", positional=["image"], help={
+    "image": "the role to deploy (default: the spec file's default image)",
+    "spec-file": f"image spec file (default {SPEC_FILE.name})",
+    "build-dir": f"where the role and the installer are built (default {DEFAULT_OUTPUT.name}/)",
+    "runs": "deploys of each node; medians are reported (default 3)",
+    "node": "deploy-uefi, deploy-bios or both (default both)"})
+@user_errors
+def pxe_bench(c, image=None, spec_file=None, build_dir=str(DEFAULT_OUTPUT), runs=3, node="both"):
+    """Deploy benchmark: QEMU nodes with blank disks (the deploy test's UEFI node with its NVMe cache,
+    and its one-disk BIOS node) boot from the network, install the role with the installer and
+    reboot from disk, RUNS times each. Reports, from power-on: installer running, install reported,
+    SSH-ready on the installed system, and each installer step's own time (medians). Writes
+    build/bench/deploy-TIME.json. Needs the role and the installer built."""
+    import time
+
+    from pipeline.deploy import nodes
+
+    chosen = {"both": (nodes.UEFI_NODE, nodes.BIOS_NODE), "deploy-uefi": (nodes.UEFI_NODE,),
+              "deploy-bios": (nodes.BIOS_NODE,)}
+    if node not in chosen:
+        raise Exit(f"error: --node is {', '.join(chosen)}, not {node!r}", code=1)
+    role = _disk_image(_spec(image, spec_file), "deploy").name
+    output = Path(build_dir) / "bench" / f"deploy-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    report = nodes.benchmark(role, Path(spec_file) if spec_file else SPEC_FILE, Path(build_dir), int(runs),
+                             chosen[node], output)
+    for name, medians in report["medians"].items():
+        print(f"{name} (medians of {runs}):")
+        for key, seconds in medians.items():
+            print(f"  {key:<28} {seconds:8.1f} s")
+    print(f"every run: {output}")
+
+
+namespace.add_collection(Collection("pxe", pxe_render, pxe_serve, pxe_check, pxe_boot_test, pxe_bench))
 
 
 # --- publish: ./inv publish
@@ -340,9 +389,9 @@ def publish(c, image, spec_file=None, output_dir=str(DEFAULT_OUTPUT), target=str
 
     loaded = specs.load(Path(spec_file) if spec_file else SPEC_FILE)
     if image == "all" and "all" not in loaded.images:
-        images = list(loaded.images.values())
+        images = [i for i in loaded.images.values() if not i.is_netboot]
     else:
-        images = [loaded.get(name) for name in image.split(",")]
+        images = [_disk_image(loaded.get(name), "publish") for name in image.split(",")]
     for spec in images:
         result = publisher.publish(builder.artifacts_for(spec, Path(output_dir)).directory, spec.name, target,
                                    key=key, gnupg_home=Path(gnupg_home) if gnupg_home else None,
@@ -381,6 +430,9 @@ def ci(c, spec_file=None, output_dir=str(DEFAULT_OUTPUT), cache_dir=str(DEFAULT_
     for spec in loaded.images.values():
         with step(f"ci: {spec.name}"):
             _, timings = builder.build(spec, Path(output_dir), Path(cache_dir), force=force)
+            if spec.is_netboot:
+                say(f"{spec.name} is a netboot image (the installer): proven by the deploy test, not published")
+                continue
             if timings.seconds:
                 _run_check(spec, Path(output_dir))
             art = builder.artifacts_for(spec, Path(output_dir))

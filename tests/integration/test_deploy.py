@@ -1,0 +1,209 @@
+"""Deploy for real: QEMU nodes with blank disks boot from the network, run our installer on their
+generated kickstarts, reboot from their own disks and are tested over SSH as the operator's
+inventory says (pipeline/deploy/nodes.py). The tree is served by nginx, whose access log is the
+proof of each node's fetches and of the installer's report.
+
+- deploy-uefi: a root disk, a data disk and an NVMe disk as the data disk's LVM cache (writeback);
+  it also runs the host image's own live tests (libvirt's SELinux secmodel, sVirt, the bridges,
+  a ping across br-int).
+- deploy-bios: one disk.
+- deploy-badsum and deploy-unsupported: a kickstart with a wrong liveimg checksum and one with a
+  command the installer does not implement; both must fail before any disk is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import time
+from urllib.parse import unquote
+
+import pytest
+import testinfra
+# The host image's live tests, run again here on the installed UEFI node (through `root` below),
+# in test_host.py's order (pytest runs them in the order they are imported): the bridges are
+# looked at before `plugged` adds namespaces' ports to br-int.
+from test_host import plugged, svirt_guests  # noqa: F401
+from test_host import test_libvirtd_answers_with_selinux_secmodel  # noqa: F401
+from test_host import test_svirt_guests_run_as_svirt_t_with_distinct_categories  # noqa: F401
+from test_host import test_svirt_disks_carry_svirt_image_t_with_their_guests_categories  # noqa: F401
+from test_host import test_spec_bridges_exist_with_their_uplinks  # noqa: F401
+from test_host import test_ping_crosses_br_int_between_namespaces  # noqa: F401
+
+from pipeline.deploy import nodes
+from pipeline.deploy.pxeboot import parse_access_log
+
+INSTALLED = (nodes.UEFI_NODE, nodes.BIOS_NODE)
+UNSUPPORTED_COMMAND = "firewall --enabled"
+WRONG_SHA256 = "0" * 64
+SETTLE = "timeout 600 systemctl is-system-running --wait"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _only_hosts(spec):
+    if not spec.is_kvm_host:
+        pytest.skip("the deploy test installs a KVM host image")
+
+
+@pytest.fixture(scope="module")
+def site(pytestconfig, spec, artifacts, installer, output_dir):
+    with nodes.serving_site(spec.name, pytestconfig.getoption("spec_file"), output_dir,
+                            artifacts.directory / "deploy") as served:
+        kickstarts = served.tree.root / "kickstarts"
+        # The faults: a kickstart whose liveimg checksum is not the image's, and one that asks for
+        # a command the installer does not implement (valid for pykickstart and Anaconda).
+        badsum = kickstarts / f"{nodes.BAD_CHECKSUM_NODE.name}.ks"
+        badsum.write_text(re.sub(r"--checksum=[0-9a-f]{64}", f"--checksum={WRONG_SHA256}", badsum.read_text()))
+        unsupported = kickstarts / f"{nodes.UNSUPPORTED_NODE.name}.ks"
+        unsupported.write_text(unsupported.read_text().replace("\ntext\n", f"\ntext\n{UNSUPPORTED_COMMAND}\n", 1))
+        yield served
+
+
+@pytest.fixture(scope="module")
+def deployed(site):
+    """Each installed node, powered on and installed once, kept up for every test that needs it."""
+    running: dict[str, nodes.Node] = {}
+    with contextlib.ExitStack() as powered:
+        def get(node_spec: nodes.NodeSpec) -> nodes.Node:
+            if node_spec.name not in running:
+                node = running[node_spec.name] = powered.enter_context(nodes.Node(node_spec, site))
+                outcome, reason = node.wait_for_install()
+                assert outcome == "ok", f"{node_spec.name}: the installer reported {outcome}: {reason}; see {node.console}"
+                node.wait_for_ssh()
+                node.ssh(SETTLE.split(), check=False)
+            return running[node_spec.name]
+
+        yield get
+
+
+@pytest.fixture(params=INSTALLED, ids=[n.name for n in INSTALLED])
+def node(request, deployed) -> nodes.Node:
+    return deployed(request.param)
+
+
+def remote(node: nodes.Node):
+    return testinfra.get_host("ssh://node", ssh_config=str(node.ssh_config))
+
+
+# The host image's live tests above ask for `root` and `settled`: the installed UEFI node.
+@pytest.fixture(scope="module")
+def root(deployed):
+    return remote(deployed(nodes.UEFI_NODE))
+
+
+@pytest.fixture(scope="module")
+def settled(root):
+    return root.run(SETTLE).stdout.strip()
+
+
+# --- every installed node
+
+
+def test_the_node_fetched_its_own_files_then_reported_ok(site, node, spec):
+    """In nginx's access log, in this order: the installer's kernel and initrd, the node's own
+    kickstart, the role's liveimg, each with 200, then the node's report."""
+    requests = [(r.method, r.path, r.status) for r in parse_access_log(site.access_log.read_text())]
+    own = [("GET", f"/installer/installer.vmlinuz", 200), ("GET", f"/installer/installer.initrd", 200),
+           ("GET", f"/kickstarts/{node.spec.name}.ks", 200), ("GET", f"/{spec.name}/{spec.name}.tar.gz", 200)]
+    assert all(request in requests for request in own), requests
+    report = [r for r in requests if r[1].startswith(f"/status/{node.spec.name}/")]
+    assert [r[1] for r in report] == [f"/status/{node.spec.name}/ok"], report
+    # Every node shares the installer and the liveimg (and QEMU's NAT, one client address): the
+    # node's own kickstart, then a liveimg fetch, then its report.
+    kickstart = requests.index(own[2])
+    liveimg = requests.index(own[3], kickstart)
+    assert liveimg < requests.index(report[0]), requests
+
+
+def test_hostname_and_address_are_the_inventorys(node):
+    host = remote(node)
+    assert host.check_output("hostname") == node.spec.name
+    # The login itself came through the forward to this address; the NIC is the inventory's MAC.
+    link = json.loads(host.check_output("ip -json -4 address show"))
+    by_mac = {entry["address"]: entry for entry in json.loads(host.check_output("ip -json link show"))}
+    nic = by_mac[node.spec.mac]["ifname"]
+    addresses = [f"{a['local']}/{a['prefixlen']}" for entry in link if entry["ifname"] == nic for a in entry["addr_info"]]
+    assert addresses == [f"{node.spec.address}/24"]
+
+
+def test_kernel_command_line_has_the_roles_and_the_nodes_arguments(node, spec):
+    words = remote(node).file("/proc/cmdline").content_string.split()
+    for arg in (*spec.kernel_args, *node.spec.kernel_args):
+        assert arg in words, words
+
+
+def test_enforcing_with_no_failed_units_and_no_relabel(node):
+    host = remote(node)
+    assert host.check_output("getenforce") == "Enforcing"
+    assert host.check_output("systemctl list-units --failed --plain --no-legend") == ""
+    assert not host.file("/.autorelabel").exists
+
+
+def test_no_selinux_denials_since_boot(node):
+    audit = remote(node).run("ausearch --input-logs --start boot --raw --message AVC,USER_AVC,SELINUX_ERR")
+    assert audit.rc == 1 and audit.stdout == "", audit.stdout[-4000:] + audit.stderr  # 1: none found
+
+
+def test_root_is_on_the_volume_group(node):
+    host = remote(node)
+    assert host.check_output("findmnt --noheadings --output SOURCE /") == "/dev/mapper/vg_root-root"
+    assert host.check_output("lvs --noheadings -o vg_name,lv_name vg_root").split() == ["vg_root", "root"]
+
+
+def test_tuned_runs_the_roles_profile_and_verifies(node, spec):
+    host = remote(node)
+    assert host.check_output("tuned-adm active") == f"Current active profile: {spec.tuned_profile}"
+    verify = host.run("tuned-adm verify")
+    assert verify.rc == 0, verify.stdout + verify.stderr
+
+
+# --- the UEFI node's cached volume
+
+
+@pytest.fixture(scope="module")
+def uefi(deployed):
+    return remote(deployed(nodes.UEFI_NODE))
+
+
+def test_images_volume_is_cached_with_the_inventorys_mode_and_size(uefi):
+    cache = nodes.UEFI_NODE.cache
+    report = json.loads(uefi.check_output(
+        "lvs --reportformat json --units m --nosuffix -a -o lv_name,segtype,cache_mode,lv_size,devices vg_data"))
+    volumes = {lv["lv_name"]: lv for lv in report["report"][0]["lv"]}
+    assert volumes["images"]["segtype"] == "cache" and volumes["images"]["cache_mode"] == cache["mode"], volumes
+    pool_data = next(lv for name, lv in volumes.items() if name.endswith("_cdata]"))
+    assert float(pool_data["lv_size"]) == cache["size_mib"], volumes
+    assert pool_data["devices"].startswith(f"/dev/{cache['ssd']}p"), volumes
+    assert uefi.check_output("findmnt --noheadings --output SOURCE /var/lib/libvirt/images") == \
+        "/dev/mapper/vg_data-images"
+
+
+def test_data_written_through_the_cache_reads_back(uefi):
+    write = "head -c 64M /dev/urandom > /var/lib/libvirt/images/probe && sync && sha256sum /var/lib/libvirt/images/probe"
+    written = uefi.check_output(write).split()[0]
+    uefi.run_expect([0], "echo 3 > /proc/sys/vm/drop_caches")
+    assert uefi.check_output("sha256sum /var/lib/libvirt/images/probe").split()[0] == written
+    # The file system sits on the cache target itself: what was read went through dm-cache.
+    assert uefi.check_output("dmsetup table vg_data-images").split()[2] == "cache"
+    uefi.run("rm -f /var/lib/libvirt/images/probe")
+
+
+# --- faults: nothing is written
+
+
+@pytest.mark.parametrize("node_spec, says", [
+    (nodes.BAD_CHECKSUM_NODE, rf"sha256 mismatch: expected {WRONG_SHA256}, got [0-9a-f]{{64}}; no disk was touched"),
+    (nodes.UNSUPPORTED_NODE, rf"line \d+: command '{UNSUPPORTED_COMMAND.split()[0]}' is not implemented"),
+], ids=["wrong liveimg checksum", "unimplemented command"])
+def test_a_bad_kickstart_fails_before_any_disk_is_written(site, node_spec, says):
+    """The console says why in full; the server's log has the report (its reason cut at 200 characters)."""
+    with nodes.Node(node_spec, site) as node:
+        outcome, reason = node.wait_for_install()
+        time.sleep(2)  # the report follows the console line at once; let the console file catch up
+        console = node.console_text()
+    assert outcome == "fail"
+    assert unquote(reason) and unquote(reason) in console, (reason, console[-2000:])
+    failed = [line for line in console.splitlines() if f"installer: FAILED: {node_spec.name}:" in line]
+    assert failed and re.search(says, failed[0]), console[-2000:]
+    assert all(node.disk_is_blank(disk) for disk in node_spec.disks)
