@@ -12,8 +12,8 @@ Two halves:
   disk is touched.
 - Installer: fetches the liveimg and checks its sha256 (still before any disk), then
   partitions, LVM (with a real cache), file systems, the tree with its SELinux labels,
-  fstab, network, system settings, bootloader (the image's own initramfs), labels of what it wrote,
-  %post, in that order. Every command goes through the subprocess gateway (run).
+  fstab, network, system settings, bootloader (the image's own initramfs), %post, then the
+  labels of all it wrote. Every command goes through the subprocess gateway (run).
 """
 
 from __future__ import annotations
@@ -319,8 +319,10 @@ class Installer:
             self.step("image", lambda: self.unpack(image))
             self.step("system", self.configure)
             self.step("bootloader", self.install_bootloader)
-            self.step("labels", self.relabel)
             self.step("%post", self.run_post)
+            # After %post (Anaconda labels as files are made; the installer runs without SELinux):
+            # whatever %post wrote gets its label too.
+            self.step("labels", self.relabel)
         except BaseException:
             # Leave nothing mounted (the target, the chroot's binds); the disks are as far as they got.
             run(["umount", "--recursive", self.target], check=False)
@@ -469,15 +471,14 @@ class Installer:
         self.chroot(["update-grub"])
 
     def relabel(self) -> None:
-        """Label what the installer wrote, from the image's own file contexts: no first-boot relabel."""
+        """Label the installed tree from the image's own file contexts, so the first boot needs no
+        relabel: what the installer and %post wrote gets its label, the rest keeps the image's."""
         contexts = self.target / "etc/selinux/default/contexts/files/file_contexts"
-        mounts = self.plan.mounts()
-        paths = ["etc", "boot", "root", "home",
-                 *(m.lstrip("/") for m, fstype, _ in mounts if m != "/" and fstype != "efi")]
-        # The ESP is FAT: no xattrs, so no labels (its mount gives it one); setfiles fails on it.
-        excluded = [arg for m, fstype, _ in mounts if fstype == "efi" for arg in ("-e", self.target / m.lstrip("/"))]
-        run(["setfiles", "-F", *excluded, "-r", self.target, contexts,
-             *sorted({str(self.target / path) for path in paths if (self.target / path).exists()})])
+        # The chroot's dev, proc and sys are the installer's own; the ESP is FAT, which holds no
+        # labels (its mount gives it one): setfiles fails on it.
+        skipped = ["dev", "proc", "sys", *(m.lstrip("/") for m, fstype, _ in self.plan.mounts() if fstype == "efi")]
+        run(["setfiles", "-F", *(arg for path in skipped for arg in ("-e", self.target / path)), "-r", self.target,
+             contexts, self.target])
 
     def run_post(self) -> None:
         for index, (interpreter, body, error_on_fail) in enumerate(self.plan.post_scripts, start=1):

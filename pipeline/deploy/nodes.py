@@ -39,6 +39,7 @@ NAMESERVER = "10.0.2.3"           # QEMU's user network's DNS
 INSTALL_DEADLINE = 1200           # power-on to /status/NODE/ok|fail; 4-6 min under TCG here
 SSH_DEADLINE = 600                # reboot to SSH on the installed system
 POLL = 1.0
+POST_MARKER = "/etc/kvmpipe-post-marker"
 STATUS = re.compile(r"^/status/(?P<node>[^/?]+)/(?P<outcome>ok|fail)(?:\?reason=(?P<reason>.*))?$")
 # The installer prints each step's start and end: "installer: NAME done in S s".
 STEP_DONE = re.compile(r"installer: (?P<step>.+?) done in (?P<seconds>[\d.]+) s")
@@ -113,11 +114,13 @@ class Site:
 
 def write_inventory(workdir: Path, role: str, spec_file: Path, base_url: str, public_key: str,
                     nodes: tuple[NodeSpec, ...]) -> Path:
-    """The deploy site's inventory, and a snippet that gives root the test's key (kickstart's sshkey:
-    bare metal has no cloud datasource)."""
+    """The deploy site's inventory, and snippets: root gets the test's key (kickstart's sshkey: bare
+    metal has no cloud datasource), and a %post writes POST_MARKER."""
     snippets = workdir / "snippets"
     snippets.mkdir()
     (snippets / "50-root-key.ks").write_text(f'sshkey --username=root "{public_key}"\n')
+    # A %post of the operator's that makes a new file: it must be labeled like the rest.
+    (snippets / "60-post-marker.ks").write_text(f"%post\necho installed > {POST_MARKER}\n%end\n")
     lines = ["# The deploy test's inventory (pipeline/deploy/nodes.py): thrown away after the test.",
              f"spec_file = {json.dumps(str(Path(spec_file).resolve()))}", "", "[site]",
              f"base_url = {json.dumps(base_url)}", 'snippets = "snippets"']

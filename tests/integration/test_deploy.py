@@ -104,7 +104,7 @@ def test_the_node_fetched_its_own_files_then_reported_ok(site, node, spec):
     """In nginx's access log, in this order: the installer's kernel and initrd, the node's own
     kickstart, the role's liveimg, each with 200, then the node's report."""
     requests = [(r.method, r.path, r.status) for r in parse_access_log(site.access_log.read_text())]
-    own = [("GET", f"/installer/installer.vmlinuz", 200), ("GET", f"/installer/installer.initrd", 200),
+    own = [("GET", "/installer/installer.vmlinuz", 200), ("GET", "/installer/installer.initrd", 200),
            ("GET", f"/kickstarts/{node.spec.name}.ks", 200), ("GET", f"/{spec.name}/{spec.name}.tar.gz", 200)]
     assert all(request in requests for request in own), requests
     report = [r for r in requests if r[1].startswith(f"/status/{node.spec.name}/")]
@@ -143,6 +143,17 @@ def test_enforcing_with_no_failed_units_and_no_relabel(node):
 def test_no_selinux_denials_since_boot(node):
     audit = remote(node).run("ausearch --input-logs --start boot --raw --message AVC,USER_AVC,SELINUX_ERR")
     assert audit.rc == 1 and audit.stdout == "", audit.stdout[-4000:] + audit.stderr  # 1: none found
+
+
+def test_kickstart_system_settings_and_post_took_effect(node):
+    """rootpw --lock, timezone, and the inventory's own %post, whose new file is labeled as the
+    policy says with no relabel at boot (the installer labels after %post)."""
+    host = remote(node)
+    assert host.check_output("passwd --status root").split()[1] == "L"
+    assert host.check_output("readlink /etc/localtime") == "/usr/share/zoneinfo/Etc/UTC"
+    assert host.file(nodes.POST_MARKER).content_string == "installed\n"
+    assert host.check_output(f"stat -c %C {nodes.POST_MARKER}").split(":")[2] == "etc_t"
+    assert host.check_output(f"restorecon -n -v {nodes.POST_MARKER}") == ""
 
 
 def test_root_is_on_the_volume_group(node):
