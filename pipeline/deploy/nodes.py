@@ -164,6 +164,7 @@ class Node(QemuMachine):
     workdir: Path = field(init=False)
     port: int = 0
     started: float = 0.0
+    log_offset: int = 0  # where this power-on's requests start in the site's access log
     timings: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -207,6 +208,7 @@ class Node(QemuMachine):
         self.port = _free_port()
         self.ssh_config.write_text(ssh_config("node", self.port, "root", self.site.key))
         self.console.unlink(missing_ok=True)
+        self.log_offset = self.site.access_log.stat().st_size if self.site.access_log.exists() else 0
         self.started = time.monotonic()
         self.proc = start(self.qemu_argv(), log=self.workdir / "qemu.log")
         say(f"{self.spec.name}: powered on ({self.spec.firmware}); console: {self.console}")
@@ -218,9 +220,12 @@ class Node(QemuMachine):
             return ""
 
     def status(self) -> tuple[str, str] | None:
-        """The installer's report in the access log: (ok|fail, reason), or None before it came."""
+        """The installer's report in the access log since this power-on: (ok|fail, reason), or
+        None before it came (an earlier deploy of the same node has a report of its own)."""
         try:
-            text = self.site.access_log.read_text(errors="replace")
+            with open(self.site.access_log, "rb") as log:
+                log.seek(self.log_offset)
+                text = log.read().decode(errors="replace")
         except FileNotFoundError:
             return None
         for request in parse_access_log(text):
