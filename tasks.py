@@ -136,7 +136,8 @@ def bench(c, image, spec_file=None, output_dir=str(DEFAULT_OUTPUT), runs=1, rebu
 
     if rebuilds:
         loaded = specs.load(Path(spec_file) if spec_file else SPEC_FILE)
-        images = [i for i in loaded.images.values() if not i.is_netboot] if image == "all" else [loaded.get(image)]
+        images = [i for i in loaded.images.values() if not i.is_netboot] if image == "all" \
+            else [_disk_image(loaded.get(image), "benchmark")]
         benchmark.rebuild_benchmark(images, Path(output_dir), int(runs), int(publish_runs))
     else:
         benchmark.benchmark(_disk_image(_spec(image, spec_file), "benchmark"), Path(output_dir), int(runs))
@@ -145,8 +146,8 @@ def bench(c, image, spec_file=None, output_dir=str(DEFAULT_OUTPUT), runs=1, rebu
 # The image tests: every image is built once and booted once per firmware listed.
 # The guest image proves both firmwares, the bad-input cases and rebuilds; the host
 # image, whose boot test runs guests of its own, boots by UEFI as compute nodes do, and
-# is the one deployed by PXE (the deploy session builds the installer, which the publish
-# session's PXE tree needs) and published. Each entry is one pytest session (so one
+# is the one deployed by PXE (its boot session's PXE test builds the installer, which the
+# deploy and publish sessions then find built) and published. Each entry is one pytest session (so one
 # build and one boot per firmware); files run in the order given: test_build.py's last
 # test sees the artifact after the boots. The rebuild and publish sessions come after
 # the session that booted the image, since publishing needs its boot-test verdict.

@@ -143,9 +143,13 @@ def serving_site(role: str, spec_file: Path, build_dir: Path, workdir: Path,
     port = _free_port()
     base_url = f"http://{GUEST_HOST}:{port}"
     key = workdir / "id_ed25519"
-    inventory = inventories.load(write_inventory(workdir, role, spec_file, base_url,
-                                                 new_ssh_key(key, "deploy-test"), nodes))
-    tree = pxe.render_tree(inventory, workdir / "tree", build_dir=Path(build_dir))
+    try:
+        inventory = inventories.load(write_inventory(workdir, role, spec_file, base_url,
+                                                     new_ssh_key(key, "deploy-test"), nodes))
+        tree = pxe.render_tree(inventory, workdir / "tree", build_dir=Path(build_dir))
+    except BaseException:  # the role or the installer not built, say: nothing to keep
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
     try:
         with nginx.serving(tree.root, port):
             yield Site(tree, base_url, workdir, key)
@@ -250,6 +254,14 @@ class Node(QemuMachine):
             self.timings[f"step: {step['step']}"] = float(step["seconds"])
         return outcome
 
+    def install(self) -> None:
+        """Until the installed system answers SSH; an install that reports fail is an error."""
+        outcome, reason = self.wait_for_install()
+        if outcome != "ok":
+            raise PipelineError(f"{self.spec.name}: the installer reported {outcome}: {reason}; "
+                                f"console: {self.console}")
+        self.wait_for_ssh()
+
     def wait_for_ssh(self, deadline: float = SSH_DEADLINE) -> float:
         """Until the installed system answers SSH as root with the inventory's key."""
         reported = self.elapsed()
@@ -287,10 +299,7 @@ def deploy(site: Site, node_spec: NodeSpec) -> dict[str, float]:
     """One node from power-on to SSH on its installed system; its timings (seconds from power-on,
     and each installer step's own duration)."""
     with Node(node_spec, site) as node:
-        outcome, reason = node.wait_for_install()
-        if outcome != "ok":
-            raise PipelineError(f"{node_spec.name}: the installer reported {outcome}: {reason}; console: {node.console}")
-        node.wait_for_ssh()
+        node.install()
         return dict(node.timings)
 
 

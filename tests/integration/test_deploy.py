@@ -24,7 +24,7 @@ import testinfra
 # The host image's live tests, run again here on the installed UEFI node (through `root` below),
 # in test_host.py's order (pytest runs them in the order they are imported): the bridges are
 # looked at before `plugged` adds namespaces' ports to br-int.
-from test_host import plugged, svirt_guests  # noqa: F401
+from test_host import _only_hosts, plugged, svirt_guests  # noqa: F401
 from test_host import test_libvirtd_answers_with_selinux_secmodel  # noqa: F401
 from test_host import test_svirt_guests_run_as_svirt_t_with_distinct_categories  # noqa: F401
 from test_host import test_svirt_disks_carry_svirt_image_t_with_their_guests_categories  # noqa: F401
@@ -38,12 +38,6 @@ INSTALLED = (nodes.UEFI_NODE, nodes.BIOS_NODE)
 UNSUPPORTED_COMMAND = "firewall --enabled"
 WRONG_SHA256 = "0" * 64
 SETTLE = "timeout 600 systemctl is-system-running --wait"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _only_hosts(spec):
-    if not spec.is_kvm_host:
-        pytest.skip("the deploy test installs a KVM host image")
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +62,7 @@ def deployed(site):
         def get(node_spec: nodes.NodeSpec) -> nodes.Node:
             if node_spec.name not in running:
                 node = running[node_spec.name] = powered.enter_context(nodes.Node(node_spec, site))
-                outcome, reason = node.wait_for_install()
-                assert outcome == "ok", f"{node_spec.name}: the installer reported {outcome}: {reason}; see {node.console}"
-                node.wait_for_ssh()
+                node.install()
                 node.ssh(SETTLE.split(), check=False)
             return running[node_spec.name]
 
