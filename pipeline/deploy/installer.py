@@ -62,6 +62,8 @@ SECTIONS: dict[str, frozenset[str]] = {"%post": frozenset({"--erroronfail", "--i
 FILESYSTEMS = ("ext4", "efi", "biosboot")
 TARGET = Path("/mnt/sysimage")   # where Anaconda mounts the installed system
 PARTLABEL_PREFIX = "ks-"         # GPT partition names: how the installer finds each on its disk
+CLOUD_INIT_DIR = "etc/cloud"
+CLOUD_INIT_DISABLED = f"{CLOUD_INIT_DIR}/cloud-init.disabled"  # cloud-init's documented off switch
 
 
 class InstallError(PipelineError):
@@ -455,6 +457,15 @@ class Installer:
             self.chroot(["sh", "-c", 'home=$(getent passwd "$1" | cut -d: -f6) && mkdir -p -m 700 "$home/.ssh" && '
                          'printf "%s\\n" "$2" >> "$home/.ssh/authorized_keys" && chmod 600 "$home/.ssh/authorized_keys" && '
                          'chown -R "$1:" "$home/.ssh"', "sh", user, key])
+        self.disable_cloud_init()
+
+    def disable_cloud_init(self) -> None:
+        """A bare-metal host takes its users, keys, name and network from the kickstart and has no
+        cloud to ask: with cloud-init on, any disk labelled cidata or config-2 (a USB stick, a volume
+        a guest wrote) could hand it root keys at its next boot. So no datasource is kept: this file
+        stops cloud-init's systemd generator from starting any of its units."""
+        if (self.target / CLOUD_INIT_DIR).is_dir():
+            self.write(CLOUD_INIT_DISABLED, "# A host installed from a kickstart (the installer): no cloud-init.\n")
 
     def install_bootloader(self) -> None:
         self.write("etc/default/grub.d/90-kickstart.cfg", grub_defaults(self.plan.kernel_args))

@@ -237,3 +237,19 @@ def test_labels_come_after_post_so_what_it_wrote_is_labeled(rendered, monkeypatc
     setup.install()
     assert done == ["fetch_image", "partition", "make_filesystems", "unpack", "configure", "install_bootloader",
                     "run_post", "relabel", "unmount"]
+
+
+@pytest.mark.parametrize("has_cloud_init", [True, False], ids=["image with cloud-init", "image without"])
+def test_an_installed_host_takes_no_cloud_init_seed(rendered, commands, tmp_path, has_cloud_init):
+    """The kickstart gives the users and keys; a cidata or config-2 disk must give nothing."""
+    target = tmp_path / "t"
+    (target / "usr/share/zoneinfo/Etc").mkdir(parents=True)
+    (target / "usr/share/zoneinfo/Etc/UTC").write_text("TZif")
+    if has_cloud_init:
+        (target / "etc/cloud").mkdir(parents=True)
+    plan = installer.read(rendered["compute1"], "compute1.ks")
+    setup = installer.Installer(plan, uefi=True, workdir=tmp_path, target=target, say=lambda _: None)
+    setup.partition_devices = {part.role: f"/dev/sda{index}" for index, part in enumerate(plan.partitions, 1)}
+    setup.configure()
+    assert (target / "etc/cloud/cloud-init.disabled").is_file() == has_cloud_init
+    assert (target / "etc/cloud").is_dir() == has_cloud_init  # nothing made for an image without it
