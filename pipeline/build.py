@@ -402,16 +402,35 @@ STEPS = (
 NETBOOT_STEPS = (*TREE_STEPS, ("netboot", make_netboot))
 
 
-def cleanup(work: Path) -> None:
-    """Unmount and detach whatever a killed DIB left under `work`, then remove it."""
-    mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
-    for mount in sorted((m for m in mounts if m.startswith(f"{work}/")), reverse=True):
+MOUNT_TABLE = Path("/proc/self/mounts")
+# The kernel writes a space, tab, newline or backslash in a mount path as \040, \011, \012, \134.
+MOUNT_ESCAPE = re.compile(rb"\\([0-7]{3})")
+
+
+def mounts_below(directory: Path, table: Path = MOUNT_TABLE) -> list[str]:
+    """What is mounted at or under `directory`, deepest first (a path mounted twice, twice)."""
+    directory = Path(directory).resolve()  # the table holds absolute paths, symlinks resolved
+    mounts = []
+    for line in table.read_bytes().splitlines():
+        target = os.fsdecode(MOUNT_ESCAPE.sub(lambda code: bytes([int(code[1], 8)]), line.split(b" ")[1]))
+        if Path(target).is_relative_to(directory):
+            mounts.append(target)
+    return sorted(mounts, key=lambda mount: len(Path(mount).parts), reverse=True)
+
+
+def cleanup(work: Path, mount_table: Path = MOUNT_TABLE) -> None:
+    """Unmount and detach whatever a killed DIB left under `work`, then remove it; refuse to
+    remove it while anything is still mounted there (rmtree would delete through the mount)."""
+    for mount in mounts_below(work, mount_table):
         run(["umount", "--lazy", mount], check=False)
-    loops = run(["losetup", "--list", "--noheadings", "--output", "NAME,BACK-FILE"], capture=True, check=False)
-    for line in loops.stdout.splitlines():
-        name, _, backing = line.partition(" ")
-        if backing.strip().startswith(f"{work}/"):
-            run(["losetup", "--detach", name], check=False)
+    loops = run(["losetup", "--list", "--json", "--output", "NAME,BACK-FILE"], capture=True, check=False)
+    for loop in json.loads(loops.stdout or "{}").get("loopdevices", []):
+        if Path(loop["back-file"] or "/").is_relative_to(Path(work).resolve()):
+            run(["losetup", "--detach", loop["name"]], check=False)
+    still_mounted = mounts_below(work, mount_table)
+    if still_mounted:
+        raise PipelineError(f"{work} is left in place: {still_mounted[0]!r} is still mounted under it "
+                            f"(umount failed); unmount it, then remove {work}")
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -1,5 +1,6 @@
 """Build steps with the subprocess gateway faked: what DIB is asked for, and atomic publishing."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,74 @@ def test_move_into_place_keeps_raw_on_request(ctx):
     build.move_into_place(ctx)
     assert ctx.artifacts.raw.read_text() == "raw disk"
     assert ctx.artifacts.qcow2.read_text() == "qcow2"
+
+
+class FakeMounts:
+    """A mount table in the kernel's format, and the gateway: `umount` takes a mount out of it
+    unless the mount is busy."""
+
+    def __init__(self, path: Path, targets: list[str], busy: tuple[str, ...] = ()):
+        self.path, self.targets, self.busy, self.calls = path, list(targets), busy, []
+        self.write()
+
+    def write(self) -> None:
+        escape = str.maketrans({" ": r"\040", "\t": r"\011", "\n": r"\012", "\\": r"\134"})
+        self.path.write_text("".join(f"tmpfs {t.translate(escape)} tmpfs rw 0 0\n"
+                                     for t in ["/", *self.targets]))
+
+    def run(self, argv, **kw):
+        self.calls.append(argv)
+        if argv[0] == "umount" and argv[-1] not in self.busy:
+            self.targets.remove(argv[-1])
+            self.write()
+        return type("R", (), {"stdout": '{"loopdevices": []}', "returncode": 0})()
+
+
+@pytest.fixture
+def spaced_work(tmp_path):
+    work = tmp_path / "my builds" / ".work-1"
+    (work / "tmp/dib mnt/proc").mkdir(parents=True)
+    return work
+
+
+@pytest.mark.parametrize("name", ["dib mnt", "tab\there", "new\nline", "back\\slash"])
+def test_mounts_below_decodes_the_kernels_escapes(tmp_path, name):
+    target = str(tmp_path / name / "proc")
+    table = FakeMounts(tmp_path / "mounts", [target, str(tmp_path) + "-other"])
+    assert build.mounts_below(tmp_path, table.path) == [target]
+
+
+def test_cleanup_unmounts_deepest_first_under_a_path_with_a_space(spaced_work, monkeypatch):
+    mount = f"{spaced_work}/tmp/dib mnt"
+    table = FakeMounts(spaced_work.parent / "mounts", [mount, f"{mount}/proc"])
+    monkeypatch.setattr(build, "run", table.run)
+    build.cleanup(spaced_work, table.path)
+    assert [argv[-1] for argv in table.calls if argv[0] == "umount"] == [f"{mount}/proc", mount]
+    assert not spaced_work.exists()
+
+
+def test_cleanup_refuses_to_delete_through_a_mount_still_there(spaced_work, monkeypatch):
+    mount = f"{spaced_work}/tmp/dib mnt"
+    (spaced_work / "tmp/dib mnt/proc/precious").write_text("the host's")
+    table = FakeMounts(spaced_work.parent / "mounts", [mount, f"{mount}/proc"], busy=(f"{mount}/proc",))
+    monkeypatch.setattr(build, "run", table.run)
+    with pytest.raises(build.PipelineError) as caught:
+        build.cleanup(spaced_work, table.path)
+    assert f"{mount}/proc" in str(caught.value) and "\n" not in str(caught.value)
+    assert (spaced_work / "tmp/dib mnt/proc/precious").read_text() == "the host's"
+
+
+def test_cleanup_detaches_loop_devices_backed_under_work(spaced_work, monkeypatch):
+    table = FakeMounts(spaced_work.parent / "mounts", [])
+    loops = {"loopdevices": [{"name": "/dev/loop3", "back-file": f"{spaced_work}/disk 1.raw"},
+                             {"name": "/dev/loop4", "back-file": f"{spaced_work}-other/disk.raw"}]}
+    calls = []
+
+    def fake_run(argv, **kw):
+        calls.append(argv)
+        return type("R", (), {"stdout": json.dumps(loops), "returncode": 0})()
+
+    monkeypatch.setattr(build, "run", fake_run)
+    build.cleanup(spaced_work, table.path)
+    assert ["losetup", "--detach", "/dev/loop3"] in calls
+    assert not any("/dev/loop4" in argv for argv in calls)
