@@ -39,6 +39,7 @@ UPLINK_SLOT = 8
 HOST_MEMORY_MIB = 3072      # a KVM host image runs throw-away guests of its own in the boot test
 # The default user of Debian's cloud-init (/etc/cloud/cloud.cfg): a cloud user logs in as it, not as root.
 CLOUD_USER = "debian"
+PRIVATE_KEY_PREFIX = "id_"  # a VM's private keys in its workdir: id_NAME (and the public halves, id_NAME.pub)
 
 
 class Firmware(StrEnum):
@@ -187,7 +188,7 @@ class VM(QemuMachine):
     def __post_init__(self):
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.console = self.workdir / "console.log"
-        self.key = self.workdir / "id_ed25519"
+        self.key = self.workdir / f"{PRIVATE_KEY_PREFIX}ed25519"
         self.ssh_config = self.workdir / "ssh_config"
         self.qga_socket = self.workdir / "qga.sock"
         self.port = 0
@@ -249,6 +250,15 @@ class VM(QemuMachine):
         return argv + firmware_argv(self.firmware, self.workdir)
 
     # --- life cycle
+
+    def stop(self) -> None:
+        """Stop QEMU, then remove the private keys made for this VM (new_ssh_key's, in its workdir):
+        with the VM gone they open nothing, and a kept workdir (a failed run's console log, seed
+        and public keys, for debugging) must not hold a secret."""
+        super().stop()
+        for key in self.workdir.glob(f"{PRIVATE_KEY_PREFIX}*"):
+            if key.suffix != ".pub":
+                key.unlink(missing_ok=True)
 
     def start(self) -> None:
         tools.require(*tools.BOOT_TOOLS)

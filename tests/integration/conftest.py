@@ -117,7 +117,7 @@ def pytest_generate_tests(metafunc):
 
 
 def key_user_identity(workdir: Path) -> Path:
-    return workdir / f"id_{KEY_USER}"
+    return workdir / f"{boot.PRIVATE_KEY_PREFIX}{KEY_USER}"  # the VM's stop() removes it with its own
 
 
 @pytest.fixture(scope="session")

@@ -51,3 +51,18 @@ def test_config_drive_is_laid_out_as_nova_writes_it(tmp_path):
     assert user_data["users"][1:] == USERS
     # The default user's key comes from the metadata, as on OpenStack, not from user-data.
     assert "ssh_authorized_keys" not in user_data
+
+
+def test_a_stopped_vm_keeps_no_private_key(tmp_path):
+    """After a boot session (or a failed boot) the workdir keeps what helps debugging, not a secret:
+    the seed's key and a user-data user's key (made as the integration fixture makes it)."""
+    vm = boot.VM(image=tmp_path / "image.qcow2", disk_size=2**30, firmware=boot.Firmware.BIOS,
+                 workdir=tmp_path / "boot-bios")
+    seed = vm._seed()
+    user_key = vm.workdir / f"{boot.PRIVATE_KEY_PREFIX}probe"
+    boot.new_ssh_key(user_key, "probe")
+    vm.console.write_text("boot log\n")
+    vm.stop()
+    assert not vm.key.exists() and not user_key.exists()
+    assert vm.key.with_suffix(".pub").is_file() and user_key.with_suffix(".pub").is_file()
+    assert seed.is_file() and vm.console.is_file()
