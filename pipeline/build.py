@@ -348,6 +348,15 @@ def move_into_place(ctx: BuildContext) -> None:
         shutil.copyfile(ctx.kernel.initrd, ctx.work / art.initrd.name)
     ctx.manifest["timings"] = ctx.timings.seconds
     (ctx.work / art.manifest.name).write_text(json.dumps(ctx.manifest, indent=2) + "\n")
+    if ctx.spec.is_netboot:
+        names = [art.kernel.name, art.packages.name, art.manifest.name, art.info.name, art.initrd.name]
+    else:
+        names = [art.kernel.name, art.initrd.name, art.packages.name, art.files.name, art.manifest.name,
+                 art.liveimg.name, art.info.name, *([art.raw.name] if OutputFormat.RAW in ctx.spec.formats else []),
+                 art.qcow2.name]
+    # Every file but the raw disk (never published, and the largest), hashed once: publish refuses
+    # a file whose sha256 is not recorded here or differs.
+    sums = {name: sha256(ctx.work / name) for name in names if name not in (art.info.name, art.raw.name)}
     info = {
         "image": ctx.spec.name,
         "version": ctx.version,
@@ -356,26 +365,22 @@ def move_into_place(ctx: BuildContext) -> None:
         "spec": ctx.spec.to_json(),
         "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "kernel": ctx.kernel.version,
-        "kernel_sha256": sha256(ctx.work / art.kernel.name),
-        "initrd_sha256": sha256(ctx.work / art.initrd.name),
+        "kernel_sha256": sums[art.kernel.name],
+        "initrd_sha256": sums[art.initrd.name],
         "initrd_size": (ctx.work / art.initrd.name).stat().st_size,
+        "sha256": sums,
         "timings": ctx.timings.seconds,
     }
-    if ctx.spec.is_netboot:
-        names = [art.kernel.name, art.packages.name, art.manifest.name, art.info.name, art.initrd.name]
-    else:
+    if not ctx.spec.is_netboot:
         info |= {
             "kernel_cmdline": kernel_cmdline(ctx.spec),
             "root_uuid": ctx.layout.root_uuid,
             "esp_uuid": ctx.layout.esp_uuid,
-            "qcow2_sha256": sha256(ctx.work / art.qcow2.name),
+            "qcow2_sha256": sums[art.qcow2.name],
             "qcow2_size": (ctx.work / art.qcow2.name).stat().st_size,
             "liveimg": art.liveimg.name,
-            "liveimg_sha256": sha256(ctx.work / art.liveimg.name),
+            "liveimg_sha256": sums[art.liveimg.name],
         }
-        names = [art.kernel.name, art.initrd.name, art.packages.name, art.files.name, art.manifest.name,
-                 art.liveimg.name, art.info.name, *([art.raw.name] if OutputFormat.RAW in ctx.spec.formats else []),
-                 art.qcow2.name]
     (ctx.work / art.info.name).write_text(json.dumps(info, indent=2) + "\n")
     # An old image must not pass for this build's, nor its check or boot test for this one's.
     for old in (art.qcow2, art.check_report, art.boot_report):

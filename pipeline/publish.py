@@ -144,38 +144,40 @@ def _require_passed(path: Path, what: str, command: str, name: str, qcow2_sha256
 def verify_build(artifact_dir: Path, name: str) -> Build:
     """Refuse, in one line naming the file, a build that is not fit to publish.
 
-    Hashes the qcow2 and the liveimg tarball against build-info.json: a flipped byte is caught here."""
+    Hashes every file that is published or goes into the SBOM against the sha256 build-info.json
+    records for it: a flipped byte, or a file the build did not record, is caught here."""
     directory = Path(artifact_dir)
     info_path = directory / "build-info.json"
     info = _read_json(info_path, f"{name} has not been built: run ./inv build {name}")
     if info.get("image") != name:
         raise PipelineError(f"{info_path}: image is {info.get('image')!r}, not {name!r}")
-    for key in ("input_hash", "qcow2_sha256", "liveimg_sha256"):
-        if not isinstance(info.get(key), str) or not HEX64.fullmatch(info[key]):
-            raise PipelineError(f"{info_path}: {key} is not 64 hex digits: {info.get(key)!r}")
+    if not isinstance(info.get("input_hash"), str) or not HEX64.fullmatch(info["input_hash"]):
+        raise PipelineError(f"{info_path}: input_hash is not 64 hex digits: {info.get('input_hash')!r}")
     version = info.get("version")
     match = VERSION.fullmatch(version) if isinstance(version, str) else None
     if not match or match[2] != info["input_hash"][:8]:
         raise PipelineError(f"{info_path}: version {version!r} is not YYYYMMDD-HHHHHHHH "
                             f"(the build date and the input hash's first 8 hex digits)")
-    for report, what, command in VERDICTS:
-        _require_passed(directory / report, what, command, name, info["qcow2_sha256"])
     names = artifact_names(name)
     for needed in [*names.values(), MANIFEST, f"{name}.dpkg-status"]:
         if not (directory / needed).is_file():
             raise PipelineError(f"{directory / needed} is missing: rebuild with ./inv build {name}")
-    _read_json(directory / MANIFEST, "")  # valid JSON, or one line saying where it is not
+    published = [*names.values(), *(file for file in optional_names(name) if (directory / file).is_file())]
+    recorded = info.get("sha256") if isinstance(info.get("sha256"), dict) else {}
     sums = {}
-    for role, file in names.items():
+    for file in [*published, MANIFEST, f"{name}.dpkg-status"]:
+        expected = recorded.get(file)
+        if not isinstance(expected, str) or not HEX64.fullmatch(expected):
+            raise PipelineError(f"{info_path} records no sha256 of {file}: rebuild with ./inv build {name}")
         sums[file] = sha256(directory / file)
-        expected = info.get(f"{role}_sha256")
-        if expected is not None and sums[file] != expected:
-            raise PipelineError(f"{directory / file}: sha256 {sums[file]} is not build-info.json's "
-                                f"{role}_sha256 {expected}: the file is corrupt or changed since the build")
-    for file in optional_names(name):
-        if (directory / file).is_file():
-            sums[file] = sha256(directory / file)
-    return Build(directory=directory, name=name, version=version, info=info, sums=sums)
+        if sums[file] != expected:
+            raise PipelineError(f"{directory / file}: sha256 {sums[file]} is not the sha256 build-info.json "
+                                f"records ({expected}): the file is corrupt or changed since the build")
+    for report, what, command in VERDICTS:
+        _require_passed(directory / report, what, command, name, sums[names["qcow2"]])
+    _read_json(directory / MANIFEST, "")  # valid JSON, or one line saying where it is not
+    return Build(directory=directory, name=name, version=version, info=info,
+                 sums={file: sums[file] for file in published})
 
 
 # --- SBOM

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import publish
+from pipeline import build, publish
 from pipeline.publish import make_gpg_home, remove_gpg_home
 from pipeline.errors import PipelineError
 from pipeline.run import run, start
+from tests.unit.test_build import assembled, ctx  # noqa: F401 (ctx: a fixture) a build's state before move_into_place
 
 NAME = "img"
 DATE = "20261125"
@@ -74,11 +75,21 @@ def write_build(directory: Path, name: str = NAME, *, date: str = DATE, seed: st
     digest = {file: hashlib.sha256(text.encode()).hexdigest() for file, text in files.items()}
     info = {"image": name, "version": f"{date}-{input_hash[:8]}", "input_hash": input_hash,
             "source_date_epoch": 1764000000, "qcow2_sha256": digest[f"{name}.qcow2"],
-            "liveimg_sha256": digest[f"{name}.tar.gz"], "kernel": "6.1.0-41-cloud-amd64", "timings": {"tree": 1.0}}
+            "liveimg_sha256": digest[f"{name}.tar.gz"], "kernel": "6.1.0-41-cloud-amd64", "timings": {"tree": 1.0},
+            "sha256": digest}
     (directory / "build-info.json").write_text(json.dumps(info))
     (directory / "check.json").write_text(json.dumps({"passed": check, "qcow2_sha256": info["qcow2_sha256"]}))
     (directory / "boot-test.json").write_text(json.dumps({"passed": boot, "qcow2_sha256": info["qcow2_sha256"]}))
     return info
+
+
+def record(directory: Path, file: str) -> str:
+    """Record a changed file's sha256 in build-info.json, as a build that made it would; returns it."""
+    digest = hashlib.sha256((directory / file).read_bytes()).hexdigest()
+    info = json.loads((directory / "build-info.json").read_text())
+    info["sha256"][file] = digest
+    (directory / "build-info.json").write_text(json.dumps(info))
+    return digest
 
 
 @pytest.fixture(scope="session")
@@ -173,6 +184,7 @@ def test_sbom_carries_the_declared_licenses(build_dir):
 def test_published_sbom_takes_the_licenses_from_the_manifest(build_dir):
     manifest_file = build_dir / "manifest.json"
     manifest_file.write_text(json.dumps({**json.loads(manifest_file.read_text()), "licenses": {"tzdata": ["public-domain"]}}))
+    record(build_dir, "manifest.json")
     sbom = json.loads(publish.build_sbom(publish.verify_build(build_dir, NAME)))
     assert [c["licenses"] for c in sbom["components"] if c["name"] == "tzdata"] == [
         [{"license": {"name": "public-domain", "acknowledgement": "declared"}}]]
@@ -226,13 +238,28 @@ def test_verdict_about_another_qcow2_is_refused(build_dir, target, signer, repor
     assert message.startswith(str(build_dir / report))
 
 
-@pytest.mark.parametrize("file", ["img.qcow2", "img.tar.gz"])
+@pytest.mark.parametrize("file", ["img.qcow2", "img.tar.gz", "img.vmlinuz", "img.initrd", "manifest.json",
+                                  "img.dpkg-status"])
 def test_flipped_byte_is_caught_before_publishing(build_dir, target, signer, file):
     data = bytearray((build_dir / file).read_bytes())
     data[len(data) // 2] ^= 0x01
     (build_dir / file).write_bytes(bytes(data))
-    message = refused(build_dir, target, signer, "is not build-info.json's")
+    message = refused(build_dir, target, signer, "is not the sha256 build-info.json records")
     assert message.startswith(f"{build_dir / file}: sha256 ")
+
+
+@pytest.mark.parametrize("file", ["img.vmlinuz", "img.initrd", "manifest.json", "img.dpkg-status"])
+def test_artifact_without_a_recorded_sha256_is_refused(build_dir, target, signer, file):
+    info = json.loads((build_dir / "build-info.json").read_text())
+    del info["sha256"][file]
+    (build_dir / "build-info.json").write_text(json.dumps(info))
+    message = refused(build_dir, target, signer, f"records no sha256 of {file}: rebuild")
+    assert message.startswith(str(build_dir / "build-info.json"))
+
+
+def test_file_list_is_published_only_with_its_recorded_sha256(build_dir, target, signer):
+    (build_dir / "img.files.tsv").write_text("# path\n/etc\td\n")  # made by the build, but not recorded
+    refused(build_dir, target, signer, "records no sha256 of img.files.tsv")
 
 
 def test_missing_signing_key_is_refused(build_dir, target, gpg_key):
@@ -374,7 +401,7 @@ def test_republishing_a_version_with_other_artifacts_keeps_the_published_ones(
     rebuilt = tmp_path / "rebuilt" / NAME
     info = write_build(rebuilt)  # the same inputs, so the same version ...
     (rebuilt / "img.qcow2").write_text("not bit for bit the same\n")  # ... but another qcow2
-    digest = hashlib.sha256((rebuilt / "img.qcow2").read_bytes()).hexdigest()
+    digest = record(rebuilt, "img.qcow2")
     for file in ("build-info.json", "check.json", "boot-test.json"):
         data = json.loads((rebuilt / file).read_text())
         (rebuilt / file).write_text(json.dumps({**data, "qcow2_sha256": digest}))
@@ -518,3 +545,20 @@ def test_remote_lock_is_held_for_the_session_and_released(monkeypatch):
     with publish.parse_target("host:/srv", NAME).session():
         assert not released
     assert len(released) == 1
+
+
+# --- what the build records is what publish verifies
+
+
+def test_a_builds_own_build_info_records_every_published_file(ctx, tmp_path):
+    assembled(ctx)
+    (ctx.work / ctx.artifacts.qcow2.name).write_text("qcow2")
+    build.move_into_place(ctx)
+    art = ctx.artifacts
+    for report in (art.check_report, art.boot_report):
+        report.write_text(json.dumps({"passed": True, "qcow2_sha256": art.read_info()["qcow2_sha256"]}))
+    proven = publish.verify_build(art.directory, art.name)
+    assert set(proven.sums) == {art.qcow2.name, art.liveimg.name, art.kernel.name, art.initrd.name, art.files.name}
+    art.kernel.write_text("another kernel")
+    with pytest.raises(PipelineError, match=f"^{art.kernel}: sha256 .* is not the sha256 build-info.json records"):
+        publish.verify_build(art.directory, art.name)
