@@ -6,6 +6,7 @@ the image and the key.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import tomllib
@@ -13,22 +14,41 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import urlsplit
 
 from .errors import SpecError
 from .paths import DIB_ELEMENTS, ELEMENTS, PROFILES, SPEC_FILE
+from .profiles import SAFE_NAME
 from .selinux import element_closure
 
 DISTRO_ELEMENT = {"debian": "debian-minimal"}
 # The element that makes a KVM host: libvirt, and OVS bridges from `bridges`.
 HOST_ELEMENT = "kvm-host"
-PACKAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
-KERNEL_ARG = re.compile(r"^[A-Za-z0-9_.,:=/+@-]+$")
-SIZE = re.compile(r"^(\d+)\s*(MiB|GiB|M|G)$")
+# Every pattern here validates a whole value: use fullmatch (match with `$` lets a trailing newline through).
+# An image name is a directory under build/ and a publish target, a path in the PXE tree and a word
+# in its boot scripts: lower case letters, digits and inner '-'.
+IMAGE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+PACKAGE_NAME = re.compile(r"[a-z0-9][a-z0-9+.-]+")
+KERNEL_ARG = re.compile(r"[A-Za-z0-9_.,:=/+@-]+")
+# The pipeline puts SELinux on every image's command line (build.kernel_cmdline): these keys would
+# override it (selinux=0, enforcing=0) or start another security module first (lsm=, security=).
+SELINUX_KEYS = ("selinux", "enforcing", "lsm", "security")
+SIZE = re.compile(r"(\d+)\s*(MiB|GiB|M|G)")
 UNITS = {"M": 2**20, "MiB": 2**20, "G": 2**30, "GiB": 2**30}
 # A Linux interface name: at most 15 characters (IFNAMSIZ - 1), no '/', ':' or space, not
 # '.' or '..'; nothing that dnsmasq reads as a separator or a wildcard either.
-INTERFACE_NAME = re.compile(r"^(?!\.\.?$)[A-Za-z0-9_.-]{1,15}$")
+INTERFACE_NAME = re.compile(r"(?!\.\.?\Z)[A-Za-z0-9_.-]{1,15}")
+# The URLs a spec or inventory gives (mirrors, base_url, includes): http(s), a host name or an IP
+# address, an optional port and a path of RFC 3986 unreserved characters and %XX escapes. No user
+# or password, query or fragment, and none of the sub-delimiters (! $ & ' ( ) * + , ; =): each of
+# those means something in a GRUB, iPXE or shell script, a kickstart or a dnsmasq line that the URL
+# is written into, and a published tree needs none of them.
+URL = re.compile(r"""
+    https?://
+    (?: [A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])? (?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*  # name, IPv4
+      | \[ (?P<ipv6>[0-9A-Fa-f:.]+) \] )
+    (?: : (?P<port>[0-9]{1,5}) )?
+    (?: / (?:[A-Za-z0-9._~-] | %[0-9A-Fa-f]{2})* )*
+""", re.VERBOSE)
 MIN_DISK = 2 * 2**30
 MAX_DISK = 2 * 2**40
 
@@ -181,16 +201,24 @@ def _elements(value: Any, ctx) -> tuple[str, ...]:
     unknown = sorted(set(names) - known_elements(searched))
     if unknown:
         where = ", ".join(str(d) for d in searched)
-        raise ValueError(f"unknown element(s) {', '.join(unknown)}: not in {where} or diskimage-builder")
+        raise ValueError(f"unknown element(s) {', '.join(map(repr, unknown))}: not in {where} or diskimage-builder")
     return tuple(names)
 
 
 def _packages(value: Any, _ctx) -> tuple[str, ...]:
     names = _string_list(value)
-    bad = [n for n in names if not PACKAGE_NAME.match(n)]
+    bad = [n for n in names if not PACKAGE_NAME.fullmatch(n)]
     if bad:
-        raise ValueError(f"not a Debian package name: {', '.join(bad)}")
+        raise ValueError(f"not a Debian package name: {', '.join(map(repr, bad))}")
     return tuple(names)
+
+
+def _tuned_profile(value: Any, ctx) -> str:
+    name = _line(value, ctx)
+    # tuned's rule for names; it also keeps the name one directory, and one word in a kickstart's %post.
+    if name and (not SAFE_NAME.fullmatch(name) or name in (".", "..")):
+        raise ValueError(f"invalid tuned profile name {name!r}: only letters, digits, '_', '.' and '-'")
+    return name
 
 
 def _profile_dirs(value: Any, ctx) -> tuple[Path, ...]:
@@ -207,14 +235,18 @@ def _selinux(value: Any, _ctx) -> SelinuxMode:
 def _kernel_args(value: Any, _ctx) -> tuple[str, ...]:
     args = _string_list(value)
     for arg in args:
-        if not KERNEL_ARG.match(arg):
+        if not KERNEL_ARG.fullmatch(arg):
             raise ValueError(f"kernel argument {arg!r} has a character (quote, space, newline, ...) "
                              "that would break the bootloader configuration")
+        key = arg.partition("=")[0]
+        if key in SELINUX_KEYS:
+            raise ValueError(f"kernel argument {arg!r} sets {key}=, which the pipeline owns: every image "
+                             "boots with security=selinux selinux=1 (use the spec's selinux key for its mode)")
     return tuple(args)
 
 
 def parse_size(value: Any) -> int:
-    match = SIZE.match(value) if isinstance(value, str) else None
+    match = SIZE.fullmatch(value) if isinstance(value, str) else None
     if not match:
         raise ValueError(f"size must look like '3GiB' or '2048MiB', not {value!r}")
     size = int(match[1]) * UNITS[match[2]]
@@ -244,10 +276,17 @@ def _formats(value: Any, _ctx) -> tuple[OutputFormat, ...]:
 
 
 def check_url(url: Any) -> str:
-    parts = urlsplit(url) if isinstance(url, str) else None
-    if not parts or parts.scheme not in ("http", "https") or not parts.hostname or " " in url:
-        raise ValueError(f"not an http(s) URL: {url!r}")
-    return url.rstrip("/")
+    """The URL, exactly as given, if URL matches it whole and its port and IPv6 address are real."""
+    found = URL.fullmatch(url) if isinstance(url, str) else None
+    try:
+        valid = found and 0 < int(found["port"] or 80) < 65536 and (
+            not found["ipv6"] or ipaddress.IPv6Address(found["ipv6"]))
+    except ValueError:
+        valid = False
+    if not valid:
+        raise ValueError(f"not an http(s) URL of a host, an optional port and a path of letters, digits, "
+                         f"'.', '_', '~', '-' and %XX: {url!r}")
+    return url
 
 
 def _mirrors(value: Any, _ctx) -> Mirrors:
@@ -259,14 +298,14 @@ def _mirrors(value: Any, _ctx) -> Mirrors:
     checked = {}
     for key, url in value.items():
         try:
-            checked[key] = check_url(url)
+            checked[key] = check_url(url).rstrip("/")  # paths are joined to it
         except ValueError as error:
             raise ValueError(f"{key}: {error}") from None
     return Mirrors(**checked)
 
 
 def _interface(value: Any, what: str) -> str:
-    if not isinstance(value, str) or not INTERFACE_NAME.match(value):
+    if not isinstance(value, str) or not INTERFACE_NAME.fullmatch(value):
         raise ValueError(f"{what} {value!r} is not an interface name (1-15 of A-Z a-z 0-9 _ . -)")
     return value
 
@@ -302,7 +341,7 @@ KEYS: dict[str, tuple[Callable[[Any, dict], Any], Any]] = {
     "element_dirs": (_element_dirs, []),  # before elements: they are looked up there
     "elements": (_elements, REQUIRED),
     "packages": (_packages, []),
-    "tuned_profile": (_line, ""),  # required for disk images: checked in _image
+    "tuned_profile": (_tuned_profile, ""),  # required for disk images: checked in _image
     "profile_dirs": (_profile_dirs, []),
     "selinux": (_selinux, "enforcing"),
     "kernel_args": (_kernel_args, []),
@@ -314,6 +353,9 @@ KEYS: dict[str, tuple[Callable[[Any, dict], Any], Any]] = {
 
 
 def _image(path: Path, name: str, table: Any) -> ImageSpec:
+    if not IMAGE_NAME.fullmatch(name):
+        raise SpecError(path, name, None, "not a safe image name: 1-63 lower case letters, digits and '-', "
+                        "starting with a letter or digit")
     if not isinstance(table, dict):
         raise SpecError(path, name, None, "must be a table")
     unknown = sorted(set(table) - set(KEYS))

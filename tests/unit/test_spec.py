@@ -57,6 +57,24 @@ BAD = [
     ('mirrors = { fedora = "http://x" }', "mirrors", "unknown mirror"),
     ('release = 12', "release", "code name"),
     ('bridges = [{ name = "br-int" }]', "bridges", "needs the kvm-host element"),
+    ('tuned_profile = "../profiles/kvm-guest"', "tuned_profile", "invalid tuned profile name"),
+    # A trailing newline passed `re.match(...$)`: each pattern must match the whole value.
+    ('kernel_args = ["quiet\\n"]', "kernel_args", "break the bootloader"),
+    ('packages = ["vim\\n"]', "packages", "not a Debian package"),
+    ('disk_size = "3GiB\\n"', "disk_size", "size must look like"),
+    # SELinux is the pipeline's to set: refused by the argument's key, whatever its value.
+    ('kernel_args = ["selinux=0"]', "kernel_args", "kernel argument 'selinux=0' sets selinux="),
+    ('kernel_args = ["enforcing=00"]', "kernel_args", "sets enforcing="),
+    ('kernel_args = ["lsm=capability,apparmor"]', "kernel_args", "sets lsm="),
+    ('kernel_args = ["security=apparmor"]', "kernel_args", "sets security="),
+    ('kernel_args = ["enforcing"]', "kernel_args", "sets enforcing="),
+    # urlsplit dropped tabs and newlines while checking, and the URL was returned with them.
+    ('mirrors = { debian = "http://deb.debian.org/debian\\n" }', "mirrors", "debian: not an http(s) URL"),
+    ('mirrors = { debian = "http://deb.debian.org/deb\\tian" }', "mirrors", "debian: not an http(s) URL"),
+    ('mirrors = { security = "http://mirror;reboot/debian" }', "mirrors", "security: not an http(s) URL"),
+    ('mirrors = { debian = "http://deb.debian.org:99999/debian" }', "mirrors", "debian: not an http(s) URL"),
+    ('mirrors = { debian = "http://user:secret@deb.debian.org/debian" }', "mirrors", "not an http(s) URL"),
+    ('mirrors = { debian = "http:///debian" }', "mirrors", "not an http(s) URL"),
 ]
 
 HOST = '[image.h]\nelements = ["kvm-host"]\ntuned_profile = "openstack-compute"\n'
@@ -70,6 +88,7 @@ BAD_BRIDGES = [
     ('[{ name = "br-ex", uplink = "" }]', "uplink '' is not an interface name"),
     ('[{ name = "br-ex", mtu = 9000 }]', "unknown bridge key 'mtu'"),
     ('["br-int"]', "must be a list of tables"),
+    ('[{ name = "br-ex\\n" }]', "is not an interface name"),
 ]
 
 
@@ -127,3 +146,34 @@ def test_json_round_trip_is_plain_data():
 
     data = spec.load().get(None).to_json()
     assert json.loads(json.dumps(data)) == data
+
+
+GOOD_URLS = ["http://deb.debian.org/debian", "https://10.0.0.1:8080/a/b.c_d~e-f%20g", "http://[fd00::1]:3142/debian",
+             "http://mirror"]
+
+
+@pytest.mark.parametrize("url", GOOD_URLS)
+def test_check_url_returns_exactly_what_it_checked(url):
+    assert spec.check_url(url) == url
+
+
+def test_mirror_urls_lose_a_trailing_slash(tmp_path):
+    image = spec.load(write(tmp_path, GOOD + 'mirrors = { debian = "http://m/debian/" }\n')).get("g")
+    assert image.mirrors.debian == "http://m/debian"
+
+
+BAD_NAMES = ["../../tmp/x", "Host-Image", "host_image", "-x", "a.b", "x\\n", "a" * 64]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_image_names_are_safe_names(tmp_path, name):
+    path = write(tmp_path, GOOD.replace("[image.g]", f'[image."{name}"]').replace('default = "g"', ""))
+    with pytest.raises(SpecError) as caught:
+        spec.load(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: image "), message
+    assert "not a safe image name" in message and "\n" not in message
+
+
+def test_the_project_image_names_are_safe():
+    assert {"host-image", "guest-image", "installer"} <= set(spec.load().images)
