@@ -7,14 +7,30 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
 from pathlib import Path
 
-from invoke import Collection, Exit, task
+from invoke import Collection, Exit, Local, task
 
 from pipeline import spec as specs
 from pipeline.errors import PipelineError
 from pipeline.paths import BOOT_TESTS, DEFAULT_CACHE, DEFAULT_OUTPUT, ROOT, SPEC_FILE
+from pipeline.run import interrupt_on_termination
+
+# A cancelled job (SIGTERM, SIGHUP) cleans up as Ctrl-C does (see InterruptingLocal for ./inv test).
+interrupt_on_termination()
+
+
+class InterruptingLocal(Local):
+    """invoke's runner, passing an interrupt on to the command as SIGINT. Without a pty, invoke
+    writes ^C into the command's stdin pipe, which pytest never reads: it ran on, and its
+    fixtures' QEMU and nginx with it, after ./inv test had been told to stop."""
+
+    def send_interrupt(self, interrupt: KeyboardInterrupt) -> None:
+        os.kill(self.process.pid, signal.SIGINT)
+
+
 
 
 def user_errors(function):
@@ -195,7 +211,7 @@ def diff(c, a, b):
 
 
 namespace = Collection(list_, build, check, boot_test, bench, test, diff)
-namespace.configure({"run": {"echo": True}})
+namespace.configure({"run": {"echo": True}, "runners": {"local": InterruptingLocal}})
 
 
 # --- kickstart: ./inv kickstart.render, ./inv kickstart.bench (invoke names sub-collection tasks with a dot)

@@ -130,3 +130,17 @@ def release(proc: subprocess.Popen, grace: float = 10) -> None:
 
 def stop(proc: subprocess.Popen, grace: float = 10) -> None:
     _stop_group(proc, grace)
+
+
+def interrupt_on_termination() -> None:
+    """Handle SIGTERM and SIGHUP as Ctrl-C: KeyboardInterrupt in the main thread.
+
+    Children run in sessions of their own, so a signal to the driver alone (a cancelled CI
+    job) reaches none of them; raising here runs every `finally`, which stops them (QEMU,
+    nginx, dnsmasq, DIB) and unmounts what they mounted."""
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, interrupt)
