@@ -217,20 +217,27 @@ namespace.configure({"run": {"echo": True}, "runners": {"local": InterruptingLoc
 # --- kickstart: ./inv kickstart.render, ./inv kickstart.bench (invoke names sub-collection tasks with a dot)
 
 
+VERIFY_KEY_HELP = ("with a publish target as --build-dir (required then): the public key that signs its versions, "
+                   "a key file or a full fingerprint (of a key in $GNUPGHOME); each role's SHA256SUMS is checked "
+                   "with gpg --verify and its liveimg, kernel and initrd with sha256sum --check before use")
+
+
 @task(positional=["inventory"], help={
     "inventory": "the node inventory (see kickstarts/inventory.example.toml)",
     "output-dir": f"where NODE.ks files go (default {DEFAULT_OUTPUT.name}/kickstarts/); other *.ks there are removed",
     "target": "installer version for pykickstart: RHEL9 (default), RHEL10, F42 or F43",
     "build-dir": f"where each role's liveimg sha256 is read: a build directory (default {DEFAULT_OUTPUT.name}/) "
-                 "or a publish target (its latest version's SHA256SUMS)"})
+                 "or a publish target (its latest version's SHA256SUMS, verified with --verify-key)",
+    "verify-key": VERIFY_KEY_HELP})
 @user_errors
-def render(c, inventory, output_dir=str(DEFAULT_OUTPUT / "kickstarts"), target="RHEL9", build_dir=str(DEFAULT_OUTPUT)):
+def render(c, inventory, output_dir=str(DEFAULT_OUTPUT / "kickstarts"), target="RHEL9", build_dir=str(DEFAULT_OUTPUT),
+           verify_key=None):
     """Render one kickstart per inventory node, each checked with pykickstart; none is written unless all pass."""
     from pipeline.deploy import inventory as inventories
     from pipeline.deploy import kickstart
 
     written = kickstart.render_all(inventories.load(Path(inventory)), Path(output_dir), target,
-                                   build_dir=Path(build_dir))
+                                   build_dir=Path(build_dir), verify_key=verify_key)
     print(f"{len(written)} kickstarts for {target} in {output_dir}")
 
 
@@ -257,12 +264,13 @@ PXE_ROOT = DEFAULT_OUTPUT / "pxe"
     "output-dir": f"the tree's root (default {DEFAULT_OUTPUT.name}/pxe/); it is replaced whole",
     "target": "installer version for pykickstart: RHEL9 (default), RHEL10, F42 or F43",
     "build-dir": f"where the roles' liveimg tarballs are: a build directory (default "
-                 f"{DEFAULT_OUTPUT.name}/) or a publish target (each role's latest version)",
+                 f"{DEFAULT_OUTPUT.name}/) or a publish target (each role's latest version, verified with --verify-key)",
+    "verify-key": VERIFY_KEY_HELP,
     "installer-dir": f"the build directory of the installer ([site] installer, default `installer`; "
                      f"default {DEFAULT_OUTPUT.name}/)"})
 @user_errors
 def pxe_render(c, inventory, output_dir=str(PXE_ROOT), target="RHEL9", build_dir=str(DEFAULT_OUTPUT),
-               installer_dir=str(DEFAULT_OUTPUT)):
+               installer_dir=str(DEFAULT_OUTPUT), verify_key=None):
     """Render the PXE tree: iPXE, GRUB and pxelinux configurations per MAC, kickstarts, dnsmasq.conf,
     an nginx site, boot programs, the installer's kernel and initrd, and each role's liveimg. Nothing
     is written unless all of it is good."""
@@ -270,7 +278,7 @@ def pxe_render(c, inventory, output_dir=str(PXE_ROOT), target="RHEL9", build_dir
     from pipeline.deploy import pxe
 
     tree = pxe.render_tree(inventories.load(Path(inventory)), Path(output_dir), target, build_dir=Path(build_dir),
-                           installer_dir=Path(installer_dir))
+                           installer_dir=Path(installer_dir), verify_key=verify_key)
     roles = sorted({boot.node.role for boot in tree.boots})
     print(f"PXE tree for {len(tree.boots)} nodes ({', '.join(roles)}) in {tree.root}; ./inv pxe.serve serves it")
 

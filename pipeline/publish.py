@@ -68,6 +68,7 @@ from .run import hold, release, run
 
 VERSION = re.compile(r"(\d{8})-([0-9a-f]{8})")
 HEX64 = re.compile(r"[0-9a-f]{64}")
+FINGERPRINT = re.compile(r"[0-9A-F]{40}|[0-9A-F]{64}")  # v4 and v5 OpenPGP keys
 SUMS = "SHA256SUMS"
 SIGNATURE = "SHA256SUMS.asc"
 SBOM = "sbom.cdx.json"
@@ -286,6 +287,12 @@ def _gpg_env(gnupg_home: Path | None) -> dict[str, str]:
     return {"GNUPGHOME": str(gnupg_home)} if gnupg_home else {}
 
 
+def gnupg_home_of(given: Path | None) -> Path | None:
+    """The GnuPG home given, else $GNUPGHOME: the gateway's clean environment drops it."""
+    home = given or os.environ.get("GNUPGHOME")
+    return Path(home) if home else None
+
+
 def require_key(key: str | None, gnupg_home: Path | None = None) -> str:
     """The fingerprint of the one secret key `key` names that can sign, or a one-line error."""
     if not key:
@@ -316,11 +323,60 @@ def require_key(key: str | None, gnupg_home: Path | None = None) -> str:
 def sign(sums: Path, fingerprint: str, gnupg_home: Path | None = None) -> Path:
     """A detached, armored signature of `sums` beside it, checked with gpg --verify."""
     signature = sums.with_name(SIGNATURE)
-    env = _gpg_env(gnupg_home)
     run(["gpg", "--batch", "--yes", "--local-user", fingerprint, "--armor", "--detach-sign",
-         "--output", signature, sums], env=env)
-    run(["gpg", "--batch", "--verify", signature, sums], env=env)
+         "--output", signature, sums], env=_gpg_env(gnupg_home))
+    verify_signature(sums.read_bytes(), signature, fingerprint, gnupg_home)
     return signature
+
+
+def _fingerprints(gnupg_home: Path) -> set[str]:
+    listing = run(["gpg", "--batch", "--with-colons", "--list-keys"], env=_gpg_env(gnupg_home), capture=True)
+    return {line.split(":")[9] for line in listing.stdout.splitlines() if line.startswith("fpr:")}
+
+
+@contextlib.contextmanager
+def _verifying_keys(key: str, gnupg_home: Path | None) -> Iterator[tuple[Path | None, set[str]]]:
+    """(GnuPG home, the fingerprints a good signature may be by) for `key`: a key file, imported
+    into a throw-away home that holds nothing else, or a full fingerprint of a key in gnupg_home."""
+    if Path(key).is_file():
+        home = Path(tempfile.mkdtemp(prefix="gpg-", dir="/tmp"))  # short: gpg-agent's socket lives in it
+        try:
+            imported = run(["gpg", "--batch", "--import", "--", Path(key).resolve()], env=_gpg_env(home),
+                           check=False, capture=True)
+            allowed = _fingerprints(home) if imported.returncode == 0 else set()
+            if not allowed:
+                raise PipelineError(f"verify key {key}: no OpenPGP public key in the file")
+            yield home, allowed
+        finally:
+            remove_gpg_home(home)
+    elif FINGERPRINT.fullmatch(key.upper()):
+        yield gnupg_home, {key.upper()}
+    else:
+        raise PipelineError(f"verify key {key!r}: neither a file nor a full fingerprint (40 hex digits): give "
+                            "the public key that signs the published versions")
+
+
+def verify_signature(data: bytes, signature: Path, key: str, gnupg_home: Path | None = None) -> str:
+    """The fingerprint that made `signature`, a good detached signature over `data` by `key` (a key
+    file or a full fingerprint); any other signature is a one-line error naming the file."""
+    if not signature.is_file():
+        raise PipelineError(f"{signature} is missing: {signature.with_name(SUMS)} is not signed")
+    with _verifying_keys(key, gnupg_home) as (home, allowed):
+        # The data on stdin: what is verified is exactly what the caller goes on to read.
+        result = run(["gpg", "--batch", "--status-fd", "1", "--verify", "--", signature, "-"], env=_gpg_env(home),
+                     input=data, capture=True, check=False)
+    status = [line.split()[1:] for line in result.stdout.splitlines() if line.startswith("[GNUPG:] ")]
+    valid = [fields for fields in status if fields[0] == "VALIDSIG" and len(fields) > 2]
+    signers = {fields[1] for fields in valid} | {fields[-1] for fields in valid}
+    if result.returncode == 0 and any(fields[0] == "GOODSIG" for fields in status) and signers & allowed:
+        return (signers & allowed).pop()
+    if any(fields[0] == "BADSIG" for fields in status):
+        problem = f"a bad signature: {signature.with_name(SUMS).name} was changed after it was signed"
+    elif valid:
+        problem = f"signed by {valid[0][-1]}, not by the key given"
+    else:
+        problem = (result.stderr.strip().splitlines() or [f"gpg exited {result.returncode}"])[-1]
+    raise PipelineError(f"{signature}: not a good signature by {key}: {problem}")
 
 
 # --- the version's tree
@@ -349,12 +405,33 @@ def read_sums(text: str) -> dict[str, str]:
     return sums
 
 
-def check_sums(directory: Path) -> None:
-    """Every file against SHA256SUMS, with the tool a user checks a download with."""
-    result = run(["sha256sum", "--check", "--strict", "--quiet", SUMS], cwd=directory, capture=True, check=False)
+def check_sums(directory: Path, listing: str | None = None) -> None:
+    """Every file against SHA256SUMS (or those `listing`, lines in its format, names), with the tool
+    a user checks a download with."""
+    result = run(["sha256sum", "--check", "--strict", "--quiet", SUMS if listing is None else "-"], cwd=directory,
+                 input=None if listing is None else listing.encode(), capture=True, check=False)
     if result.returncode != 0:
         failed = "; ".join(line for line in result.stdout.splitlines() if line.strip()) or result.stderr.strip()
         raise PipelineError(f"{directory}: sha256sum --check {SUMS} failed: {failed}")
+
+
+def verify_version(version: Path, files: Sequence[str], key: str, gnupg_home: Path | None = None) -> dict[str, str]:
+    """A published version's SHA256SUMS (file -> sha256) once it is proven: signed by `key`
+    (gpg --verify), and each of `files` hashing to what it lists (sha256sum --check)."""
+    try:
+        data = (version / SUMS).read_bytes()
+    except FileNotFoundError:
+        raise PipelineError(f"{version / SUMS} is missing: not a published version") from None
+    verify_signature(data, version / SIGNATURE, key, gnupg_home_of(gnupg_home))
+    try:
+        sums = read_sums(data.decode())
+    except UnicodeDecodeError:
+        raise PipelineError(f"{version / SUMS}: not text") from None
+    for file in files:
+        if not HEX64.fullmatch(sums.get(file, "")):
+            raise PipelineError(f"{version / SUMS} lists no sha256 of {file}")
+    check_sums(version, "".join(f"{sums[file]}  {file}\n" for file in files))
+    return sums
 
 
 def assemble(build: Build, staged: Path, sbom: str, fingerprint: str, gnupg_home: Path | None) -> None:
@@ -663,8 +740,7 @@ def publish(artifact_dir: Path, name: str, target: str | Path, *, key: str | Non
         raise PipelineError(f"retention must be at least 1, not {retention}")
     destination = parse_target(target, name, ssh_options)
     tools.require(*destination.tools)
-    home = gnupg_home or os.environ.get("GNUPGHOME")  # the gateway's clean environment drops it
-    gnupg_home = Path(home) if home else None
+    gnupg_home = gnupg_home_of(gnupg_home)
     with step(f"publish {name} to {destination}"):
         with step("verify build"):
             build = verify_build(artifact_dir, name)

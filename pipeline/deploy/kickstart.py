@@ -12,7 +12,6 @@ import functools
 import json
 import os
 import re
-import shlex
 import shutil
 import tempfile
 import time
@@ -27,6 +26,7 @@ from pykickstart.errors import KickstartError, KickstartWarning
 from pykickstart.parser import KickstartParser
 from pykickstart.version import makeVersion
 
+from .. import escape
 from ..build import artifacts_for
 from ..errors import InventoryError, PipelineError
 from ..paths import DEFAULT_OUTPUT, ROOT
@@ -49,10 +49,12 @@ LINE = re.compile(r"\bline (\d+)\b")
 
 @dataclass(frozen=True)
 class LiveImage:
-    """A role's liveimg artifact: its file name under BASE_URL/ROLE/, and its sha256."""
+    """A role's liveimg artifact: its file name under BASE_URL/ROLE/, its sha256, and the directory
+    it is in (a build, or a published version once verified; None when the caller gave it)."""
 
     file: str
     sha256: str
+    directory: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -75,32 +77,32 @@ class Snippet:
     text: str
 
 
-def published_version(role: str, build_dir: Path) -> Path | None:
-    """build_dir/ROLE/latest when build_dir is a publish target (./inv publish), else None."""
+def published_version(role: str, build_dir: Path, verify_key: str | None) -> tuple[Path, dict[str, str]] | None:
+    """build_dir/ROLE/latest's version and its SHA256SUMS when build_dir is a publish target
+    (./inv publish), verified first: signed by verify_key, and the files rendering uses (liveimg,
+    kernel, initrd) hashing to what it lists. None when build_dir is a build directory."""
     latest = Path(build_dir) / role / "latest"
-    return latest.resolve() if (latest / "SHA256SUMS").is_file() else None
+    if not latest.is_symlink() and not latest.exists():
+        return None
+    from .. import publish  # publishing's libraries are only needed here
+
+    if not verify_key:
+        raise PipelineError(f"{latest} is a published version: give --verify-key FINGERPRINT or KEYFILE "
+                            "(the public key that signs its SHA256SUMS) to render from it")
+    version = latest.resolve()
+    if version.parent != latest.parent.resolve() or not publish.VERSION.fullmatch(version.name):
+        raise PipelineError(f"{latest} points at {version}, not at a version beside it")
+    used = publish.artifact_names(role)
+    return version, publish.verify_version(version, [used["liveimg"], used["kernel"], used["initrd"]], verify_key)
 
 
-def role_files(image: ImageSpec, build_dir: Path) -> Path:
-    """Where a role's kernel, initrd and liveimg are: its published `latest` version, or its build."""
-    return published_version(image.name, build_dir) or artifacts_for(image, build_dir).directory
-
-
-def _published_liveimage(image: ImageSpec, version: Path) -> LiveImage:
-    from ..publish import SUMS, read_sums  # publishing's libraries are only needed here
-
-    file = LIVEIMG[0].format(role=image.name)
-    sha256 = read_sums((version / SUMS).read_text()).get(file)
-    if sha256 is None:
-        raise PipelineError(f"role {image.name!r}: {version / SUMS} lists no {file}")
-    return LiveImage(file, sha256)
-
-
-def _built_liveimage(image: ImageSpec, build_dir: Path) -> LiveImage:
-    if version := published_version(image.name, build_dir):
-        return _published_liveimage(image, version)
+def _built_liveimage(image: ImageSpec, build_dir: Path, verify_key: str | None) -> LiveImage:
     file, key = LIVEIMG[0].format(role=image.name), LIVEIMG[1]
-    info = artifacts_for(image, build_dir).info
+    if published := published_version(image.name, build_dir, verify_key):
+        version, sums = published
+        return LiveImage(file, sums[file], version)
+    art = artifacts_for(image, build_dir)
+    info = art.info
     try:
         sha256 = json.loads(info.read_text()).get(key)
     except FileNotFoundError:
@@ -111,16 +113,17 @@ def _built_liveimage(image: ImageSpec, build_dir: Path) -> LiveImage:
     if not isinstance(sha256, str) or not SHA256.match(sha256):
         raise PipelineError(f"role {image.name!r}: {info} has no {key} (the sha256 of {file}): "
                             f"run ./inv build {image.name}")
-    return LiveImage(file, sha256)
+    return LiveImage(file, sha256, art.directory)
 
 
-def liveimages(inventory: Inventory, build_dir: Path, given: Mapping[str, LiveImage]) -> dict[str, LiveImage]:
+def liveimages(inventory: Inventory, build_dir: Path, given: Mapping[str, LiveImage],
+               verify_key: str | None = None) -> dict[str, LiveImage]:
     """The liveimg artifact of each role in use: given, or read from build/ROLE/build-info.json
-    (or, where build_dir is a publish target, from ROLE/latest/SHA256SUMS)."""
+    (or, where build_dir is a publish target, from ROLE/latest/SHA256SUMS, verified with verify_key)."""
     found = {}
     for role in sorted({node.role for node in inventory.nodes.values()}):
-        found[role] = given.get(role) or _built_liveimage(inventory.spec.images[role], build_dir)
-        if not SHA256.match(found[role].sha256):
+        found[role] = given.get(role) or _built_liveimage(inventory.spec.images[role], build_dir, verify_key)
+        if not SHA256.fullmatch(found[role].sha256):
             raise PipelineError(f"role {role!r}: {found[role].sha256!r} is not a sha256 (64 hex digits)")
     return found
 
@@ -129,7 +132,7 @@ def liveimages(inventory: Inventory, build_dir: Path, given: Mapping[str, LiveIm
 def _template() -> jinja2.Template:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
-    env.filters["sh"] = shlex.quote
+    env.filters.update(escape.FILTERS)
     return env.get_template(TEMPLATE)
 
 
@@ -233,20 +236,25 @@ def _snippet(inventory: Inventory, path: Path) -> Snippet:
 
 
 def render_all(inventory: Inventory, output_dir: Path = DEFAULT_OUTPUT_DIR, target: str = DEFAULT_TARGET, *,
-               build_dir: Path = DEFAULT_OUTPUT, liveimgs: Mapping[str, LiveImage] | None = None) -> list[Path]:
+               build_dir: Path = DEFAULT_OUTPUT, liveimgs: Mapping[str, LiveImage] | None = None,
+               verify_key: str | None = None) -> list[Path]:
     """Render, validate and write output_dir/NODE.ks for every node; nothing is written unless all pass.
 
-    liveimgs: each role's artifact; a role not given is read from build_dir/ROLE/build-info.json.
+    liveimgs: each role's artifact; a role not given is read from build_dir/ROLE/build-info.json
+    (from a publish target: its latest version, verified with verify_key, a fingerprint or key file).
     The output directory holds one inventory's kickstarts: any other *.ks in it is removed.
     """
     if target not in TARGETS:
         raise PipelineError(f"unknown kickstart target {target!r}; supported: {', '.join(TARGETS)}")
-    images = liveimages(inventory, Path(build_dir), liveimgs or {})
+    images = liveimages(inventory, Path(build_dir), liveimgs or {}, verify_key)
     snippets = [_snippet(inventory, path) for path in inventory.site.snippet_files]
     validator = Validator(target)
     texts = {}
     for node in inventory.nodes.values():
-        text, origins = render(kickstart_for(inventory, node, images[node.role], target), snippets)
+        try:
+            text, origins = render(kickstart_for(inventory, node, images[node.role], target), snippets)
+        except escape.EscapeError as error:
+            raise InventoryError(inventory.path, node.name, None, str(error)) from None
         try:
             validator.check(text)
         except (KickstartError, KickstartWarning) as error:

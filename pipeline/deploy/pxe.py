@@ -171,7 +171,7 @@ def _dhcp_server(inventory: Inventory) -> IPv4Address | None:
                              "where dnsmasq answers PXE clients cannot be told from it") from None
 
 
-def _sources(inventory: Inventory, build_dir: Path, installer_dir: Path,
+def _sources(inventory: Inventory, installer_dir: Path,
              images: dict[str, kickstart.LiveImage]) -> list[tuple[Path, str]]:
     """The installer's kernel and initrd and each role's built (or published) liveimg, with their
     names in the tree; a missing one names the image and the file."""
@@ -183,7 +183,7 @@ def _sources(inventory: Inventory, build_dir: Path, installer_dir: Path,
     built = artifacts_for(inventory.spec.images[installer], installer_dir)
     wanted = [("installer image", installer, built.kernel), ("installer image", installer, built.initrd)]
     for role, image in images.items():
-        wanted.append(("role", role, kickstart.role_files(inventory.spec.images[role], build_dir) / image.file))
+        wanted.append(("role", role, image.directory / image.file))  # a published one: verified
     for what, name, path in wanted:
         if not path.is_file():
             raise PipelineError(f"{what} {name!r}: {path} not found, so the PXE tree cannot offer it: "
@@ -242,7 +242,8 @@ def _swap(work: Path, output_dir: Path) -> None:
 
 
 def render_tree(inventory: Inventory, output_dir: Path = DEFAULT_OUTPUT_DIR, target: str = kickstart.DEFAULT_TARGET,
-                *, build_dir: Path = DEFAULT_OUTPUT, installer_dir: Path | None = None) -> Tree:
+                *, build_dir: Path = DEFAULT_OUTPUT, installer_dir: Path | None = None,
+                verify_key: str | None = None) -> Tree:
     """Write the PXE tree of the inventory to output_dir, replacing a previous one whole.
 
     Everything is checked first (boot programs, built artifacts, kickstarts by pykickstart) and
@@ -254,9 +255,9 @@ def render_tree(inventory: Inventory, output_dir: Path = DEFAULT_OUTPUT_DIR, tar
     tools.require_files(*PROGRAMS.values(), f"{GRUB_EFI_MODULES}/linux.mod")
     _check_output(output_dir)
     server = _dhcp_server(inventory)
-    images = kickstart.liveimages(inventory, Path(build_dir), {})
+    images = kickstart.liveimages(inventory, Path(build_dir), {}, verify_key)
     # The installer is built, not published: by default it is beside the roles' builds.
-    sources = _sources(inventory, Path(build_dir), Path(installer_dir or build_dir), images)
+    sources = _sources(inventory, Path(installer_dir or build_dir), images)
     boots = tuple(node_boot(inventory, node) for node in inventory.nodes.values())
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)

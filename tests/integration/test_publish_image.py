@@ -22,6 +22,16 @@ def signer():
 
 
 @pytest.fixture(scope="module")
+def public_key(signer, tmp_path_factory):
+    """The signing key's public half, as the operator who renders from the published versions has it."""
+    key = tmp_path_factory.mktemp("key") / "signer.asc"
+    exported = subprocess.run(["gpg", "--homedir", str(signer["gnupg_home"]), "--armor", "--export", signer["key"]],
+                              check=True, capture_output=True, text=True)
+    key.write_text(exported.stdout)
+    return key
+
+
+@pytest.fixture(scope="module")
 def published(artifacts, spec, signer, tmp_path_factory):
     target = tmp_path_factory.mktemp("published")
     result = publish.publish(artifacts.directory, spec.name, target, **signer)
@@ -63,7 +73,7 @@ def test_republishing_keeps_the_version(artifacts, spec, published, signer):
     assert (again.version, again.new) == (result.version, False)
 
 
-def test_pxe_tree_from_the_published_version(artifacts, spec, published, tmp_path):
+def test_pxe_tree_from_the_published_version(artifacts, spec, published, public_key, tmp_path):
     """The deploy path as the README gives it, through the CLI: kickstarts and a PXE tree rendered
     from the published version install its liveimg, checked against its published sha256, and
     the tree is walked over HTTP as booting nodes would."""
@@ -75,25 +85,30 @@ def test_pxe_tree_from_the_published_version(artifacts, spec, published, tmp_pat
                               '[node.compute2]\nmacs = ["52:54:00:12:34:02"]\nboot = "bios"\n'
                               f'root_disk = "sda"\nrole = "{spec.name}"\n')
     sums = publish.read_sums((target / spec.name / result.version / publish.SUMS).read_text())
+    unverified = cli(["kickstart.render", str(inventory_file), f"--build-dir={target}",
+                      f"--output-dir={tmp_path / 'ks'}"], check=False)
+    assert unverified.returncode == 1 and "give --verify-key" in unverified.stderr
     cli(["kickstart.render", str(inventory_file), f"--build-dir={target}", f"--output-dir={tmp_path / 'ks'}",
-         "--target=RHEL10"])
+         "--target=RHEL10", f"--verify-key={public_key}"])
     assert f"--checksum={sums[artifacts.liveimg.name]}" in (tmp_path / "ks/compute1.ks").read_text()
     root = tmp_path / "pxe"
-    cli(["pxe.render", str(inventory_file), f"--build-dir={target}", f"--output-dir={root}"])
+    cli(["pxe.render", str(inventory_file), f"--build-dir={target}", f"--output-dir={root}",
+         f"--verify-key={public_key}"])
     assert f"--checksum={sums[artifacts.liveimg.name]}" in (root / "kickstarts/compute2.ks").read_text()
     checked = cli(["pxe.check", f"--root={root}"])
     assert "2 nodes" in checked.stdout and "no problems" in checked.stdout
     assert build.sha256(root / spec.name / artifacts.liveimg.name) == sums[artifacts.liveimg.name]
 
 
-def test_pxe_check_catches_a_tampered_liveimg(artifacts, spec, published, tmp_path):
+def test_pxe_check_catches_a_tampered_liveimg(artifacts, spec, published, public_key, tmp_path):
     target, _ = published
     inventory_file = tmp_path / "inventory.toml"
     inventory_file.write_text(f'spec_file = "{spec.source}"\n[site]\nbase_url = "http://10.0.0.1:8080"\n'
                               '[node.compute1]\nmacs = ["52:54:00:12:34:01"]\nboot = "uefi"\n'
                               f'root_disk = "sda"\nrole = "{spec.name}"\n')
     root = tmp_path / "pxe"
-    cli(["pxe.render", str(inventory_file), f"--build-dir={target}", f"--output-dir={root}"])
+    cli(["pxe.render", str(inventory_file), f"--build-dir={target}", f"--output-dir={root}",
+         f"--verify-key={public_key}"])
     served = root / spec.name / artifacts.liveimg.name
     served.unlink()  # a hard link to the published file: replace it, never write through it
     served.write_bytes(b"not the image")

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import build, publish
+from pipeline.deploy import kickstart
 from pipeline.publish import make_gpg_home, remove_gpg_home
 from pipeline.errors import PipelineError
 from pipeline.run import run, start
@@ -562,3 +563,70 @@ def test_a_builds_own_build_info_records_every_published_file(ctx, tmp_path):
     art.kernel.write_text("another kernel")
     with pytest.raises(PipelineError, match=f"^{art.kernel}: sha256 .* is not the sha256 build-info.json records"):
         publish.verify_build(art.directory, art.name)
+
+
+# --- a published version is verified before kickstart.render and pxe.render use it
+
+
+@pytest.fixture
+def public_key(gpg_key, tmp_path):
+    """The signing key's public half, as a file an operator is given."""
+    home, email = gpg_key
+    key = tmp_path / "signer.asc"
+    key.write_text(run(["gpg", "--batch", "--armor", "--export", email], env={"GNUPGHOME": str(home)},
+                       capture=True).stdout)
+    return key
+
+
+@pytest.fixture
+def published_version(build_dir, target, signer):
+    return target / NAME / publish.publish(build_dir, NAME, target, **signer).version
+
+
+def test_published_version_is_verified_with_a_key_file_or_a_fingerprint(
+        published_version, build_dir, target, public_key, gpg_key, monkeypatch):
+    version, sums = kickstart.published_version(NAME, target, str(public_key))
+    assert version == published_version
+    assert sums["img.tar.gz"] == hashlib.sha256((build_dir / "img.tar.gz").read_bytes()).hexdigest()
+    monkeypatch.setenv("GNUPGHOME", str(gpg_key[0]))
+    fingerprint = publish.require_key(gpg_key[1], gpg_key[0])
+    assert kickstart.published_version(NAME, target, fingerprint.lower())[0] == published_version
+    assert kickstart.published_version(NAME, build_dir.parent, None) is None  # a build directory
+
+
+def test_published_version_needs_a_verify_key(published_version, target):
+    with pytest.raises(PipelineError, match=r"latest is a published version: give --verify-key FINGERPRINT or KEYFILE"):
+        kickstart.published_version(NAME, target, None)
+    with pytest.raises(PipelineError, match="neither a file nor a full fingerprint"):
+        kickstart.published_version(NAME, target, "publish-test@example.invalid")
+
+
+def test_edited_sha256sums_is_refused(published_version, target, public_key):
+    sums = published_version / "SHA256SUMS"
+    sums.write_text(sums.read_text().replace("img.tar.gz", "img.tar.gz.orig") + f"{'0' * 64}  img.tar.gz\n")
+    with pytest.raises(PipelineError, match=r"SHA256SUMS.asc: not a good signature by .*: a bad signature: "
+                                            r"SHA256SUMS was changed after it was signed$"):
+        kickstart.published_version(NAME, target, str(public_key))
+
+
+@pytest.mark.parametrize("file", ["img.tar.gz", "img.vmlinuz", "img.initrd"])
+def test_changed_artifact_of_a_published_version_is_refused(published_version, target, public_key, file):
+    (published_version / file).unlink()  # a hard link to the build's: replace it
+    (published_version / file).write_text("not what was signed\n")
+    with pytest.raises(PipelineError, match=rf"sha256sum --check SHA256SUMS failed: {file}: FAILED"):
+        kickstart.published_version(NAME, target, str(public_key))
+
+
+def test_version_signed_by_another_key_is_refused(published_version, target, tmp_path):
+    other_home, other_email = make_gpg_home()
+    try:
+        other = tmp_path / "other.asc"
+        other.write_text(run(["gpg", "--batch", "--armor", "--export", other_email],
+                             env={"GNUPGHOME": str(other_home)}, capture=True).stdout)
+        with pytest.raises(PipelineError, match=r"not a good signature by .*other.asc: .*No public key"):
+            kickstart.published_version(NAME, target, str(other))
+        fingerprint = publish.require_key(other_email, other_home)
+        with pytest.raises(PipelineError, match="not a good signature"):
+            publish.verify_version(published_version, ["img.tar.gz"], fingerprint, other_home)
+    finally:
+        remove_gpg_home(other_home)
