@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import stat
 import struct
 import sys
 import uuid
@@ -16,9 +17,9 @@ from dataclasses import replace
 from pipeline import inspect, spec
 from pipeline.errors import ToolMissing
 from pipeline.inspect import (
-    CheckResult, Report, bridge_problems, cloud_datasources, fstab_uuid, grub_linux_args, parse_dpkg_status,
-    parse_env_file, parse_fstab, parse_gpt, parse_ifupdown, passwd_problems, selinux_type, shadow_problems,
-    sshd_effective, sshd_include_patterns, unlabeled_names,
+    CheckResult, FileEntry, Report, bridge_problems, by_directory, cloud_datasources, fstab_uuid, grub_linux_args,
+    leftover_problems, parse_dpkg_status, parse_env_file, parse_fstab, parse_gpt, parse_ifupdown, passwd_problems,
+    selinux_type, shadow_problems, sshd_effective, sshd_include_patterns, unlabeled_names, world_writable,
 )
 
 # --- dpkg status
@@ -430,3 +431,65 @@ def test_unbuilt_image_says_how_to_build_it(tmp_path):
     guest = specs.load().get("guest-image")
     with pytest.raises(PipelineError, match="has not been built: run ./inv build guest-image"):
         inspect.check_image(guest, Path(tmp_path))
+
+
+# --- what a build must not leave in an image
+
+def regular(path: str, mode: int = 0o644, size: int = 0) -> FileEntry:
+    return FileEntry(path, stat.S_IFREG | mode, size)
+
+
+# A clean host image's paths near each leftover kind (from a real build's listing).
+CLEAN = [
+    FileEntry("/etc/resolv.conf", stat.S_IFLNK | 0o777, 39),  # -> ../run/systemd/resolve/stub-resolv.conf
+    regular("/etc/cloud/templates/resolv.conf.tmpl", size=921),
+    regular("/usr/lib/systemd/resolv.conf", size=710),
+    regular("/var/lib/apt/lists/lock"), FileEntry("/var/lib/apt/lists/partial", stat.S_IFDIR | 0o700, 4096),
+    regular("/var/cache/apt/archives/lock"), FileEntry("/var/cache/apt/archives/partial", stat.S_IFDIR | 0o700, 4096),
+    regular("/var/log/dpkg.log"), regular("/var/log/apt/history.log"), regular("/var/log/wtmp", 0o664),
+    regular("/var/log/libvirt/qemu/.placeholder"), regular("/usr/lib/x86_64-linux-gnu/libhistory.so.8", size=1),
+    FileEntry("/var/lib/cloud", stat.S_IFDIR | 0o755, 4096), regular("/root/.bashrc", size=571),
+    FileEntry("/tmp", stat.S_IFDIR | 0o1777, 4096), FileEntry("/usr/bin/sudo", stat.S_IFREG | 0o4755, 1),
+]
+
+
+def test_a_clean_image_has_no_leftovers_and_nothing_world_writable():
+    assert leftover_problems(CLEAN) == [] and world_writable(CLEAN) == []
+
+
+@pytest.mark.parametrize("entry, kind", [
+    (regular("/etc/.resolv.conf.systemd-resolved.bak", 0o777, 25), "copies of the build host's resolv.conf"),
+    (regular("/etc/resolv.conf.ORIG", size=20), "copies of the build host's resolv.conf"),
+    (regular("/etc/resolv.conf", size=20), "the build host's nameservers"),
+    (regular("/var/lib/apt/lists/deb.debian.org_debian_dists_bookworm_InRelease", size=1), "apt lists"),
+    (regular("/var/lib/apt/lists/partial/x_Packages", size=1), "apt lists"),
+    (regular("/var/cache/apt/archives/vim_9.0_amd64.deb", size=1), ".deb caches"),
+    (regular("/root/.bash_history", 0o600, 10), "shell history"),
+    (regular("/home/debian/.python_history", 0o600, 0), "shell history"),
+    (regular("/var/log/dpkg.log", size=1), "non-empty logs"),
+    (regular("/var/log/journal/0123/system.journal", 0o640, 8388608), "non-empty logs"),
+    (FileEntry("/var/lib/cloud/instance", stat.S_IFLNK | 0o777, 30), "cloud-init instance state"),
+    (regular("/var/lib/cloud/instances/i-0123/user-data.txt", 0o600, 5), "cloud-init instance state"),
+    (regular("/var/lib/cloud/data/instance-id", size=5), "cloud-init instance state"),
+], ids=lambda value: value.path if isinstance(value, FileEntry) else "")
+def test_each_leftover_is_named_with_its_path(entry, kind):
+    assert leftover_problems([*CLEAN, entry]) == [f"{kind}: {entry.path}"]
+
+
+def test_many_leftovers_of_a_kind_are_counted():
+    lists = [regular(f"/var/lib/apt/lists/list{index}", size=1) for index in range(inspect.SHOWN + 3)]
+    [problem] = leftover_problems(lists)
+    assert problem.startswith("apt lists: /var/lib/apt/lists/list0, ") and problem.endswith(" and 3 more")
+
+
+def test_world_writable_regular_files_only():
+    entries = [regular("/etc/.resolv.conf.systemd-resolved.bak", 0o777), regular("/var/lib/x", 0o666),
+               FileEntry("/tmp", stat.S_IFDIR | 0o1777, 4096), FileEntry("/bin", stat.S_IFLNK | 0o777, 7),
+               FileEntry("/dev/null", stat.S_IFCHR | 0o666, 0), regular("/etc/passwd")]
+    assert world_writable(entries) == ["/etc/.resolv.conf.systemd-resolved.bak (-rwxrwxrwx)",
+                                       "/var/lib/x (-rw-rw-rw-)"]
+
+
+def test_find_answers_are_grouped_by_directory():
+    assert by_directory("/", ["/etc", "/etc/passwd", "etc/ssh"]) == {"/": ["etc"], "/etc": ["passwd", "ssh"]}
+    assert by_directory("/etc", ["/ssh", "/ssh/sshd_config"]) == {"/etc": ["ssh"], "/etc/ssh": ["sshd_config"]}
