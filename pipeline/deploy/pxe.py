@@ -154,8 +154,13 @@ def node_boot(inventory: Inventory, node: Node) -> NodeBoot:
 
 @functools.cache
 def _templates() -> jinja2.Environment:
-    return jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
-                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
+    """The PXE tree's templates, with pipeline.escape's filters: each value is written for its format."""
+    from ..escape import FILTERS
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
+                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, autoescape=False)
+    env.filters.update(FILTERS)
+    return env
 
 
 def _dhcp_server(inventory: Inventory) -> IPv4Address | None:

@@ -2,6 +2,7 @@
 for each target, and written only when every one passes."""
 
 import json
+import re
 import textwrap
 from pathlib import Path
 
@@ -208,10 +209,23 @@ def test_missing_artifact_names_the_role_and_file(example, tmp_path, info, probl
     assert not (tmp_path / "ks").exists()
 
 
-def test_a_given_artifact_needs_a_sha256(example, tmp_path):
-    given = {**FAKE, "guest-image": kickstart.LiveImage("guest-image.tar.gz", "not-a-sum")}
-    with pytest.raises(PipelineError, match="role 'guest-image': 'not-a-sum' is not a sha256"):
+@pytest.mark.parametrize("sha256", ["not-a-sum", SHA + "\n"])
+def test_a_given_artifact_needs_a_sha256(example, tmp_path, sha256):
+    given = {**FAKE, "guest-image": kickstart.LiveImage("guest-image.tar.gz", sha256)}
+    with pytest.raises(PipelineError, match=re.escape(f"role 'guest-image': {sha256!r} is not a sha256")):
         kickstart.render_all(example, tmp_path / "ks", liveimgs=given)
+
+
+def test_a_value_no_kickstart_can_hold_names_the_node(tmp_path):
+    (tmp_path / "a\nb").mkdir()
+    path = tmp_path / "a\nb/inventory.toml"
+    path.write_text(EXAMPLE.read_text())
+    with pytest.raises(InventoryError) as caught:
+        kickstart.render_all(inventory.load(path), tmp_path / "ks", liveimgs=FAKE)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: node 'compute1': cannot write "), message  # the comment naming the file
+    assert "into a comment line: it holds a control character" in message
+    assert not (tmp_path / "ks").exists()
 
 
 def test_unknown_target(example, tmp_path):
