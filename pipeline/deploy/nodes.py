@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Iterator
 
 from .. import tools
-from ..boot import (OVMF_CODE, OVMF_VARS, UPLINK_SLOT, Firmware, QemuMachine, _free_port, accelerator,
-                    firmware_argv, new_ssh_key, ssh_config)
+from ..boot import (OVMF_CODE, OVMF_VARS, UPLINK_SLOT, Datasource, Firmware, QemuMachine, _free_port, accelerator,
+                    cloud_config, config_drive, firmware_argv, new_ssh_key, nocloud_seed, ssh_config)
 from ..errors import PipelineError
 from ..progress import say
 from ..run import run, start
@@ -41,6 +41,10 @@ SSH_DEADLINE = 600                # reboot to SSH on the installed system
 POLL = 1.0
 POST_MARKER = "/etc/kvmpipe-post-marker"
 STATUS = re.compile(r"^/status/(?P<node>[^/?]+)/(?P<outcome>ok|fail)(?:\?reason=(?P<reason>.*))?$")
+# A cloud-init seed on a USB stick, as an attacker would plug one into a compute node: a new user
+# with this key, and the key for the default user. Only the public half was ever kept.
+SEED_STICK_USER = "intruder"
+SEED_STICK_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA2kbsDwOLygyff05Vvu9LyBkPza2ptIaOsbL9BExqJv seed-stick"
 # The installer prints each step's start and end: "installer: NAME done in S s".
 STEP_DONE = re.compile(r"installer: (?P<step>.+?) done in (?P<seconds>[\d.]+) s")
 
@@ -66,6 +70,7 @@ class NodeSpec:
     disks: tuple[Disk, ...]
     kernel_args: tuple[str, ...] = ()
     cache: dict | None = None   # the inventory's cache table
+    seed_stick: Datasource | None = None  # a USB stick with a cloud-init seed, plugged in from power-on
     memory_mib: int = 3072      # the installer keeps the liveimg in RAM until it is verified
 
     @property
@@ -90,9 +95,10 @@ def _toml_inline(table: dict) -> str:
 # The deploy test's nodes: the issue's two machines, and two that must fail before any disk is written.
 UEFI_NODE = NodeSpec("deploy-uefi", "52:54:00:de:00:01", Firmware.UEFI, f"{SUBNET_PREFIX}.21",
                      (Disk("vda", 8), Disk("vdb", 3), Disk("nvme0n1", 1)), kernel_args=("panic=60",),
-                     cache={"ssd": "nvme0n1", "data": "vdb", "size_mib": 512, "mode": "writeback"})
+                     cache={"ssd": "nvme0n1", "data": "vdb", "size_mib": 512, "mode": "writeback"},
+                     seed_stick=Datasource.CONFIG_DRIVE)
 BIOS_NODE = NodeSpec("deploy-bios", "52:54:00:de:00:02", Firmware.BIOS, f"{SUBNET_PREFIX}.22", (Disk("vda", 8),),
-                     kernel_args=("panic=61",))
+                     kernel_args=("panic=61",), seed_stick=Datasource.NOCLOUD)
 BAD_CHECKSUM_NODE = NodeSpec("deploy-badsum", "52:54:00:de:00:03", Firmware.BIOS, f"{SUBNET_PREFIX}.23",
                              (Disk("vda", 8),))
 UNSUPPORTED_NODE = NodeSpec("deploy-unsupported", "52:54:00:de:00:04", Firmware.UEFI, f"{SUBNET_PREFIX}.24",
@@ -180,6 +186,27 @@ class Node(QemuMachine):
     def disk(self, disk: Disk) -> Path:
         return self.workdir / f"{disk.name}.qcow2"
 
+    @property
+    def seed_stick(self) -> Path:
+        return self.workdir / "seed-stick.img"
+
+    def write_seed_stick(self) -> None:
+        """The stick's seed (config-2 or CIDATA), as cloud-init would take it on a cloud image."""
+        user_data = cloud_config({"users": ["default", {"name": SEED_STICK_USER, "shell": "/bin/bash",
+                                                        "ssh_authorized_keys": [SEED_STICK_KEY]}],
+                                  "ssh_authorized_keys": [SEED_STICK_KEY]})
+        self.seed_stick.unlink(missing_ok=True)
+        if self.spec.seed_stick is Datasource.CONFIG_DRIVE:
+            config_drive(self.seed_stick, SEED_STICK_KEY, user_data)
+        else:
+            nocloud_seed(self.seed_stick, user_data)
+
+    def seed_stick_argv(self) -> list[str]:
+        """Not in the boot order: the firmware boots the disk or the network, as on a real node."""
+        return ["-device", "qemu-xhci,id=usb",
+                "-drive", f"file={self.seed_stick},if=none,id=stick,format=raw,readonly=on",
+                "-device", "usb-storage,bus=usb.0,drive=stick,removable=on"]
+
     def qemu_argv(self) -> list[str]:
         """The node's disks first in the boot order, its NIC second: a blank disk falls through to the
         network, an installed one boots (as a server set to boot disk, then network)."""
@@ -200,6 +227,8 @@ class Node(QemuMachine):
                 argv += ["-device", f"nvme,drive=d{index},serial=deploy{index}"]
             else:
                 argv += ["-device", f"virtio-blk-pci,drive=d{index}" + (",bootindex=1" if index == 0 else "")]
+        if self.spec.seed_stick:
+            argv += self.seed_stick_argv()
         return argv + firmware_argv(self.spec.firmware, self.workdir)
 
     def start(self) -> None:
@@ -209,6 +238,8 @@ class Node(QemuMachine):
             tools.require_files(OVMF_CODE, OVMF_VARS)
         for disk in self.spec.disks:  # blank, as a new machine's
             run(["qemu-img", "create", "-q", "-f", "qcow2", self.disk(disk), f"{disk.size_gib}G"])
+        if self.spec.seed_stick:
+            self.write_seed_stick()
         self.port = _free_port()
         self.ssh_config.write_text(ssh_config("node", self.port, "root", self.site.key))
         self.console.unlink(missing_ok=True)
