@@ -32,7 +32,7 @@ PLUGINS_DIR = Path("usr/lib/python3/dist-packages/tuned/plugins")
 MAIN = "main"  # consts.PLUGIN_MAIN_UNIT_NAME: profile options, not a plugin
 VARIABLES = "variables"  # loader.py:60-62 takes this unit out before plugins are made
 # loader.py:32, Loader.safe_name: what `tuned-adm profile NAME` accepts.
-SAFE_NAME = re.compile(r"^[a-zA-Z0-9_.-]+$")
+SAFE_NAME = re.compile(r"[a-zA-Z0-9_.-]+")
 # loader.py:95: expanded in every value as the file is read.
 PROFILE_DIR_VAR = re.compile(r"(?<!\\)\$\{i:PROFILE_DIR\}")
 # function_virt_check.py: argument 1 inside a VM, argument 2 on bare metal.
@@ -328,7 +328,7 @@ def resolve(name: str, search_dirs: list[Path], ref: TunedReference) -> list[Pat
 
     search_dirs are ours, most important first; tuned's built-ins come after them.
     """
-    if not SAFE_NAME.match(name):
+    if not SAFE_NAME.fullmatch(name):
         raise ProfileError(None, None, f"invalid tuned profile name {name!r}: tuned accepts only letters, "
                            "digits, '_', '.' and '-'")
     walk = _Walk(search_dirs, ref)

@@ -214,8 +214,9 @@ def test_missing_profile(tmp_path, ref):
         f"and tuned {VERSION} has no built-in profile 'nope'")
 
 
-def test_invalid_profile_name(tmp_path, ref):
-    assert refused("a b", [tmp_path], ref).startswith("invalid tuned profile name 'a b': ")
+@pytest.mark.parametrize("name", ["a b", "virtual-host\n", "../x"])
+def test_invalid_profile_name(tmp_path, ref, name):
+    assert refused(name, [tmp_path], ref).startswith(f"invalid tuned profile name {name!r}: ")
 
 
 EDGE_CASES = [
