@@ -41,3 +41,14 @@ class CommandFailed(PipelineError):
         if detail:
             message += f": {detail}"
         super().__init__(message)
+
+
+class CommandTimedOut(PipelineError):
+    """A subprocess ran past its deadline and was stopped."""
+
+    def __init__(self, argv: list[str], timeout: float):
+        import shlex
+
+        self.argv = argv
+        self.timeout = timeout
+        super().__init__(f"command stopped after its deadline of {timeout:g} s: {shlex.join(argv)}")

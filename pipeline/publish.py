@@ -40,6 +40,7 @@ import functools
 import json
 import os
 import re
+import select
 import shlex
 import shutil
 import tempfile
@@ -61,10 +62,10 @@ from debian import deb822
 from packageurl import PackageURL
 
 from . import tools
-from .errors import PipelineError
+from .errors import CommandTimedOut, PipelineError
 from .manifest import sha256
 from .progress import say, step
-from .run import hold, release, run
+from .run import hold, release, run, stop
 
 VERSION = re.compile(r"(\d{8})-([0-9a-f]{8})")
 HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -77,6 +78,7 @@ MANIFEST = "manifest.json"
 LATEST = "latest"
 INCOMING = ".incoming-"  # a version being assembled or copied
 LATEST_TEMP = ".latest-"  # a symlink about to be renamed over `latest`
+PRUNING = ".pruning-"  # a version being deleted: hidden first, so no half version is ever visible
 LOCK = ".publish.lock"
 # The reports that must say passed, about this build's qcow2: file, what, how to run it.
 VERDICTS = (("check.json", "offline check", "./inv check"), ("boot-test.json", "boot test", "./inv boot-test"))
@@ -480,7 +482,7 @@ def _listing(entries: list[tuple[str, str, float, str]]) -> Listing:
             listing.versions[name] = mtime
         elif name == LATEST and kind == "l":
             listing.latest = link
-        elif name.startswith((INCOMING, LATEST_TEMP)):
+        elif name.startswith((INCOMING, LATEST_TEMP, PRUNING)):
             listing.leftovers.append(name)
     return listing
 
@@ -542,6 +544,7 @@ class LocalTarget:
         _fsync(self.directory)
 
     def point_latest(self, version: str) -> None:
+        check_sums(self.directory / version)  # never point at a version whose files changed
         temporary = self.directory / f"{LATEST_TEMP}{os.getpid()}"
         temporary.unlink(missing_ok=True)
         os.symlink(version, temporary)
@@ -559,6 +562,15 @@ class LocalTarget:
                 shutil.rmtree(path)
             else:
                 path.unlink(missing_ok=True)
+
+    def prune(self, versions: Sequence[str]) -> None:
+        """Each version hidden by a rename, then deleted: a crash mid-delete leaves a leftover that
+        the next publish removes, never a half version."""
+        hidden = [f"{PRUNING}{version}-{os.getpid()}" for version in versions]
+        for version, name in zip(versions, hidden):
+            os.rename(self.directory / version, self.directory / name)
+        _fsync(self.directory)
+        self.remove(hidden)
 
 
 def _alive(pid: str) -> bool:
@@ -582,7 +594,17 @@ REMOTE_COMMIT = ('cd -- "$1/$2" && sha256sum --check --strict --quiet SHA256SUMS
 REMOTE_LOCK = ('mkdir -p -- "$1" && exec flock --nonblock --conflict-exit-code 75 "$1/$2" '
                'sh -c \'echo locked && exec cat >/dev/null\'')
 REMOTE_LOCK_BUSY = 75
-REMOTE_LATEST = 'ln -sfn -- "$2" "$1/$3" && mv -T -- "$1/$3" "$1/latest" && sync -- "$1"'
+# The version's files checked, then a fresh symlink renamed over `latest`.
+REMOTE_LATEST = ('cd -- "$1/$2" && sha256sum --check --strict --quiet SHA256SUMS '
+                 '&& ln -sfn -- "$2" "$1/$3" && mv -T -- "$1/$3" "$1/latest" && sync -- "$1"')
+# Every version hidden by a rename first, then deleted (as LocalTarget.prune).
+REMOTE_PRUNE = (f'dir=$1 tag=$2; shift 2; for v; do mv -T -- "$dir/$v" "$dir/{PRUNING}$v-$tag" || exit; done; '
+                f'sync -- "$dir"; for v; do rm -rf -- "$dir/{PRUNING}$v-$tag" || exit; done')
+# ssh gives up on a host that does not answer, or stops answering; the user's -o options come
+# first, and ssh keeps the first value it is given, so they can set these too.
+SSH_DEADLINES = ("ConnectTimeout=30", "ServerAliveInterval=15", "ServerAliveCountMax=4")
+REMOTE_DEADLINE = 15 * 60  # seconds for any remote command (sha256sum --check of a version included)
+COPY_DEADLINE = 4 * 3600  # seconds for rsync to copy a version
 
 
 class RemoteTarget:
@@ -592,6 +614,7 @@ class RemoteTarget:
         # host as rsync writes it: [user@]name, an IPv6 address in brackets
         self.host, self.port, self.ssh_options = host, port, tuple(ssh_options)
         self.directory = f"{path.rstrip('/') or '/'}/{name}".replace("//", "/")
+        self._lock = None  # run.hold's process: the ssh session holding LOCK there
 
     def __str__(self) -> str:
         return self.location("").rstrip("/")
@@ -606,26 +629,44 @@ class RemoteTarget:
         argv = ["ssh", "-o", "BatchMode=yes"]
         if self.port is not None:
             argv += ["-p", str(self.port)]
-        for option in self.ssh_options:
+        for option in (*self.ssh_options, *SSH_DEADLINES):
             argv += ["-o", option]
         return argv
 
     def _ssh_argv(self, argv: list[str]) -> list[str]:
         """argv run on the host: quoted for its shell, as ssh hands the command to it."""
         host = self.host.replace("[", "").replace("]", "")  # ssh takes an IPv6 address bare
-        return [*self.ssh_command(), host, shlex.join(argv)]
+        return [*self.ssh_command(), "--", host, shlex.join(argv)]
+
+    def _run(self, argv: list[str], what: str, deadline: float | None = None, **options):
+        deadline = deadline or REMOTE_DEADLINE
+        try:
+            return run(argv, timeout=deadline, **options)
+        except CommandTimedOut:
+            raise PipelineError(f"{self.host}: {what} did not finish within {deadline:g} s: "
+                                "the host or the network is not answering") from None
 
     def ssh(self, argv: list[str], *, capture: bool = False, check: bool = True):
-        return run(self._ssh_argv(argv), capture=capture, check=check)
+        return self._run(self._ssh_argv(argv), f"ssh {argv[0]}", capture=capture, check=check)
 
     def _script(self, script: str, *args: str, capture: bool = False):
         return self.ssh(["sh", "-c", script, "sh", *args], capture=capture)
+
+    def _require_lock(self, before: str) -> None:
+        """Stop if the ssh session holding the lock has ended: another publish may hold it now."""
+        if self._lock is None or self._lock.poll() is not None:
+            raise PipelineError(f"{self}: the ssh session holding {LOCK} there has ended: stopped before {before}")
 
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
         """Only one publish at a time per image and target, as on a local target."""
         holder = hold(self._ssh_argv(["sh", "-c", REMOTE_LOCK, "sh", self.directory, LOCK]))
         try:
+            answered, _, _ = select.select([holder.stdout], [], [], REMOTE_DEADLINE)
+            if not answered:
+                stop(holder)
+                raise PipelineError(f"{self.host}: taking {LOCK} did not finish within {REMOTE_DEADLINE:g} s: "
+                                    "the host or the network is not answering")
             if holder.stdout.readline().strip() != b"locked":
                 holder.stdin.close()
                 error = holder.stderr.read().decode(errors="replace").strip()
@@ -633,8 +674,10 @@ class RemoteTarget:
                     raise PipelineError(f"{self}: another publish is running (it holds {LOCK})")
                 raise PipelineError(f"{self}: cannot take {LOCK} there: "
                                     f"{error.splitlines()[-1] if error else f'ssh exited {holder.returncode}'}")
+            self._lock = holder
             yield
         finally:
+            self._lock = None
             release(holder)
 
     def listing(self) -> Listing:
@@ -665,29 +708,44 @@ class RemoteTarget:
     def commit(self, staged: Path, version: str) -> None:
         incoming = staged.name.replace(".publish-", INCOMING, 1)
         try:
+            self._require_lock(f"copying {version}")
             with step(f"copy to {self.host}"):
-                run(["rsync", "-a", "-e", shlex.join(self.ssh_command()),
-                     f"{staged}/", f"{self.host}:{self.directory}/{incoming}/"])
+                self._run(["rsync", "-a", "-e", shlex.join(self.ssh_command()), "--",
+                           f"{staged}/", f"{self.host}:{self.directory}/{incoming}/"], "rsync", deadline=COPY_DEADLINE)
+            self._require_lock(f"moving {version} into place")
             self._script(REMOTE_COMMIT, self.directory, incoming, version)
         except BaseException:
             self.ssh(["rm", "-rf", "--", f"{self.directory}/{incoming}"], check=False)
             raise
 
     def point_latest(self, version: str) -> None:
+        self._require_lock(f"pointing {LATEST} at {version}")
         self._script(REMOTE_LATEST, self.directory, version, f"{LATEST_TEMP}{os.getpid()}")
 
     def remove(self, entries: Sequence[str]) -> None:
         if entries:
+            self._require_lock(f"removing {', '.join(entries)}")
             self.ssh(["rm", "-rf", "--", *(f"{self.directory}/{entry}" for entry in entries)])
+
+    def prune(self, versions: Sequence[str]) -> None:
+        if versions:
+            self._require_lock(f"pruning {', '.join(versions)}")
+            self._script(REMOTE_PRUNE, self.directory, str(os.getpid()), *versions)
 
 
 SCP_STYLE = re.compile(r"(?P<host>(?:[^@/:\s]+@)?(?:\[[0-9A-Fa-f:.]+\]|[^@/:\[\]\s]+)):(?P<path>.*)")
+# [user@]host, whole: neither may start with '-' (ssh and rsync would take it for an option).
+REMOTE_HOST = re.compile(r"(?:[A-Za-z0-9_][A-Za-z0-9._-]*@)?"
+                         r"(?:[A-Za-z0-9_](?:[A-Za-z0-9._-]*[A-Za-z0-9_])?|\[[0-9A-Fa-f:.]+\])")
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def parse_target(target: str | Path, name: str, ssh_options: Sequence[str] = ()) -> LocalTarget | RemoteTarget:
     """A local directory, `[user@]host:/path` (as scp and rsync write it; ./a:b is local) or
     `ssh://[user@]host[:port]/path`."""
     text = str(target)
+    if CONTROL.search(text):
+        raise PipelineError(f"target {text!r}: has a control character")
     if text.startswith("ssh://"):
         url = urlsplit(text)
         try:
@@ -697,7 +755,7 @@ def parse_target(target: str | Path, name: str, ssh_options: Sequence[str] = ())
         if not url.hostname or not url.path.strip("/"):
             raise PipelineError(f"target {text}: write ssh://[user@]host[:port]/path")
         hostname = f"[{url.hostname}]" if ":" in url.hostname else url.hostname
-        host = f"{url.username}@{hostname}" if url.username else hostname
+        host = f"{url.username}@{hostname}" if url.username is not None else hostname
         path = unquote(url.path)
     elif (match := SCP_STYLE.fullmatch(text)) and not text.startswith(("/", "./", "../")):
         host, path = match["host"], match["path"]
@@ -706,8 +764,9 @@ def parse_target(target: str | Path, name: str, ssh_options: Sequence[str] = ())
             raise PipelineError(f"target {text}: no path after the host: write [user@]host:/path")
     else:
         return LocalTarget(Path(text), name)
-    if host.rpartition("@")[2].startswith("-"):
-        raise PipelineError(f"target {text}: a host name cannot start with '-'")
+    if not REMOTE_HOST.fullmatch(host) or CONTROL.search(path):
+        raise PipelineError(f"target {text}: {host!r} is not [user@]host (letters, digits, '.', '_', '-'; "
+                            "neither starting with '-')")
     return RemoteTarget(host, path, name, port, ssh_options)
 
 
@@ -771,7 +830,7 @@ def publish(artifact_dir: Path, name: str, target: str | Path, *, key: str | Non
             say(f"{LATEST} -> {build.version}")
             pruned = to_prune(listing.versions, build.version, retention)
             if pruned:
-                destination.remove(pruned)
+                destination.prune(pruned)
                 say(f"pruned {', '.join(pruned)} (keeping {retention})")
     return Published(image=name, version=build.version, location=destination.location(build.version),
                      new=new, pruned=tuple(pruned))

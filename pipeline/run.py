@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from .errors import CommandFailed
+from .errors import CommandFailed, CommandTimedOut
 
 _BASE_ENV_KEYS = ("HOME", "LANG", "TERM", "USER")
 
@@ -58,6 +58,7 @@ def run(argv: list[str], *, env: dict[str, str] | None = None, cwd: Path | str |
     log: append stdout and stderr to this file (for long, chatty tools like DIB).
     on_line: with log, also called with each line of output as it comes (progress).
     capture: return stdout and stderr as text. Otherwise stderr is kept for errors.
+    timeout: seconds; past it the command's process group is stopped and CommandTimedOut raised.
     """
     argv = [str(arg) for arg in argv]
     _debug(argv)
@@ -80,7 +81,10 @@ def run(argv: list[str], *, env: dict[str, str] | None = None, cwd: Path | str |
                 out = err = None
             else:
                 out, err = proc.communicate(input=input, timeout=timeout)
-        except BaseException:  # KeyboardInterrupt and timeouts included
+        except subprocess.TimeoutExpired:
+            _stop_group(proc)
+            raise CommandTimedOut(argv, timeout) from None
+        except BaseException:  # KeyboardInterrupt included
             _stop_group(proc)
             raise
     finally:

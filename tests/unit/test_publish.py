@@ -7,10 +7,12 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import signal
 import sys
 import textwrap
 import time
+from subprocess import CompletedProcess
 from pathlib import Path
 
 import pytest
@@ -491,7 +493,13 @@ def test_local_targets(text):
     ("ssh://host:99999/srv", "port is not a number"),
     ("ssh://host", "write ssh://"),
     ("deploy@mirror:", "no path after the host"),
-    ("-oProxyCommand=x:/srv", "cannot start with '-'"),
+    ("-oProxyCommand=x:/srv", r"'-oProxyCommand=x' is not \[user@\]host"),
+    ("ssh://-oProxyCommand=x@host/srv", r"'-oProxyCommand=x@host' is not \[user@\]host"),
+    ("-oProxyCommand=x@host:/srv", r"'-oProxyCommand=x@host' is not \[user@\]host"),
+    ("ssh://user@-host/srv", "is not \\[user@\\]host"),
+    ("ssh://us%20er@host/srv", "is not \\[user@\\]host"),
+    ("ssh://user@host/srv\nx", "has a control character"),
+    ("user@host:/srv\tx", "has a control character"),
 ])
 def test_bad_targets(text, problem):
     with pytest.raises(PipelineError, match=problem):
@@ -500,23 +508,35 @@ def test_bad_targets(text, problem):
 
 def test_remote_commands_are_quoted_for_the_remote_shell(monkeypatch):
     calls = []
-    monkeypatch.setattr(publish, "run", lambda argv, **kw: calls.append(argv))
+    monkeypatch.setattr(publish, "run", lambda argv, **kw: calls.append(argv) or CompletedProcess(argv, 1, "", ""))
     target = publish.parse_target("ssh://deploy@[::1]:2222/srv/my images", NAME,
                                   ["IdentityFile=/keys/id ed25519", "UserKnownHostsFile=/keys/known"])
-    target.remove(["20261121-aaaaaaaa"])
+    target.read("20261121-aaaaaaaa/SHA256SUMS")
     argv, = calls
-    assert argv[:-2] == ["ssh", "-o", "BatchMode=yes", "-p", "2222", "-o", "IdentityFile=/keys/id ed25519",
-                         "-o", "UserKnownHostsFile=/keys/known"]
-    assert argv[-2] == "deploy@::1"
-    assert argv[-1] == "rm -rf -- '/srv/my images/img/20261121-aaaaaaaa'"
+    # The user's options first: ssh keeps the first value of each, so they may change the deadlines too.
+    assert argv[:-3] == ["ssh", "-o", "BatchMode=yes", "-p", "2222", "-o", "IdentityFile=/keys/id ed25519",
+                         "-o", "UserKnownHostsFile=/keys/known", "-o", "ConnectTimeout=30",
+                         "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4"]
+    assert argv[-3:-1] == ["--", "deploy@::1"]
+    assert argv[-1] == "cat -- '/srv/my images/img/20261121-aaaaaaaa/SHA256SUMS'"
 
 
 class FakeHolder:
     """What run.hold returns, for an ssh that printed `out`, `err` and exited with `code`."""
 
     def __init__(self, out: bytes, err: bytes, code: int):
-        self.stdin, self.stdout, self.stderr = io.BytesIO(), io.BytesIO(out), io.BytesIO(err)
+        self.stdin, self.stdout, self.stderr = io.BytesIO(), self._pipe(out), self._pipe(err)
         self.returncode = code
+
+    @staticmethod
+    def _pipe(data: bytes):  # a real file descriptor: session() waits for it with select
+        read, write = os.pipe()
+        os.write(write, data)
+        os.close(write)
+        return os.fdopen(read, "rb")
+
+    def poll(self):
+        return None  # still holding the lock
 
     def wait(self, timeout=None):
         return self.returncode
@@ -630,3 +650,119 @@ def test_version_signed_by_another_key_is_refused(published_version, target, tmp
             publish.verify_version(published_version, ["img.tar.gz"], fingerprint, other_home)
     finally:
         remove_gpg_home(other_home)
+
+
+# --- pruning, latest and the remote lock, over a stand-in for ssh
+
+
+def test_crash_while_pruning_leaves_no_half_version(tmp_path, target, signer, monkeypatch):
+    first = publish_version(tmp_path, target, signer, "21", date="20261121", retention=1)
+    real_rmtree = shutil.rmtree
+
+    def crash_midway(path, *args, **kwargs):
+        if Path(path).parent == target / NAME and Path(path).is_dir():  # pruning: one file gone, then killed
+            next(Path(path).iterdir()).unlink()
+            raise KeyboardInterrupt
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(publish.shutil, "rmtree", crash_midway)
+    with pytest.raises(KeyboardInterrupt):
+        publish_version(tmp_path, target, signer, "22", date="20261122", retention=1)
+    monkeypatch.undo()
+    second = json.loads((tmp_path / "build-22" / NAME / "build-info.json").read_text())["version"]
+    assert visible(target) == {second, "latest"}  # the half-deleted first version is hidden
+    assert [p.name for p in (target / NAME).iterdir() if p.name.startswith(".pruning-")]
+    publish_version(tmp_path, target, signer, "23", date="20261123", retention=2)
+    assert not [p for p in (target / NAME).iterdir() if p.name.startswith(".pruning-")]
+    assert first.version not in visible(target)
+
+
+def test_latest_is_not_pointed_at_a_changed_version(tmp_path, target, signer):
+    first = publish_version(tmp_path, target, signer, "21", date="20261121")
+    second = publish_version(tmp_path, target, signer, "22", date="20261122")
+    tampered = target / NAME / first.version / "img.tar.gz"
+    tampered.unlink()  # a hard link to the build's: replace it
+    tampered.write_text("changed after publishing\n")
+    with pytest.raises(PipelineError, match=r"sha256sum --check SHA256SUMS failed: img.tar.gz: FAILED"):
+        publish_version(tmp_path, target, signer, "21", date="20261121")  # a rollback to the changed one
+    assert os.readlink(target / NAME / "latest") == second.version
+
+
+FAKE_SSH = """#!/bin/sh
+# ssh as these tests need it: its argv logged, options skipped, the command run here as sshd would.
+printf '%s\\n' "$*" >> "$(dirname "$0")/ssh.log"
+while [ $# -gt 0 ]; do
+    case $1 in
+        -o|-p|-l|-i) shift 2 ;;
+        --) shift; break ;;
+        -*) shift ;;
+        *) break ;;
+    esac
+done
+shift
+exec sh -c "$*"
+"""
+
+
+@pytest.fixture
+def fake_ssh(tmp_path, monkeypatch):
+    """An `ssh` first on PATH that runs the remote side on this machine (rsync's too): the remote
+    scripts run for real, with no sshd. Returns its log of argv lines."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ssh").write_text(FAKE_SSH)
+    (bin_dir / "ssh").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return bin_dir / "ssh.log"
+
+
+def test_remote_publish_checks_prunes_by_renaming_and_gives_every_ssh_deadlines(tmp_path, signer, fake_ssh):
+    remote = tmp_path / "remote"
+    target = f"somehost:{remote}"
+    results = [publish_version(tmp_path, target, signer, str(day), date=f"202611{day}", retention=2)
+               for day in (21, 22, 23)]
+    assert results[2].pruned == (results[0].version,)
+    assert sorted(p.name for p in (remote / NAME).iterdir()) == [
+        ".publish.lock", results[1].version, results[2].version, "latest"]
+    # Rolling back to a version whose files changed there is refused; latest stays.
+    (remote / NAME / results[1].version / "img.qcow2").write_text("changed there\n")
+    with pytest.raises(PipelineError, match="computed checksum did NOT match"):
+        publish_version(tmp_path, target, signer, "22", date="20261122")
+    assert os.readlink(remote / NAME / "latest") == results[2].version
+    log = fake_ssh.read_text().splitlines()
+    assert any("mv -T" in line and ".pruning-" in line for line in log)
+    for line in log:  # every ssh, rsync's included
+        assert "-o ConnectTimeout=30 -o ServerAliveInterval=15 -o ServerAliveCountMax=4" in line
+    assert all(" -- somehost " in line for line in log if " rsync --server " not in line)
+
+
+@pytest.mark.parametrize("step", ["commit", "point_latest", "prune"])
+def test_remote_steps_stop_when_the_lock_session_died(tmp_path, fake_ssh, step):
+    directory = tmp_path / "remote" / NAME
+    (directory / "20261121-aaaaaaaa").mkdir(parents=True)
+    target = publish.parse_target(f"somehost:{tmp_path / 'remote'}", NAME)
+    with target.session():
+        os.killpg(target._lock.pid, signal.SIGKILL)  # the lock's ssh session dies
+        target._lock.wait()
+        staged = tmp_path / ".publish-20261122-bbbbbbbb-1"
+        staged.mkdir()
+        calls = {"commit": lambda: target.commit(staged, "20261122-bbbbbbbb"),
+                 "point_latest": lambda: target.point_latest("20261121-aaaaaaaa"),
+                 "prune": lambda: target.prune(["20261121-aaaaaaaa"])}
+        with pytest.raises(PipelineError, match=r"somehost:.*/img: the ssh session holding \.publish\.lock "
+                                                r"there has ended: stopped before"):
+            calls[step]()
+    assert sorted(p.name for p in directory.iterdir()) == [".publish.lock", "20261121-aaaaaaaa"]
+
+
+def test_remote_host_that_does_not_answer_is_given_up_in_one_line(tmp_path, fake_ssh, monkeypatch):
+    (fake_ssh.parent / "ssh").write_text("#!/bin/sh\nexec sleep 60\n")  # connected, then nothing
+    monkeypatch.setattr(publish, "REMOTE_DEADLINE", 1)
+    target = publish.parse_target(f"somehost:{tmp_path}", NAME)
+    started = time.monotonic()
+    with pytest.raises(PipelineError, match=r"^somehost: ssh sh did not finish within 1 s: the host or the network"):
+        target.listing()
+    with pytest.raises(PipelineError, match=r"^somehost: taking \.publish\.lock did not finish within 1 s"):
+        with target.session():
+            pytest.fail("no lock was taken")
+    assert time.monotonic() - started < 15
