@@ -1,11 +1,13 @@
 """`inv ci` with the pipeline's steps faked: order, skipping, and stopping at the first failure."""
 
 import pytest
+import yaml
 from invoke import Context, Exit
 
 import tasks
 from pipeline import build, publish
 from pipeline.errors import PipelineError
+from pipeline.paths import ROOT
 from pipeline.progress import Timings
 
 
@@ -66,3 +68,29 @@ def test_missing_key_fails_before_any_build(monkeypatch, tmp_path):
     with pytest.raises(Exit, match="key"):
         tasks.ci(Context(), key=None, gnupg_home=str(tmp_path / "empty"), output_dir=str(tmp_path))
     assert called == []
+
+
+# --- the CI example a user copies
+
+
+def _example_steps() -> list[dict]:
+    workflow = yaml.safe_load((ROOT / "examples/ci/github-actions.yml").read_text())
+    return [step for job in workflow["jobs"].values() for step in job["steps"]]
+
+
+def test_example_passes_secrets_and_expressions_through_env_never_into_scripts():
+    steps = _example_steps()
+    scripts = [step["run"] for step in steps if "run" in step]
+    assert scripts and not [script for script in scripts if "${{" in script]
+    passed = " ".join(str(value) for step in steps for value in step.get("env", {}).values())
+    for secret in ("IMAGES_SIGNING_KEY", "IMAGES_SIGNING_KEY_ID", "IMAGES_SSH_KEY", "IMAGES_KNOWN_HOSTS"):
+        assert f"secrets.{secret} " in passed + " "
+
+
+def test_example_uploads_logs_but_never_a_boot_tests_directory():
+    uploads = [step for step in _example_steps() if step.get("uses", "").startswith("actions/upload-artifact")]
+    paths = [path for step in uploads for path in step["with"]["path"].split()]
+    assert paths and "build/*/logs/" in paths
+    # A boot test's directory (build/NAME/boot-FW/) held the guest's SSH private key: only its logs go.
+    assert all(not path.rstrip("/").endswith(("boot-*", "build/*")) for path in paths)
+    assert all(path.endswith((".log", ".json", "logs/")) for path in paths)
