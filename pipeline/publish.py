@@ -7,14 +7,15 @@ VERSION. A version is the build date and the input hash's first 8 hex digits.
 
 Nothing is written before the build is proven: build-info.json names a well-formed version,
 the offline check (check.json) and the boot test (boot-test.json) passed on this very qcow2
-(their qcow2_sha256), the qcow2 and the liveimg tarball still hash to what the build
-recorded, the SBOM validates against CycloneDX's schema, and the signing key exists.
+(their qcow2_sha256), every file published or made into the SBOM hashes to the sha256 the
+build recorded for it, the SBOM validates against CycloneDX's schema, and the signing key exists.
 
 A version is assembled in a hidden TARGET/NAME/.incoming-VERSION-PID/ (hard links where the
 file system allows), checked with `sha256sum --check`, signed, the signature verified,
 fsync'd and only then renamed into place; `latest` is replaced after that by renaming a fresh
-symlink over it, and old versions beyond the retention count are pruned last (never the one
-`latest` names). A publish killed at any point leaves the previous `latest` and every
+symlink over it (once the version's files pass `sha256sum --check`), and old versions beyond
+the retention count are pruned last (never the one `latest` names), each renamed to a hidden
+name before it is deleted. A publish killed at any point leaves the previous `latest` and every
 visible version as they were; its hidden leftovers are removed by the next publish.
 
 Versions are immutable. Publishing a version that is already there (same date, same inputs)
@@ -25,11 +26,16 @@ and published checksums never change under a name.
 A remote target (`[user@]host:/path` as scp and rsync write it, or `ssh://[user@]host[:port]/path`)
 gets the same tree: staged locally beside the build, copied with `rsync -a` over ssh into a
 hidden .incoming-VERSION-PID there, checked there with `sha256sum --check`, renamed with
-`mv -T`, and `latest` replaced with `ln -sfn` to a temporary name and `mv -T`.
+`mv -T`, and `latest` replaced with `ln -sfn` to a temporary name and `mv -T`. Every ssh has
+connect and keep-alive timeouts and every remote command a deadline.
 
 Either target is locked while it is published to (flock on TARGET/NAME/.publish.lock), so the
 leftovers a publish finds are surely dead. On a remote target the lock is held by `flock` over
-an ssh session whose stdin only this process holds: a publish killed with SIGKILL lets go too.
+an ssh session whose stdin only this process holds: a publish killed with SIGKILL lets go too,
+and if that session ends, the publish stops before its next change there.
+
+verify_version is how a published version is used (kickstart.render, pxe.render): gpg --verify
+of SHA256SUMS against a given key, then sha256sum --check of the files used.
 """
 
 from __future__ import annotations
