@@ -1,10 +1,10 @@
 """The PXE tree served by Debian's nginx, as a site serves it.
 
 write_site puts SITE_CONF in a tree: a server block for an operator's /etc/nginx/sites-enabled/,
-listening on base_url's port, logging each request in the form pxeboot.parse_access_log reads.
-serving runs a private nginx with the same server block (its own main configuration in a
-temporary directory, no system service touched), logging to the tree's ACCESS_LOG as
-pxe.serving does, so whatever reads that log reads either server's.
+serving the tree's root/ on base_url's port, logging each request in the form
+pxeboot.parse_access_log reads. serving runs a private nginx with the same server block (its own
+main configuration in a temporary directory, no system service touched), logging to the tree's
+ACCESS_LOG as serve.serving does, so whatever reads that log reads either server's.
 """
 
 from __future__ import annotations
@@ -24,12 +24,11 @@ from .. import tools
 from ..boot import _free_port
 from ..errors import CommandFailed, PipelineError
 from ..run import start, stop
-from .pxe import ACCESS_LOG, DNSMASQ_CONF, DNSMASQ_LOG, _templates
+from .pxe import _templates
+from .serve import ACCESS_LOG, SERVED, load_manifest
 
 SITE_CONF = "nginx-site.conf"
 OPERATOR_ACCESS_LOG = Path("/var/log/nginx/pxe-access.log")
-# Files of the tree's root that are the server's, not the nodes': nginx refuses them.
-PRIVATE = (DNSMASQ_CONF, SITE_CONF, ACCESS_LOG, DNSMASQ_LOG)
 STARTUP = 10.0  # seconds nginx has to answer on its port
 # What nginx can be given bare: its configuration has no escape for `$` (a variable), and
 # quoting the rest buys nothing for paths the pipeline makes.
@@ -65,12 +64,12 @@ def site_config(root: Path, listen_port: int, access_log: Path, *, address: str 
                             "of A-Z a-z 0-9 . _ ~ -")
     return _templates().get_template(f"{SITE_CONF}.j2").render(
         root=_safe_path(root, "tree's path"), listen=listen, access_log=_safe_path(access_log, "access log's path"),
-        prefix=prefix, private=PRIVATE, base_url=base_url)
+        prefix=prefix, base_url=base_url)
 
 
 def write_site(work: Path, root: Path, base_url: str, access_log: Path = OPERATOR_ACCESS_LOG) -> None:
-    """Write SITE_CONF into work, the tree being rendered that will be moved to root: nginx serves
-    root on base_url's port, at its path."""
+    """Write SITE_CONF into work, the tree being rendered whose root/ will be moved to root: nginx
+    serves root on base_url's port, at its path."""
     url = urlsplit(base_url)
     if url.scheme not in DEFAULT_PORT:
         raise PipelineError(f"base_url {base_url} is {url.scheme or 'not http'}: the tree's nginx site "
@@ -85,7 +84,7 @@ def write_site(work: Path, root: Path, base_url: str, access_log: Path = OPERATO
 
 def _main_config(workdir: Path, site: Path) -> str:
     """nginx.conf of a private server: everything it writes is under workdir, except the site's log."""
-    # As root, the workers read the tree as the caller does (the Python server in pxe.serving reads
+    # As root, the workers read the tree as the caller does (the Python server in serve.serving reads
     # it as root too); nginx's default worker user, nobody, cannot pass a 0700 parent such as a
     # test's temporary directory. Not root, nginx keeps the caller's user and warns about `user`.
     user = "user root;\n" if os.geteuid() == 0 else ""
@@ -125,13 +124,16 @@ def _wait_until_answering(proc, argv: list[str], pid_file: Path, address: str, p
 
 
 @contextmanager
-def serving(root: Path, port: int = 0, address: str = "127.0.0.1", *, prefix: str = "") -> Iterator[str]:
-    """Serve the tree with a private nginx; yields the tree's URL (port 0: a free port, for tests).
+def serving(tree: Path, port: int = 0, address: str = "127.0.0.1", *, prefix: str = "") -> Iterator[str]:
+    """Serve the tree's root with a private nginx; yields the tree's URL (port 0: a free port, for tests).
 
     prefix: the URL path to serve the tree at, as a site whose base_url has one does.
-    Requests are logged to the tree's ACCESS_LOG. On leaving, nginx is stopped, workers and all.
+    Requests are logged to the tree's ACCESS_LOG, beside the root. On leaving, nginx is stopped,
+    workers and all.
     """
-    root = Path(root).resolve()
+    tree = Path(tree).resolve()
+    load_manifest(tree)
+    root = tree / SERVED
     if not root.is_dir():
         raise PipelineError(f"cannot serve {root}: not a directory")
     try:
@@ -143,7 +145,7 @@ def serving(root: Path, port: int = 0, address: str = "127.0.0.1", *, prefix: st
     with tempfile.TemporaryDirectory(prefix="pxe-nginx-") as tmp:
         workdir = Path(tmp)
         site = workdir / SITE_CONF
-        site.write_text(site_config(root, port, root / ACCESS_LOG, address=address, prefix=prefix))
+        site.write_text(site_config(root, port, tree / ACCESS_LOG, address=address, prefix=prefix))
         (workdir / "nginx.conf").write_text(_main_config(workdir, site))
         # -e: the error log from the start, before the configuration names it (Debian's is stderr).
         argv = ["nginx", "-p", f"{workdir}/", "-e", workdir / "error.log", "-c", workdir / "nginx.conf"]

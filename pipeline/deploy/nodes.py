@@ -115,7 +115,7 @@ class Site:
 
     @property
     def access_log(self) -> Path:
-        return self.tree.root / pxe.ACCESS_LOG
+        return self.tree.directory / pxe.ACCESS_LOG
 
 
 def write_inventory(workdir: Path, role: str, spec_file: Path, base_url: str, public_key: str,
@@ -157,12 +157,12 @@ def serving_site(role: str, spec_file: Path, build_dir: Path, workdir: Path,
         shutil.rmtree(workdir, ignore_errors=True)
         raise
     try:
-        with nginx.serving(tree.root, port):
+        with nginx.serving(tree.directory, port):
             yield Site(tree, base_url, workdir, key)
     finally:
-        if (tree.root / pxe.ACCESS_LOG).is_file():
-            shutil.copyfile(tree.root / pxe.ACCESS_LOG, workdir / pxe.ACCESS_LOG)
-        shutil.rmtree(tree.root, ignore_errors=True)
+        if (tree.directory / pxe.ACCESS_LOG).is_file():
+            shutil.copyfile(tree.directory / pxe.ACCESS_LOG, workdir / pxe.ACCESS_LOG)
+        shutil.rmtree(tree.directory, ignore_errors=True)
 
 
 @dataclass

@@ -1,9 +1,12 @@
 """The PXE tree: everything a node of an inventory needs to boot an installer that finds its own
-kickstart, in one directory that is both the HTTP and the TFTP root.
+kickstart. The tree's directory holds the server's files; its subdirectory root/ is both the HTTP
+and the TFTP root, and holds the nodes' files alone (pipeline.deploy.serve serves it).
 
     pxe.json                    what was rendered, for `check`: base URL, target, each node's files
     dnsmasq.conf                proxy DHCP + TFTP for the site ([site.pxe] of the inventory)
-    nginx-site.conf             an nginx server block serving the tree at base_url (pipeline.deploy.nginx)
+    nginx-site.conf             an nginx server block serving root/ at base_url (pipeline.deploy.nginx)
+    access.log dnsmasq.log      written by the servers
+    root/
     boot.ipxe                   iPXE's first script: it chains ipxe/01-MAC.ipxe
     ipxe/01-MAC.ipxe            a node's kernel, initrd and command line, over HTTP
     grub/grub.cfg-01-MAC        the same for GRUB (UEFI nodes), over TFTP; grub/grub.cfg for others
@@ -16,7 +19,7 @@ kickstart, in one directory that is both the HTTP and the TFTP root.
 
 Where Anaconda's kernel and initrd would go, the tree offers our installer's, with Anaconda's
 inst.ks=URL argument. The tree is written beside the output directory and swapped in only when
-complete.
+complete; below, paths of the nodes' files are under root/.
 """
 
 from __future__ import annotations
@@ -28,19 +31,13 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import stat
 import tempfile
-import threading
-import time
 import urllib.error
 import urllib.request
-from contextlib import contextmanager
 from dataclasses import dataclass
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import urljoin, urlsplit
 
 import jinja2
@@ -48,18 +45,16 @@ from pykickstart.errors import KickstartError, KickstartWarning
 
 from .. import tools
 from ..build import artifacts_for
-from ..errors import CommandFailed, InventoryError, PipelineError
+from ..errors import InventoryError, PipelineError
 from ..paths import DEFAULT_OUTPUT, ROOT
-from ..run import run, start, stop
+from ..run import run
 from . import kickstart
 from .inventory import Boot, Inventory, Loader, Node
+# Serving, and the tree's layout, are serve's; pxe.serving and pxe.serve are its too.
+from .serve import (ACCESS_LOG, DEFAULT_OUTPUT_DIR, DNSMASQ_CONF, DNSMASQ_LOG, MANIFEST, SERVED,  # noqa: F401
+                    load_manifest, serve, serving)
 
 TEMPLATES = ROOT / "kickstarts" / "pxe"
-DEFAULT_OUTPUT_DIR = DEFAULT_OUTPUT / "pxe"
-MANIFEST = "pxe.json"
-DNSMASQ_CONF = "dnsmasq.conf"
-ACCESS_LOG = "access.log"
-DNSMASQ_LOG = "dnsmasq.log"
 # Network boot programs, copied from their Debian packages (tools.DEBIAN_PACKAGE_OF_FILE).
 PROGRAMS = {
     "undionly.kpxe": "/usr/lib/ipxe/undionly.kpxe",  # iPXE for BIOS, on the PXE ROM's own driver
@@ -81,7 +76,6 @@ BOOT_PROGRAM = {Loader.IPXE: ("undionly.kpxe", "ipxe.efi"), Loader.PXELINUX_GRUB
 BOOT_NIC = "bootnet"
 SERIAL_CONSOLE = re.compile(r"console=ttyS(?P<port>\d+)(?:,(?P<speed>\d+)\S*)?")
 HTTP_TIMEOUT = 30  # seconds without a byte before a fetch fails
-DNSMASQ_STARTUP = 2.0  # seconds dnsmasq has to fail on its configuration before we call it running
 
 
 def mac_name(mac: str) -> str:
@@ -124,8 +118,13 @@ class NodeBoot:
 
 @dataclass(frozen=True)
 class Tree:
-    root: Path
+    directory: Path  # the server's files (pxe.json, configurations, logs), and root/
     boots: tuple[NodeBoot, ...]
+
+    @property
+    def root(self) -> Path:
+        """What HTTP and TFTP serve: the nodes' files, and nothing else."""
+        return self.directory / SERVED
 
 
 def installer_args(inventory: Inventory, node: Node, kickstart_url: str) -> tuple[str, ...]:
@@ -269,13 +268,15 @@ def render_tree(inventory: Inventory, output_dir: Path = DEFAULT_OUTPUT_DIR, tar
     work = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
         work.chmod(0o755)  # mkdtemp's 0700 would hide the tree from a server that is not root
-        kickstart.render_all(inventory, work / "kickstarts", target, liveimgs=images)
+        served = Tree(work, boots).root
+        served.mkdir(mode=0o755)
+        kickstart.render_all(inventory, served / "kickstarts", target, liveimgs=images)
         for source, name in sources:
-            _place(source, work / name)
+            _place(source, served / name)
         for name, source in PROGRAMS.items():
-            shutil.copyfile(source, work / name)
+            shutil.copyfile(source, served / name)
         run(["grub-mkimage", "--directory", GRUB_EFI_MODULES, "--format", "x86_64-efi", "--prefix", "(tftp)/grub",
-             "--output", work / GRUB_EFI, *GRUB_NET_MODULES])
+             "--output", served / GRUB_EFI, *GRUB_NET_MODULES])
         _write_configs(work, output_dir, inventory, boots, server)
         _write(work, MANIFEST, json.dumps(_manifest(inventory, boots, target), indent=2) + "\n")
         _swap(work, output_dir)
@@ -284,22 +285,25 @@ def render_tree(inventory: Inventory, output_dir: Path = DEFAULT_OUTPUT_DIR, tar
     return Tree(output_dir, boots)
 
 
-def _write_configs(work: Path, root: Path, inventory: Inventory, boots: tuple[NodeBoot, ...],
+def _write_configs(work: Path, directory: Path, inventory: Inventory, boots: tuple[NodeBoot, ...],
                    server: IPv4Address | None) -> None:
+    """The nodes' boot configurations into work's root, the servers' beside it; directory is
+    where work will be moved, and what the servers' configurations name."""
     env = _templates()
     common = {"inventory": inventory.path, "base_url": inventory.site.base_url}
-    _write(work, "boot.ipxe", env.get_template("boot.ipxe.j2").render(common))
-    _write(work, "grub/grub.cfg", env.get_template("grub.cfg.j2").render(common, boot=None))
-    _write(work, "pxelinux.cfg/default", env.get_template("pxelinux.cfg.j2").render(common, boot=None))
+    served, root = Tree(work, boots).root, Tree(directory, boots).root
+    _write(served, "boot.ipxe", env.get_template("boot.ipxe.j2").render(common))
+    _write(served, "grub/grub.cfg", env.get_template("grub.cfg.j2").render(common, boot=None))
+    _write(served, "pxelinux.cfg/default", env.get_template("pxelinux.cfg.j2").render(common, boot=None))
     templates = {"ipxe": "node.ipxe.j2", "grub": "grub.cfg.j2", "pxelinux": "pxelinux.cfg.j2"}
     for boot in boots:
         for kind, name in boot.files.items():
             if kind in templates:
-                _write(work, name, env.get_template(templates[kind]).render(common, boot=boot))
+                _write(served, name, env.get_template(templates[kind]).render(common, boot=boot))
     pxe = inventory.site.pxe
     bios, efi = BOOT_PROGRAM[pxe.loader]
     _write(work, DNSMASQ_CONF, env.get_template("dnsmasq.conf.j2").render(
-        common, root=root, conf_name=DNSMASQ_CONF, pxe=pxe, server=server, bios=bios, efi=efi))
+        common, root=root, conf=directory / DNSMASQ_CONF, pxe=pxe, server=server, bios=bios, efi=efi))
     from . import nginx  # here, not at the top: nginx builds on this module's names
 
     nginx.write_site(work, root, inventory.site.base_url)
@@ -314,135 +318,6 @@ def _manifest(inventory: Inventory, boots: tuple[NodeBoot, ...], target: str) ->
         "nodes": {boot.node.name: {"mac": boot.node.boot_mac, "boot": str(boot.node.boot), "role": boot.node.role,
                                    "files": boot.files} for boot in boots},
     }
-
-
-def _load_manifest(root: Path) -> dict:
-    try:
-        return json.loads((root / MANIFEST).read_text())
-    except FileNotFoundError:
-        raise PipelineError(f"{root} is not a PXE tree (no {MANIFEST}): run ./inv pxe.render first") from None
-    except json.JSONDecodeError as error:
-        raise PipelineError(f"{root / MANIFEST}: not JSON: {error}") from None
-
-
-# --- serve
-
-
-class _AccessLog:
-    """One line per request, to stdout and to ACCESS_LOG in the tree.
-
-    The file is opened for each line, so a render that swaps the tree in while we serve is
-    logged into from then on.
-    """
-
-    def __init__(self, path: Path, echo: bool):
-        self.path, self.echo, self.lock = path, echo, threading.Lock()
-
-    def write(self, client: str, method: str, path: str, status: int | str) -> None:
-        line = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {client} {method} {path} {status}"
-        with self.lock:
-            if self.echo:
-                print(line, flush=True)
-            with open(self.path, "a") as log:
-                log.write(line + "\n")
-
-
-class _Handler(SimpleHTTPRequestHandler):
-    server: _Server
-
-    def log_request(self, code="-", size="-") -> None:
-        status = int(code) if code != "-" else code  # an HTTPStatus, logged as its number
-        self.server.access_log.write(self.client_address[0], self.command, self.path, status)
-
-    def log_message(self, format, *args) -> None:
-        pass  # the access log has the status of every request; this would repeat it on stderr
-
-
-class _Server(ThreadingHTTPServer):
-    access_log: _AccessLog
-
-    def handle_error(self, request, client_address) -> None:
-        pass  # a node that hangs up mid-download is no error of ours
-
-
-def _start_dnsmasq(root: Path):
-    if os.geteuid() != 0:
-        raise PipelineError("TFTP and proxy DHCP need root (dnsmasq binds ports 67 and 69): run as root, "
-                            "or serve HTTP only (--no-tftp)")
-    tools.require("dnsmasq")
-    conf = root / DNSMASQ_CONF
-    tftp_root = next((line.split("=", 1)[1] for line in conf.read_text().splitlines()
-                      if line.startswith("tftp-root=")), None)
-    if tftp_root != str(root):
-        raise PipelineError(f"{conf}: tftp-root is {tftp_root}, not {root}: the tree was moved; render it again")
-    argv = ["dnsmasq", "--no-daemon", f"--conf-file={conf}"]
-    proc = start(argv, log=root / DNSMASQ_LOG)
-    deadline = time.monotonic() + DNSMASQ_STARTUP
-    while time.monotonic() < deadline:  # a bad interface or a port in use ends it at once
-        if proc.poll() is not None:
-            lines = (root / DNSMASQ_LOG).read_text(errors="replace").strip().splitlines()
-            last = f": {lines[-1]}" if lines else ""
-            raise CommandFailed(argv, proc.returncode, f"see {root / DNSMASQ_LOG}{last}")
-        time.sleep(0.05)
-    return proc
-
-
-@contextmanager
-def serving(root: Path, address: str = "127.0.0.1", port: int = 0, *, tftp: bool = False,
-            echo: bool = True) -> Iterator[str]:
-    """Serve the tree over HTTP (threads) and, with tftp, run dnsmasq for TFTP and proxy DHCP.
-
-    Yields the server's URL (port 0: an ephemeral port, for tests). Every request is logged to
-    stdout (echo) and to ACCESS_LOG in the tree. On leaving, dnsmasq and the server are stopped.
-    """
-    root = Path(root).resolve()
-    _load_manifest(root)
-    try:
-        IPv4Address(address)
-    except ValueError:
-        raise PipelineError(f"cannot serve on {address!r}: not an IPv4 address") from None
-    try:
-        server = _Server((address, int(port)), functools.partial(_Handler, directory=str(root)))
-    except OSError as error:
-        raise PipelineError(f"cannot serve HTTP on {address}:{port}: {error.strerror}") from None
-    server.access_log = _AccessLog(root / ACCESS_LOG, echo)
-    # A short poll: shutdown() waits for it, and tests start and stop many servers.
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name="pxe-http",
-                              daemon=True)
-    thread.start()
-    dnsmasq = None
-    try:
-        if tftp:
-            dnsmasq = _start_dnsmasq(root)
-        host, bound = server.server_address[:2]
-        yield f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{bound}"
-    finally:
-        if dnsmasq is not None:
-            stop(dnsmasq)
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=10)
-
-
-def serve(root: Path = DEFAULT_OUTPUT_DIR, address: str = "127.0.0.1", port: int = 8080, tftp: bool = True) -> None:
-    """Serve the tree until Ctrl-C (or SIGTERM); nothing is left running after."""
-    def terminate(_signum, _frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, terminate)  # dnsmasq is in its own process group: stop it too
-    try:
-        with serving(root, address, port, tftp=tftp) as url:
-            base_url = _load_manifest(Path(root).resolve())["base_url"]
-            extra = f", TFTP and proxy DHCP by dnsmasq (log: {Path(root) / DNSMASQ_LOG})" if tftp else ""
-            print(f"serving {root} at {url}{extra}; Ctrl-C stops", flush=True)
-            site = urlsplit(base_url)
-            if (site.port or 80) != urlsplit(url).port or address not in ("0.0.0.0", site.hostname):
-                print(f"note: the tree's nodes fetch from {base_url} (the inventory's base_url)", flush=True)
-            threading.Event().wait()
-    except KeyboardInterrupt:
-        print("stopped", flush=True)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 # --- check
@@ -460,7 +335,7 @@ class Problem:
 
 @dataclass(frozen=True)
 class CheckReport:
-    root: Path
+    root: Path  # the tree's directory, as given
     nodes: int
     urls: int  # distinct URLs fetched
     problems: tuple[Problem, ...]
@@ -564,8 +439,8 @@ def _option(line: str, name: str) -> str | None:
 
 
 class _Checker:
-    def __init__(self, root: Path, manifest: dict, fetch: _Fetcher):
-        self.root, self.fetch = root, fetch
+    def __init__(self, manifest: dict, fetch: _Fetcher):
+        self.fetch = fetch
         self.site_url = manifest["base_url"]
         self.target = manifest["target"]
         self.validator = kickstart.Validator(self.target)
@@ -644,7 +519,7 @@ class _Checker:
                     self.problem(name, file, f"%include {words[1]}: {error}")
 
 
-def check(root: Path = DEFAULT_OUTPUT_DIR, base_url: str | None = None) -> CheckReport:
+def check(tree: Path = DEFAULT_OUTPUT_DIR, base_url: str | None = None) -> CheckReport:
     """Walk the tree as booting nodes would, over HTTP from the server at base_url.
 
     For each node: boot.ipxe's chain to its iPXE script, its GRUB or pxelinux configuration (read
@@ -653,13 +528,13 @@ def check(root: Path = DEFAULT_OUTPUT_DIR, base_url: str | None = None) -> Check
     URLs under the site's URL. URLs under the inventory's base_url are fetched from base_url.
     Without base_url, a server on loopback is started for the check.
     """
-    root = Path(root).resolve()
-    manifest = _load_manifest(root)
+    tree = Path(tree).resolve()
+    manifest = load_manifest(tree)
     if base_url is None:
-        with serving(root, echo=False) as url:
-            return check(root, url)
-    checker = _Checker(root, manifest, _Fetcher(manifest["base_url"], base_url))
+        with serving(tree, echo=False) as url:
+            return check(tree, url)
+    checker = _Checker(manifest, _Fetcher(manifest["base_url"], base_url))
     checker.programs(manifest["programs"])
     for name, entry in manifest["nodes"].items():
         checker.node(name, entry)
-    return CheckReport(root, len(manifest["nodes"]), len(checker.fetch.cache), tuple(checker.problems))
+    return CheckReport(tree, len(manifest["nodes"]), len(checker.fetch.cache), tuple(checker.problems))

@@ -1,7 +1,7 @@
 """Boot a node of a PXE tree in QEMU, as it would boot on the site's network, and prove it got its
 own files.
 
-QEMU's user network does DHCP and TFTP (from the tree's root), and the NIC's ROM is iPXE (Debian
+QEMU's user network does DHCP and TFTP (from the tree's served root), and the NIC's ROM is iPXE (Debian
 package ipxe-qemu). The guest reaches the host's 127.0.0.1:PORT at 10.0.2.2:PORT, so the tree's
 base_url is http://10.0.2.2:PORT. The VM has no disk; it is stopped as soon as its kernel prints
 its command line on the serial console. By the site's loader:
@@ -156,7 +156,7 @@ def _node_boot(tree: pxe.Tree, node: str) -> pxe.NodeBoot:
     for boot in tree.boots:
         if boot.node.name == node:
             return boot
-    raise PipelineError(f"node {node!r} is not in the PXE tree {tree.root}")
+    raise PipelineError(f"node {node!r} is not in the PXE tree {tree.directory}")
 
 
 # --- the test site: a two-node inventory, its tree, served
@@ -202,12 +202,12 @@ def serving_site(role: str, spec_file: Path, build_dir: Path, workdir: Path,
         shutil.rmtree(workdir, ignore_errors=True)
         raise
     try:
-        with pxe.serving(tree.root, "127.0.0.1", port, echo=False):
+        with pxe.serving(tree.directory, "127.0.0.1", port, echo=False):
             yield Site(tree, base_url, workdir, loader)
     finally:
-        if (tree.root / pxe.ACCESS_LOG).is_file():
-            shutil.copyfile(tree.root / pxe.ACCESS_LOG, workdir / pxe.ACCESS_LOG)
-        shutil.rmtree(tree.root, ignore_errors=True)
+        if (tree.directory / pxe.ACCESS_LOG).is_file():
+            shutil.copyfile(tree.directory / pxe.ACCESS_LOG, workdir / pxe.ACCESS_LOG)
+        shutil.rmtree(tree.directory, ignore_errors=True)
 
 
 # --- the boot
@@ -249,7 +249,7 @@ def boot(site: Site, firmware: Firmware, deadline: float = BOOT_DEADLINE) -> Boo
                             "the kernel's command line would not reach the serial console")
     console, qemu_log = site.workdir / f"console-{firmware}.log", site.workdir / f"qemu-{firmware}.log"
     console.unlink(missing_ok=True)
-    access_log = site.tree.root / pxe.ACCESS_LOG
+    access_log = site.tree.directory / pxe.ACCESS_LOG
     logged = access_log.stat().st_size if access_log.exists() else 0  # this boot's requests come after
     argv = qemu_argv(firmware, mac, site, console)
     started = time.monotonic()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.deploy import nginx, pxe, pxeboot
+from pipeline.deploy import nginx, pxe, pxeboot, serve
 from pipeline.errors import CommandFailed, PipelineError, ToolMissing
 from tests.unit.test_pxe import get as status
 
@@ -30,11 +30,6 @@ def site(tmp_path: Path, base_url: str) -> str:
 def directives(text: str, name: str) -> list[str]:
     """The arguments of every `name ...;` line, comments left out."""
     return [found.group(1) for found in re.finditer(rf"^\s*{name}\s+([^;#]*);", text, re.MULTILINE)]
-
-
-def denied(text: str) -> set[str]:
-    """The locations whose whole body is `deny all;`."""
-    return set(re.findall(r"location\s+([^{]+?)\s*\{\s*deny all;\s*\}", text))
 
 
 @pytest.mark.parametrize(("base_url", "listen"), [
@@ -61,13 +56,6 @@ def test_site_serves_tree_at_base_url_path(tmp_path):
     text = site(tmp_path, "http://10.0.0.1/pxe/boot")
     assert directives(text, "alias") == [f"{ROOT}/"]
     assert "location /pxe/boot/ {" in text
-    assert {f"= /pxe/boot/{name}" for name in nginx.PRIVATE} <= denied(text)
-
-
-def test_site_denies_server_files(tmp_path):
-    text = site(tmp_path, "http://10.0.0.1:8080")
-    assert denied(text) == {f"= /{name}" for name in nginx.PRIVATE} | {r"~ \.log$"}
-    assert {pxe.DNSMASQ_CONF, pxe.ACCESS_LOG, pxe.DNSMASQ_LOG, nginx.SITE_CONF} == set(nginx.PRIVATE)
 
 
 def test_log_format_is_what_parse_access_log_reads(tmp_path):
@@ -115,16 +103,19 @@ def nginx_pids() -> set[int]:
 
 @pytest.fixture
 def tree(tmp_path):
-    """A few files as a rendered tree has them, its dnsmasq.conf, and a link out of the tree."""
-    root = tmp_path / "pxe"
+    """A few files as a rendered tree has them in its root, its pxe.json and dnsmasq.conf beside
+    the root, and links out of the root."""
+    tree = tmp_path / "pxe"
+    root = tree / serve.SERVED
     (root / "ipxe").mkdir(parents=True)
     (root / "boot.ipxe").write_text("#!ipxe\nchain ipxe/01-${netX/mac:hexhyp}.ipxe\n")
     (root / "ipxe" / "01-52-54-00-12-34-01.ipxe").write_text("#!ipxe\nkernel x\n")
-    (root / "pxe.json").write_text("{}\n")
-    (root / pxe.DNSMASQ_CONF).write_text(f"tftp-root={root}\n")
+    (tree / "pxe.json").write_text("{}\n")
+    (tree / pxe.DNSMASQ_CONF).write_text(f"tftp-root={root}\n")
     (tmp_path / "secret").write_text("not the tree's\n")
     (root / "outside").symlink_to(tmp_path / "secret")
-    return root
+    (root / "manifest").symlink_to(tree / "pxe.json")
+    return tree
 
 
 @no_nginx
@@ -135,8 +126,8 @@ def test_serving_serves_the_tree_and_logs_each_request(tree):
         with urllib.request.urlopen(f"{url}/boot.ipxe", timeout=10) as response:
             assert response.read().startswith(b"#!ipxe")
             assert response.headers["Content-Type"] == "text/plain"
-        asked = {"/ipxe/01-52-54-00-12-34-01.ipxe": 200, "/missing.ipxe": 404, f"/{pxe.DNSMASQ_CONF}": 403,
-                 "/outside": 403, "/ipxe/": 403}
+        asked = {"/ipxe/01-52-54-00-12-34-01.ipxe": 200, "/missing.ipxe": 404, f"/{pxe.DNSMASQ_CONF}": 404,
+                 "/pxe.json": 404, "/outside": 403, "/manifest": 403, "/ipxe/": 403, "/": 403}
         assert {path: status(url + path) for path in asked} == asked
     assert len(started) >= 2  # a master and its worker
     assert not started & nginx_pids(), "nginx processes left after serving"
@@ -151,7 +142,8 @@ def test_serving_at_a_url_path(tree):
     with nginx.serving(tree, prefix="/pxe") as url:
         assert url.endswith("/pxe")
         assert status(f"{url}/boot.ipxe") == 200
-        assert status(f"{url}/{pxe.DNSMASQ_CONF}") == 403
+        assert status(f"{url}/{pxe.DNSMASQ_CONF}") == 404
+        assert status(f"{url}/outside") == 403
         assert status(url.removesuffix("/pxe") + "/boot.ipxe") == 404
 
 
@@ -173,12 +165,16 @@ def test_serving_needs_nginx(tree, monkeypatch):
             pass
 
 
-def test_serving_refuses_what_is_not_a_tree(tmp_path):
-    with pytest.raises(PipelineError, match="not a directory"):
+def test_serving_refuses_what_is_not_a_tree(tree, tmp_path):
+    with pytest.raises(PipelineError, match="is not a PXE tree"):
         with nginx.serving(tmp_path / "none"):
             pass
     with pytest.raises(PipelineError, match="not an IP address"):
-        with nginx.serving(tmp_path, address="localhost"):
+        with nginx.serving(tree, address="localhost"):
+            pass
+    shutil.rmtree(tree / serve.SERVED)
+    with pytest.raises(PipelineError, match=f"cannot serve {tree / serve.SERVED}: not a directory"):
+        with nginx.serving(tree):
             pass
 
 

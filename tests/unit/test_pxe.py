@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import tools
-from pipeline.deploy import inventory, kickstart, pxe
+from pipeline.deploy import inventory, kickstart, pxe, serve
 from pipeline.errors import InventoryError, PipelineError, ToolMissing
 from pipeline.paths import ROOT
 from pipeline.run import run
@@ -27,8 +27,8 @@ ROLES = ("host-image", "guest-image")
 SITE_PXE = '[site.pxe]\ninterface = "eth1"\nsubnet = "10.0.0.0/24"\nloader = "pxelinux-grub"'
 DNSMASQ = shutil.which("dnsmasq", path=os.environ.get("PATH", "") + ":/usr/sbin")
 no_dnsmasq = pytest.mark.skipif(not DNSMASQ, reason="dnsmasq (Debian package dnsmasq-base) is not installed")
-TREE = sorted([
-    "boot.ipxe", "dnsmasq.conf", "nginx-site.conf", "pxe.json",
+TREE = sorted([  # what is served
+    "boot.ipxe",
     "grubnetx64.efi", "ipxe.efi", "ldlinux.c32", "pxelinux.0", "undionly.kpxe",
     f"ipxe/{COMPUTE1}.ipxe", f"ipxe/{COMPUTE2}.ipxe", f"ipxe/{GUEST1}.ipxe",
     "grub/grub.cfg", f"grub/grub.cfg-{COMPUTE1}", f"grub/grub.cfg-{GUEST1}",  # the UEFI nodes
@@ -90,16 +90,18 @@ def tree(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tree):
-    with pxe.serving(tree.root, echo=False) as url:
+    with pxe.serving(tree.directory, echo=False) as url:
         yield url
 
 
 def test_tree_layout(tree):
     assert listing(tree.root) == TREE
-    assert sorted(p.name for p in tree.root.parent.iterdir()) == ["build", "inventory.toml", "pxe"]  # no work dir
+    # The servers' configurations beside the root, not in it; nothing else beside the tree (no work dir).
+    assert sorted(p.name for p in tree.directory.iterdir()) == ["dnsmasq.conf", "nginx-site.conf", "pxe.json", "root"]
+    assert sorted(p.name for p in tree.directory.parent.iterdir()) == ["build", "inventory.toml", "pxe"]
     built = [f"installer/installer.{ext}" for ext in ("vmlinuz", "initrd")] + [f"{r}/{r}.tar.gz" for r in ROLES]
     for name in built:  # hard links to the build's files, not copies
-        assert (tree.root / name).stat().st_ino == (tree.root.parent / "build" / name).stat().st_ino
+        assert (tree.root / name).stat().st_ino == (tree.directory.parent / "build" / name).stat().st_ino
 
 
 def test_a_file_that_is_not_world_readable_is_copied(tmp_path, build):
@@ -116,7 +118,7 @@ def test_boot_files_are_named_by_the_boot_mac():
 
 
 def test_manifest_names_each_nodes_files(tree):
-    nodes = json.loads((tree.root / "pxe.json").read_text())["nodes"]
+    nodes = json.loads((tree.directory / "pxe.json").read_text())["nodes"]
     assert nodes["compute1"]["files"] == {"ipxe": f"ipxe/{COMPUTE1}.ipxe", "grub": f"grub/grub.cfg-{COMPUTE1}",
                                           "kickstart": "kickstarts/compute1.ks"}
     assert nodes["compute2"]["files"] == {"ipxe": f"ipxe/{COMPUTE2}.ipxe", "pxelinux": f"pxelinux.cfg/{COMPUTE2}",
@@ -134,7 +136,7 @@ def test_manifest_names_each_nodes_files(tree):
 def test_the_kernel_command_line_carries_the_nodes_own_kickstart(tree, node, config, kernel_word):
     args = line_of(tree.root / config, kernel_word).split("||")[0].split()
     assert [a for a in args if a.startswith("inst.ks=")] == [f"inst.ks={SITE}/kickstarts/{node}.ks"]
-    mac = json.loads((tree.root / "pxe.json").read_text())["nodes"][node]["mac"]
+    mac = json.loads((tree.directory / "pxe.json").read_text())["nodes"][node]["mac"]
     assert f"BOOTIF={pxe.mac_name(mac)}" in args and f"ifname=bootnet:{mac}" in args
     assert args[-2:] == ["console=tty0", "console=ttyS0,115200"]  # the image's consoles (images.toml)
     expected_ip = {"compute1": ["ip=10.0.0.11::10.0.0.1:255.255.255.0:compute1:bootnet:none", "nameserver=10.0.0.1"],
@@ -188,12 +190,13 @@ def test_boot_programs(tree):
     assert (tree.root / pxe.GRUB_EFI).read_bytes()[:2] == b"MZ"  # a PE image, made by grub-mkimage
 
 
-def conf_lines(root: Path) -> list[str]:
-    return [line for line in (root / "dnsmasq.conf").read_text().splitlines() if line and not line.startswith("#")]
+def conf_lines(tree: pxe.Tree) -> list[str]:
+    lines = (tree.directory / "dnsmasq.conf").read_text().splitlines()
+    return [line for line in lines if line and not line.startswith("#")]
 
 
 def test_dnsmasq_conf_by_default(tree):
-    assert conf_lines(tree.root) == [
+    assert conf_lines(tree) == [
         "port=0", "leasefile-ro",
         "dhcp-range=10.0.0.1,proxy",  # the network of base_url's address
         "log-dhcp", "enable-tftp", f"tftp-root={tree.root}",
@@ -211,8 +214,7 @@ def test_dnsmasq_conf_by_default(tree):
 
 
 def test_dnsmasq_conf_from_site_pxe(tmp_path, build):
-    root = pxe.render_tree(example(tmp_path, pxe_table=SITE_PXE), tmp_path / "pxe", build_dir=build).root
-    lines = conf_lines(root)
+    lines = conf_lines(pxe.render_tree(example(tmp_path, pxe_table=SITE_PXE), tmp_path / "pxe", build_dir=build))
     assert lines[:5] == ["port=0", "leasefile-ro", "interface=eth1", "bind-interfaces",
                          "dhcp-range=10.0.0.0,proxy,255.255.255.0"]
     assert lines[-5:] == ["dhcp-boot=tag:bios,pxelinux.0", "dhcp-boot=tag:efi64,grubnetx64.efi",
@@ -225,8 +227,9 @@ def test_dnsmasq_conf_from_site_pxe(tmp_path, build):
 @no_dnsmasq
 @pytest.mark.parametrize("pxe_table", ["", SITE_PXE])
 def test_dnsmasq_accepts_the_conf(tmp_path, build, pxe_table):
-    root = pxe.render_tree(example(tmp_path, pxe_table=pxe_table), tmp_path / "pxe", build_dir=build).root
-    assert "syntax check OK" in run([DNSMASQ, "--test", f"--conf-file={root / 'dnsmasq.conf'}"], capture=True).stderr
+    tree = pxe.render_tree(example(tmp_path, pxe_table=pxe_table), tmp_path / "pxe", build_dir=build)
+    conf = tree.directory / "dnsmasq.conf"
+    assert "syntax check OK" in run([DNSMASQ, "--test", f"--conf-file={conf}"], capture=True).stderr
 
 
 def test_a_site_without_an_address_needs_a_subnet(tmp_path, build):
@@ -238,7 +241,7 @@ def test_a_site_without_an_address_needs_a_subnet(tmp_path, build):
     assert not (tmp_path / "pxe").exists()
     loaded = example(tmp_path, base_url="http://pxe.example.com:8080", pxe_table='[site.pxe]\nsubnet = "10.0.0.0/24"')
     assert "dhcp-range=10.0.0.0,proxy,255.255.255.0" in conf_lines(
-        pxe.render_tree(loaded, tmp_path / "pxe", build_dir=build).root)
+        pxe.render_tree(loaded, tmp_path / "pxe", build_dir=build))
 
 
 # --- serve and check
@@ -253,23 +256,23 @@ def get(url: str) -> int:
 
 
 def test_check_passes_against_a_loopback_server(tree, server):
-    report = pxe.check(tree.root, server)
+    report = pxe.check(tree.directory, server)
     assert report.passed, [str(p) for p in report.problems]
     assert (report.nodes, report.urls) == (3, 19)  # the nodes share the installer's kernel and initrd
-    log = (tree.root / "access.log").read_text()
+    log = (tree.directory / "access.log").read_text()
     assert " 127.0.0.1 GET /kickstarts/compute1.ks 200\n" in log
     assert " 127.0.0.1 HEAD /installer/installer.vmlinuz 200\n" in log
     assert " 127.0.0.1 GET /guest-image/guest-image.tar.gz 200\n" in log  # hashed as the installer would fetch it
 
 
 def test_serving_logs_every_request_and_stops(fresh, capsys):
-    with pxe.serving(fresh.root) as url:
+    with pxe.serving(fresh.directory) as url:
         assert get(url + "/boot.ipxe") == 200
         assert get(url + "/nowhere.ks") == 404
     out = capsys.readouterr().out.splitlines()
     assert [line.split()[1:] for line in out] == [["127.0.0.1", "GET", "/boot.ipxe", "200"],
                                                   ["127.0.0.1", "GET", "/nowhere.ks", "404"]]
-    assert (fresh.root / "access.log").read_text().splitlines() == out
+    assert (fresh.directory / "access.log").read_text().splitlines() == out
     with pytest.raises(urllib.error.URLError):  # nothing listens any more
         urllib.request.urlopen(url, timeout=5)
 
@@ -283,19 +286,19 @@ def test_serving_needs_a_tree(tmp_path):
 def test_tftp_needs_root(fresh, monkeypatch):
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(PipelineError, match=r"TFTP and proxy DHCP need root .*\(--no-tftp\)"):
-        with pxe.serving(fresh.root, tftp=True):
+        with pxe.serving(fresh.directory, tftp=True):
             pass
 
 
-def problems(root: Path) -> list[str]:
+def problems(tree: pxe.Tree) -> list[str]:
     """check() with its own loopback server."""
-    report = pxe.check(root)
+    report = pxe.check(tree.directory)
     assert report.passed == (not report.problems)
     return [str(p) for p in report.problems]
 
 
 def test_check_starts_its_own_server(fresh):
-    assert problems(fresh.root) == []
+    assert problems(fresh) == []
 
 
 REMOVED = [
@@ -319,7 +322,7 @@ REMOVED = [
 @pytest.mark.parametrize("removed, expected", REMOVED, ids=[r[0] for r in REMOVED])
 def test_check_names_node_and_file_when_a_file_is_gone(fresh, removed, expected):
     (fresh.root / removed).unlink()
-    assert problems(fresh.root) == expected
+    assert problems(fresh) == expected
 
 
 def test_check_finds_a_corrupted_liveimg(fresh):
@@ -329,33 +332,33 @@ def test_check_finds_a_corrupted_liveimg(fresh):
     data[len(data) // 2] ^= 1  # one bit of one byte
     image.write_bytes(bytes(data))
     served = hashlib.sha256(data).hexdigest()
-    assert problems(fresh.root) == [
+    assert problems(fresh) == [
         f"node '{node}': kickstarts/{node}.ks: liveimg {SITE}/host-image/host-image.tar.gz: its sha256 is {served}, "
         f"not the --checksum {checksum}" for node in ("compute1", "compute2")]
 
 
 def test_check_follows_includes_under_the_site_url_only(tmp_path, build):
     loaded = example(tmp_path, site=f'includes = ["{SITE}/site.ks", "http://elsewhere.example/x.ks"]')
-    root = pxe.render_tree(loaded, tmp_path / "pxe", build_dir=build).root
-    assert problems(root) == [f"node '{node}': kickstarts/{node}.ks: %include {SITE}/site.ks: HTTP 404"
+    tree = pxe.render_tree(loaded, tmp_path / "pxe", build_dir=build)
+    assert problems(tree) == [f"node '{node}': kickstarts/{node}.ks: %include {SITE}/site.ks: HTTP 404"
                               for node in ("compute1", "compute2", "guest1")]
-    (root / "site.ks").write_text("# the site's own additions\n")
-    assert problems(root) == []  # the other one is the installer's to fetch
+    (tree.root / "site.ks").write_text("# the site's own additions\n")
+    assert problems(tree) == []  # the other one is the installer's to fetch
 
 
 def test_check_validates_the_served_kickstarts(fresh):
     ks = fresh.root / "kickstarts/compute2.ks"
     ks.write_text(ks.read_text() + "bogus --x\n")
     lines = ks.read_text().count("\n")
-    assert problems(fresh.root) == [f"node 'compute2': kickstarts/compute2.ks: pykickstart (RHEL9) rejects it: "
-                                    f"line {lines}: Unknown command: bogus"]
+    assert problems(fresh) == [f"node 'compute2': kickstarts/compute2.ks: pykickstart (RHEL9) rejects it: "
+                               f"line {lines}: Unknown command: bogus"]
 
 
 def test_check_wants_each_node_on_its_own_kickstart(fresh):
     script = fresh.root / f"ipxe/{GUEST1}.ipxe"
     script.write_text(script.read_text().replace("kickstarts/guest1.ks", "kickstarts/compute1.ks"))
-    assert problems(fresh.root) == [f"node 'guest1': ipxe/{GUEST1}.ipxe: inst.ks is {SITE}/kickstarts/compute1.ks, "
-                                    f"not the node's own kickstart {SITE}/kickstarts/guest1.ks"]
+    assert problems(fresh) == [f"node 'guest1': ipxe/{GUEST1}.ipxe: inst.ks is {SITE}/kickstarts/compute1.ks, "
+                               f"not the node's own kickstart {SITE}/kickstarts/guest1.ks"]
 
 
 # --- nothing half-written
@@ -404,13 +407,13 @@ def test_a_new_render_replaces_the_tree_under_a_running_server(tmp_path, build, 
     (fresh.root / "stale.txt").write_text("not rendered\n")
     text = (tmp_path / "inventory.toml").read_text()
     (tmp_path / "inventory.toml").write_text(text[:text.index("[node.guest1]")])  # guest1 is gone
-    with pxe.serving(fresh.root, echo=False) as url:
+    with pxe.serving(fresh.directory, echo=False) as url:
         assert get(f"{url}/ipxe/{GUEST1}.ipxe") == 200
-        pxe.render_tree(inventory.load(tmp_path / "inventory.toml"), fresh.root, build_dir=build)
+        pxe.render_tree(inventory.load(tmp_path / "inventory.toml"), fresh.directory, build_dir=build)
         assert get(f"{url}/ipxe/{GUEST1}.ipxe") == 404
     files = listing(fresh.root)
     assert not [f for f in files if "guest" in f or GUEST1 in f] and "stale.txt" not in files
-    log = (fresh.root / "access.log").read_text().splitlines()  # from before and after the render
+    log = (fresh.directory / "access.log").read_text().splitlines()  # from before and after the render
     assert [line.split()[-2:] for line in log] == [[f"/ipxe/{GUEST1}.ipxe", "200"], [f"/ipxe/{GUEST1}.ipxe", "404"]]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["build", "inventory.toml", "pxe"]
 
@@ -474,14 +477,16 @@ def test_dnsmasq_serves_the_tree_by_tftp_and_stops(tmp_path, build, monkeypatch)
     if not port_free(69):
         pytest.skip("something else serves TFTP here")
     monkeypatch.setenv("PATH", os.environ.get("PATH", "") + ":/usr/sbin")
-    monkeypatch.setattr(pxe, "DNSMASQ_STARTUP", 0.5)
+    monkeypatch.setattr(serve, "DNSMASQ_STARTUP", 0.5)
     loaded = example(tmp_path, base_url="http://127.0.0.1:8080", pxe_table='[site.pxe]\ninterface = "lo"')
-    root = pxe.render_tree(loaded, tmp_path / "pxe", build_dir=build).root
-    with pxe.serving(root, tftp=True, echo=False):
+    tree = pxe.render_tree(loaded, tmp_path / "pxe", build_dir=build)
+    root = tree.root
+    with pxe.serving(tree.directory, tftp=True, echo=False):
         assert tftp_get(f"pxelinux.cfg/{COMPUTE2}") == (root / f"pxelinux.cfg/{COMPUTE2}").read_bytes()
         assert tftp_get("/grub/grub.cfg") == (root / "grub/grub.cfg").read_bytes()  # GRUB sends a leading /
         assert tftp_get("undionly.kpxe") == (root / "undionly.kpxe").read_bytes()
-        with pytest.raises(FileNotFoundError):
-            tftp_get("../inventory.toml")
+        for name in ("../inventory.toml", "dnsmasq.conf", "pxe.json", "dnsmasq.log"):  # the server's files too
+            with pytest.raises(FileNotFoundError):
+                tftp_get(name)
     assert port_free(69)  # dnsmasq is gone
-    assert "exiting on receipt of SIGTERM" in (root / "dnsmasq.log").read_text()
+    assert "exiting on receipt of SIGTERM" in (tree.directory / "dnsmasq.log").read_text()

@@ -120,8 +120,8 @@ def site(tree, tmp_path, monkeypatch) -> pxeboot.Site:
     rom = tmp_path / "efi-virtio.rom"
     rom.write_bytes(b"rom")
     monkeypatch.setattr(pxeboot, "NIC_ROM", str(rom))
-    tree.root.mkdir()
-    (tree.root / pxe.ACCESS_LOG).write_text(log_line(UEFI_SCRIPT))  # an earlier boot's: not this one's
+    tree.root.mkdir(parents=True)
+    (tree.directory / pxe.ACCESS_LOG).write_text(log_line(UEFI_SCRIPT))  # an earlier boot's: not this one's
     return pxeboot.Site(tree, BASE, tmp_path / "work")
 
 
@@ -132,11 +132,11 @@ def fake_qemu(tmp_path: Path, monkeypatch, then: str) -> None:
     bin_dir.mkdir()
     script = bin_dir / "qemu-system-x86_64"
     script.write_text(f"""#!/usr/bin/env python3
-import re, sys, time
+import os, re, sys, time
 argv = sys.argv[1:]
 console = next(arg[5:] for arg in argv if arg.startswith("file:"))
 root = re.search("tftp=([^,]+)", next(arg for arg in argv if arg.startswith("user,"))).group(1)
-with open(root + "/access.log", "a") as log:
+with open(os.path.dirname(root) + "/access.log", "a") as log:  # beside the served root
     log.write({"".join(log_line(path) for path in OWN_FILES)!r})
 {then}
 """)
