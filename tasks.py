@@ -280,7 +280,7 @@ def pxe_render(c, inventory, output_dir=str(PXE_ROOT), target="RHEL9", build_dir
     tree = pxe.render_tree(inventories.load(Path(inventory)), Path(output_dir), target, build_dir=Path(build_dir),
                            installer_dir=Path(installer_dir), verify_key=verify_key)
     roles = sorted({boot.node.role for boot in tree.boots})
-    print(f"PXE tree for {len(tree.boots)} nodes ({', '.join(roles)}) in {tree.root}; ./inv pxe.serve serves it")
+    print(f"PXE tree for {len(tree.boots)} nodes ({', '.join(roles)}) in {tree.directory}; ./inv pxe.serve serves it")
 
 
 @task(name="serve", help={
