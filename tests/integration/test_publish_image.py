@@ -10,6 +10,7 @@ import subprocess
 import pytest
 
 from pipeline import build, publish
+from pipeline.deploy import pxe
 from pipeline.paths import ROOT
 from pipeline.publish import make_gpg_home, remove_gpg_home
 
@@ -94,10 +95,10 @@ def test_pxe_tree_from_the_published_version(artifacts, spec, published, public_
     root = tmp_path / "pxe"
     cli(["pxe.render", str(inventory_file), f"--build-dir={target}", f"--output-dir={root}",
          f"--verify-key={public_key}"])
-    assert f"--checksum={sums[artifacts.liveimg.name]}" in (root / "kickstarts/compute2.ks").read_text()
+    assert f"--checksum={sums[artifacts.liveimg.name]}" in (root / pxe.SERVED / "kickstarts/compute2.ks").read_text()
     checked = cli(["pxe.check", f"--root={root}"])
     assert "2 nodes" in checked.stdout and "no problems" in checked.stdout
-    assert build.sha256(root / spec.name / artifacts.liveimg.name) == sums[artifacts.liveimg.name]
+    assert build.sha256(root / pxe.SERVED / spec.name / artifacts.liveimg.name) == sums[artifacts.liveimg.name]
 
 
 def test_pxe_check_catches_a_tampered_liveimg(artifacts, spec, published, public_key, tmp_path):
@@ -109,7 +110,7 @@ def test_pxe_check_catches_a_tampered_liveimg(artifacts, spec, published, public
     root = tmp_path / "pxe"
     cli(["pxe.render", str(inventory_file), f"--build-dir={target}", f"--output-dir={root}",
          f"--verify-key={public_key}"])
-    served = root / spec.name / artifacts.liveimg.name
+    served = root / pxe.SERVED / spec.name / artifacts.liveimg.name
     served.unlink()  # a hard link to the published file: replace it, never write through it
     served.write_bytes(b"not the image")
     failed = cli(["pxe.check", f"--root={root}"], check=False)
