@@ -8,6 +8,7 @@ image, and `cleanup` removes any mount or loop device a killed DIB left behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -237,19 +238,21 @@ def compile_policy(ctx: BuildContext) -> None:
 def build_tree(ctx: BuildContext) -> None:
     """diskimage-builder makes the root tree (as a tar: its disk output needs kpartx)."""
     (ctx.work / "tmp").mkdir()
-    if ctx.layer:
-        ctx.from_layer = ctx.layer.prepare()
-        say(f"package layer {ctx.layer.directory.name}: "
-            f"{'starting from it' if ctx.from_layer else 'none yet, this build saves one'}")
-    argv = [tools.venv_tool("disk-image-create"), "-n", "-a", "amd64", "-t", "tar",
-            "-o", ctx.tar.with_suffix(""), *inputs.dib_elements(ctx.spec, pipeline_elements=bool(ctx.layer))]
-    if ctx.spec.packages:
-        argv += ["-p", ",".join(ctx.spec.packages)]
-    ctx.tar.parent.mkdir()
-    say(f"diskimage-builder log: {ctx.log}")
-    run(argv, env=dib_environment(ctx), log=ctx.log, on_line=_phase_reporter())
-    if ctx.layer:
-        ctx.layer.finish()
+    # One build at a time per package layer: a second with the same key waits, then starts from it.
+    with ctx.layer.locked() if ctx.layer else contextlib.nullcontext():
+        if ctx.layer:
+            ctx.from_layer = ctx.layer.prepare()
+            say(f"package layer {ctx.layer.directory.name}: "
+                f"{'starting from it' if ctx.from_layer else 'none yet, this build saves one'}")
+        argv = [tools.venv_tool("disk-image-create"), "-n", "-a", "amd64", "-t", "tar",
+                "-o", ctx.tar.with_suffix(""), *inputs.dib_elements(ctx.spec, pipeline_elements=bool(ctx.layer))]
+        if ctx.spec.packages:
+            argv += ["-p", ",".join(ctx.spec.packages)]
+        ctx.tar.parent.mkdir()
+        say(f"diskimage-builder log: {ctx.log}")
+        run(argv, env=dib_environment(ctx), log=ctx.log, on_line=_phase_reporter())
+        if ctx.layer:
+            ctx.layer.finish()
 
 
 def _phase_reporter():

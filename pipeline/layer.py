@@ -9,30 +9,39 @@ runs as in a cold build, so the image is the same (the rebuild test compares fil
 
     CACHE/layers/KEY/debootstrap-debian-RELEASE-amd64.tar.gz   the layer (DIB's cache name)
     CACHE/layers/KEY/xattrs.json                               its file capabilities etc.
-    CACHE/layers/KEY/complete                                  written after a successful build
+    CACHE/layers/KEY/layer.json                                written after a successful build:
+                                                               when it was made, the sha256 of both
     CACHE/layers/KEY/apt -> ../../apt                          .debs, shared by every layer
+    CACHE/layers/KEY.lock                                      held by the build using the layer
     CACHE/debootstrap-debian-RELEASE-amd64.tar.gz               debootstrap's base, shared too
 
-A layer older than MAX_AGE is built again, so security updates reach the packages.
+A layer is used only if its files have the sha256 recorded; one made more than MAX_AGE ago
+is built again, so security updates reach the packages. A build holds the layer's lock from
+prepare() to finish(), so a second build with the same key waits, then starts from the layer.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import atomic
 from .inputs import PIPELINE_ELEMENTS, Element, dib_version, resolved_elements, tree_digest
+from .manifest import sha256
 from .spec import ImageSpec
 
 ELEMENT, = PIPELINE_ELEMENTS  # kvm-package-layer
 MAX_AGE = 7 * 24 * 3600
 KEEP = 4  # layers kept in the cache, most recently used first
-COMPLETE = "complete"
+RECORD = "layer.json"
 XATTRS = "xattrs.json"
 # What runs up to and during package installation, in an element's tree.
 BEFORE_INSTALL = ("root.d", "extra-data.d", "pre-install.d", "environment.d", "package-installs.yaml",
@@ -68,10 +77,29 @@ class PackageLayer:
     tarball: Path
 
     @property
+    def files(self) -> tuple[Path, Path]:
+        return self.tarball, self.directory / XATTRS
+
+    @property
     def complete(self) -> bool:
-        marker = self.directory / COMPLETE
-        return (marker.is_file() and self.tarball.is_file() and (self.directory / XATTRS).is_file()
-                and time.time() - marker.stat().st_mtime < MAX_AGE)
+        """Saved by a build that succeeded, less than MAX_AGE ago, and its files unchanged since."""
+        try:
+            record = json.loads((self.directory / RECORD).read_text())
+            return (time.time() - record["created"] < MAX_AGE
+                    and all(record["sha256"][path.name] == sha256(path) for path in self.files))
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+
+    @property
+    def lock_path(self) -> Path:
+        return _lock_path(self.directory)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the layer's lock: a second build with the same key waits here."""
+        self.directory.parent.mkdir(parents=True, exist_ok=True)
+        with _lock(self.lock_path, wait=True):
+            yield
 
     def prepare(self) -> bool:
         """Make the directory ready for DIB; True if the build starts from a saved layer."""
@@ -81,9 +109,9 @@ class PackageLayer:
         if not (self.directory / "apt").is_symlink():
             (self.directory / "apt").symlink_to(os.path.relpath(shared_apt, self.directory))
         if self.complete:
-            os.utime(self.directory / COMPLETE)  # recently used: kept by prune
+            os.utime(self.directory / RECORD)  # recently used: kept by prune
             return True
-        for stale in (self.directory / COMPLETE, self.directory / XATTRS, self.tarball):
+        for stale in (self.directory / RECORD, *self.files):
             stale.unlink(missing_ok=True)
         if self.base.is_file():  # debootstrap need not run: start from its base
             try:
@@ -102,9 +130,12 @@ class PackageLayer:
         }
 
     def finish(self) -> None:
-        """After a successful build: a layer saved by it is complete."""
-        if self.tarball.is_file() and (self.directory / XATTRS).is_file():
-            (self.directory / COMPLETE).write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ\n", time.gmtime()))
+        """After a successful build: a layer saved by it is complete (one it started from keeps
+        its record, and so its age)."""
+        record = self.directory / RECORD
+        if not record.is_file() and all(path.is_file() for path in self.files):
+            atomic.write_json(record, {"created": time.time(),
+                                       "sha256": {path.name: sha256(path) for path in self.files}})
         prune(self.directory.parent)
 
 
@@ -114,9 +145,38 @@ def layer_for(spec: ImageSpec, cache_dir: Path) -> PackageLayer:
     return PackageLayer(directory, Path(cache_dir) / _tarball_name(spec), directory / _tarball_name(spec))
 
 
+def _lock_path(directory: Path) -> Path:
+    """Beside the layer's directory, so that it outlives a rmtree of it."""
+    return directory.with_name(directory.name + ".lock")
+
+
+@contextlib.contextmanager
+def _lock(path: Path, wait: bool) -> Iterator[bool]:
+    """flock `path` (created if need be); yields False if not waiting and another holds it.
+    prune removes a lock file while holding it: a lock taken on a removed file is taken again."""
+    while True:
+        with open(path, "a") as lock_file:
+            try:
+                fcntl.flock(lock_file, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                current = os.stat(path)
+            except FileNotFoundError:
+                continue
+            if os.path.samestat(current, os.fstat(lock_file.fileno())):
+                yield True
+                return
+
+
 def prune(layers: Path, keep: int = KEEP) -> None:
-    """Remove all but the `keep` most recently used layers."""
-    used = sorted(((d / COMPLETE).stat().st_mtime if (d / COMPLETE).is_file() else d.stat().st_mtime, d)
+    """Remove all but the `keep` most recently used layers; never one a build holds."""
+    used = sorted(((d / RECORD).stat().st_mtime if (d / RECORD).is_file() else d.stat().st_mtime, d)
                   for d in layers.iterdir() if d.is_dir())
-    for _, directory in used[:-keep]:
-        shutil.rmtree(directory, ignore_errors=True)
+    for _, directory in used[:max(len(used) - keep, 0)]:
+        lock_path = _lock_path(directory)
+        with _lock(lock_path, wait=False) as free:
+            if free:
+                shutil.rmtree(directory, ignore_errors=True)
+                lock_path.unlink()

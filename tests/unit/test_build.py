@@ -1,5 +1,6 @@
 """Build steps with the subprocess gateway faked: what DIB is asked for, and atomic publishing."""
 
+import fcntl
 import json
 from pathlib import Path
 
@@ -50,6 +51,24 @@ def test_dib_gets_the_spec(ctx, monkeypatch):
     assert env["TMPDIR"].startswith(str(ctx.work))
     assert kw["log"] == ctx.log
 
+
+
+def test_dib_runs_holding_the_package_layers_lock(ctx, monkeypatch):
+    """So a second build with the same key waits for this one's layer instead of writing it too."""
+    directory = ctx.cache_dir / "layers" / "0123456789abcdef"
+    ctx.layer = build.layer.PackageLayer(directory, ctx.cache_dir / "base.tar.gz", directory / "layer.tar.gz")
+    held = []
+
+    def fake_run(argv, **kw):
+        with open(ctx.layer.lock_path, "a") as lock_file:
+            try:
+                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                held.append(argv[0])
+
+    monkeypatch.setattr(build, "run", fake_run)
+    build.build_tree(ctx)
+    assert len(held) == 1 and held[0].endswith("disk-image-create")
 
 def test_move_into_place_moves_qcow2_last_and_replaces_old(ctx, tmp_path):
     assembled(ctx)

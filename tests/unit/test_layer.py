@@ -1,0 +1,159 @@
+"""Package layers: verified before use, aged from creation, one build at a time, restored inside the tree."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline import layer
+from pipeline.paths import ROOT
+
+ELEMENT = ROOT / "elements" / "kvm-package-layer"
+
+
+DAY = 24 * 3600
+
+
+def _save(tmp_path) -> layer.PackageLayer:
+    """A layer as a build that saved it leaves it: tarball and xattrs.json in place, finished."""
+    directory = tmp_path / "cache" / "layers" / "0123456789abcdef"
+    directory.mkdir(parents=True)
+    package_layer = layer.PackageLayer(directory, tmp_path / "cache" / "base.tar.gz", directory / "layer.tar.gz")
+    package_layer.tarball.write_bytes(b"the packages")
+    (directory / layer.XATTRS).write_text("{}")
+    package_layer.finish()
+    return package_layer
+
+
+@pytest.fixture
+def saved(tmp_path):
+    return _save(tmp_path)
+
+
+def test_a_finished_layer_is_used(saved):
+    assert saved.prepare()
+
+
+@pytest.mark.parametrize("damaged", ["tarball", "xattrs"])
+def test_a_damaged_layer_is_not_used(saved, damaged):
+    path = saved.tarball if damaged == "tarball" else saved.directory / layer.XATTRS
+    path.write_bytes(b"garbage")
+    assert not saved.prepare()
+    assert not (saved.directory / layer.RECORD).exists()
+
+
+def test_age_counts_from_creation_not_last_use(tmp_path, monkeypatch):
+    now = time.time()
+    monkeypatch.setattr(layer.time, "time", lambda: now - 6 * DAY)
+    package_layer = _save(tmp_path)
+    monkeypatch.setattr(layer.time, "time", lambda: now)
+    assert package_layer.prepare()  # six days old, and used: that must not make it younger
+    monkeypatch.setattr(layer.time, "time", lambda: now + 2 * DAY)
+    assert not package_layer.prepare()
+
+
+def test_a_layer_used_by_a_build_is_not_saved_again(saved, monkeypatch):
+    record = (saved.directory / layer.RECORD).read_text()
+    an_hour_later = time.time() + 3600
+    monkeypatch.setattr(layer.time, "time", lambda: an_hour_later)
+    assert saved.prepare()
+    saved.finish()
+    assert (saved.directory / layer.RECORD).read_text() == record
+
+
+def test_a_second_build_waits_for_the_first_and_uses_its_layer(saved, tmp_path):
+    """Two builds with one key: the second blocks on the layer's lock until the first is done."""
+    (saved.directory / layer.RECORD).unlink()
+    waiter = f"""
+from pathlib import Path
+from pipeline import layer
+package_layer = layer.PackageLayer(Path({str(saved.directory)!r}), Path({str(saved.base)!r}), Path({str(saved.tarball)!r}))
+print("waiting", flush=True)
+with package_layer.locked():
+    print(package_layer.prepare())
+"""
+    with saved.locked():
+        second = subprocess.Popen([sys.executable, "-c", waiter], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        assert second.stdout.readline() == "waiting\n"
+        time.sleep(0.5)
+        assert second.poll() is None  # waiting for the lock
+        assert not saved.prepare()  # the first build: no layer yet, it saves one
+        saved.tarball.write_bytes(b"the packages")
+        (saved.directory / layer.XATTRS).write_text("{}")
+        saved.finish()
+    assert second.communicate(timeout=30)[0] == "True\n"  # it starts from the first build's layer
+
+
+def test_prune_keeps_a_layer_in_use(saved):
+    with saved.locked():
+        layer.prune(saved.directory.parent, keep=0)
+    assert saved.directory.is_dir()
+    layer.prune(saved.directory.parent, keep=0)
+    assert not saved.directory.exists()
+
+
+def test_prune_keeps_the_most_recently_used(tmp_path):
+    layers = tmp_path / "layers"
+    for age, name in enumerate(["new", "used", "old"]):
+        (layers / name).mkdir(parents=True)
+        os.utime(layers / name, (time.time() - age * DAY,) * 2)
+    layer.prune(layers, keep=4)
+    assert sorted(p.name for p in layers.iterdir()) == ["new", "old", "used"]
+    layer.prune(layers, keep=2)
+    assert sorted(p.name for p in layers.iterdir()) == ["new", "used"]
+
+
+def test_the_store_hook_uses_a_temporary_file_of_its_own(tmp_path):
+    """Another build's temporary file beside the layer is neither overwritten nor moved."""
+    saved_tree, cache = tmp_path / "mnt/tmp/package-layer", tmp_path / "cache"
+    saved_tree.mkdir(parents=True)
+    cache.mkdir()
+    subprocess.run(["tar", "--create", "--file", saved_tree / "layer.tar", "--files-from", "/dev/null"], check=True)
+    (saved_tree / "xattrs.json").write_text("{}")
+    tarball = cache / "debootstrap-debian-bookworm-amd64.tar.gz"
+    others = cache / f"{tarball.name}.tmp"
+    others.write_text("another build's, half written")
+    env = {"PATH": os.environ["PATH"], "TMP_MOUNT_PATH": str(tmp_path / "mnt"), "DIB_IMAGE_CACHE": str(cache),
+           "DISTRO_NAME": "debian", "DIB_RELEASE": "bookworm", "ARCH": "amd64"}
+    subprocess.run([ELEMENT / "post-root.d/90-package-layer-store"], env=env, check=True)
+    assert others.read_text() == "another build's, half written"
+    assert subprocess.run(["tar", "--list", "--gzip", "--file", tarball], check=True).returncode == 0
+    assert sorted(p.name for p in cache.iterdir()) == sorted([tarball.name, others.name, "xattrs.json"])
+
+
+def _restore_xattrs(root: Path, dump: dict) -> subprocess.CompletedProcess:
+    """root.d/08-package-layer's restore, as that hook runs it (its Python, without sudo)."""
+    hook = (ELEMENT / "root.d/08-package-layer").read_text()
+    program = hook.split("<<'PYTHON'\n", 1)[1].split("\nPYTHON\n", 1)[0]
+    (root.parent / "xattrs.json").write_text(json.dumps(dump))
+    return subprocess.run([sys.executable, "-c", program, root, root.parent / "xattrs.json"],
+                          capture_output=True, text=True)
+
+
+XATTR = {"user.layer": "c2V0"}  # base64 of "set"
+
+
+@pytest.mark.parametrize("path", ["/../outside/file", "/usr/../../outside/file", "/link/file"])
+def test_restoring_xattrs_stays_inside_the_tree(tmp_path, path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "usr").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "file").write_text("not the image's")
+    (root / "link").symlink_to(outside)
+    restored = _restore_xattrs(root, {"/usr": XATTR, path: XATTR})
+    assert os.listxattr(outside / "file") == []
+    assert restored.returncode != 0
+    assert restored.stderr.strip().splitlines() == [f"{root.parent / 'xattrs.json'}: path {path!r} leaves the tree"]
+
+
+def test_restoring_xattrs_sets_them_inside_the_tree(tmp_path):
+    root = tmp_path / "root"
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "usr/bin/ping").write_text("")
+    restored = _restore_xattrs(root, {"/usr/bin/ping": XATTR, "/gone": XATTR})
+    assert restored.returncode == 0, restored.stderr
+    assert os.getxattr(root / "usr/bin/ping", "user.layer") == b"set"
