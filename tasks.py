@@ -31,8 +31,6 @@ class InterruptingLocal(Local):
         os.kill(self.process.pid, signal.SIGINT)
 
 
-
-
 def user_errors(function):
     """A PipelineError becomes one line on stderr and exit status 1; --debug keeps the traceback."""
 
