@@ -12,7 +12,9 @@ kinds. The site is rendered once per loader:
   (the tree's root). QEMU's TFTP keeps no log: the proof is the serial console, where the loader
   shows itself and the node's own configuration (their default configurations boot no installer).
 
-Either way the kernel starts with the node's own kickstart URL on its command line.
+Either way the kernel starts with the node's own kickstart URL on its command line. While iPXE
+fetches over HTTP, 500 slow clients hold connections to the same server (each sends half a request
+line and waits; one the server drops is replaced at once): the node's fetches must still complete.
 
 What boots is our installer (the netboot image `installer`); what is proved here is the chain
 up to its kernel running with the node's own kickstart URL. The install itself is test_deploy.py's.
@@ -20,7 +22,13 @@ up to its kernel running with the node's own kickstart URL. The install itself i
 
 from __future__ import annotations
 
+import resource
+import socket
+import threading
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -38,10 +46,86 @@ def site(pytestconfig, spec, artifacts, installer, output_dir, request):
         yield served
 
 
+SLOW_CLIENTS = 500
+SLOW_START = b"GET /boot.ipxe HT"  # half a request line, never finished
+
+
+class SlowClients:
+    """count connections to port on loopback, each sending SLOW_START and then nothing; one the
+    server closes is replaced, so the server is never without count of them."""
+
+    def __init__(self, port: int, count: int):
+        self.port, self.count = port, count
+        self.open: list[socket.socket] = []
+        self.replaced = 0
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._hold, name="slow-clients", daemon=True)
+
+    def _connect(self) -> socket.socket:
+        conn = socket.create_connection(("127.0.0.1", self.port), timeout=5)
+        conn.sendall(SLOW_START)
+        conn.setblocking(False)
+        return conn
+
+    def closed_by_server(self, conn: socket.socket) -> bool:
+        try:
+            return conn.recv(1) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+    def _hold(self) -> None:
+        while not self.stopping.wait(0.5):
+            for index, conn in enumerate(self.open):
+                if self.closed_by_server(conn):
+                    conn.close()
+                    self.open[index] = self._connect()
+                    self.replaced += 1
+
+    def __enter__(self) -> SlowClients:
+        self.open = [self._connect() for _ in range(self.count)]
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=30)
+        for conn in self.open:
+            conn.close()
+
+
+@contextmanager
+def files_for(sockets: int) -> Iterator[None]:
+    """Enough file descriptors for the clients' sockets and the server's ends of them."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 2 * sockets + 256
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        pytest.fail(f"the hard limit on open files ({hard}) is below {wanted}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 @pytest.fixture(scope="module", params=list(Firmware), ids=str)
 def booted(site, request) -> pxeboot.BootResult:
-    """One network boot per firmware; QEMU is stopped once the kernel has printed its command line."""
-    result = pxeboot.boot(site, request.param)
+    """One network boot per firmware; QEMU is stopped once the kernel has printed its command line.
+    With iPXE, the boot fetches over HTTP while SLOW_CLIENTS hold connections to the server."""
+    if site.loader is not Loader.IPXE:
+        return _boot(site, request.param)
+    with files_for(SLOW_CLIENTS), SlowClients(urlsplit(site.base_url).port, SLOW_CLIENTS) as slow:
+        result = _boot(site, request.param)
+        still_open = sum(not slow.closed_by_server(conn) for conn in slow.open)
+    print(f"{SLOW_CLIENTS} slow clients held during the boot ({slow.replaced} replaced after the server "
+          f"dropped them); {still_open} open at its end")
+    assert still_open >= SLOW_CLIENTS // 2, "the slow clients were not holding connections during the boot"
+    return result
+
+
+def _boot(site, firmware: Firmware) -> pxeboot.BootResult:
+    result = pxeboot.boot(site, firmware)
     print(f"\nPXE boot ({result.firmware}, {result.loader}): VM start to the kernel running with its kickstart URL: "
           f"{result.seconds} s; console log {result.console}")
     return result
