@@ -43,7 +43,7 @@ DEFAULT_TARGET = "RHEL9"
 # What liveimg installs: the root tree as a tarball with its SELinux labels (pipeline.liveimg),
 # build/ROLE/ROLE.tar.gz at BASE_URL/ROLE/, and the build-info.json key with its sha256.
 LIVEIMG = ("{role}.tar.gz", "liveimg_sha256")
-SHA256 = re.compile(r"^[0-9a-f]{64}$")
+SHA256 = re.compile(r"[0-9a-f]{64}")
 LINE = re.compile(r"\bline (\d+)\b")
 
 
@@ -110,7 +110,7 @@ def _built_liveimage(image: ImageSpec, build_dir: Path, verify_key: str | None) 
                             f"run ./inv build {image.name}") from None
     except (json.JSONDecodeError, AttributeError):
         raise PipelineError(f"role {image.name!r}: {info}: not a JSON object") from None
-    if not isinstance(sha256, str) or not SHA256.match(sha256):
+    if not isinstance(sha256, str) or not SHA256.fullmatch(sha256):
         raise PipelineError(f"role {image.name!r}: {info} has no {key} (the sha256 of {file}): "
                             f"run ./inv build {image.name}")
     return LiveImage(file, sha256, art.directory)

@@ -40,7 +40,7 @@ INSTALL_DEADLINE = 1200           # power-on to /status/NODE/ok|fail; 4-6 min un
 SSH_DEADLINE = 600                # reboot to SSH on the installed system
 POLL = 1.0
 POST_MARKER = "/etc/kvmpipe-post-marker"
-STATUS = re.compile(r"^/status/(?P<node>[^/?]+)/(?P<outcome>ok|fail)(?:\?reason=(?P<reason>.*))?$")
+STATUS = re.compile(r"/status/(?P<node>[^/?]+)/(?P<outcome>ok|fail)(?:\?reason=(?P<reason>.*))?")
 # A cloud-init seed on a USB stick, as an attacker would plug one into a compute node: a new user
 # with this key, and the key for the default user. Only the public half was ever kept.
 SEED_STICK_USER = "intruder"
@@ -264,7 +264,7 @@ class Node(QemuMachine):
         except FileNotFoundError:
             return None
         for request in parse_access_log(text):
-            found = STATUS.match(request.path)
+            found = STATUS.fullmatch(request.path)
             if found and found["node"] == self.spec.name:
                 return found["outcome"], found["reason"] or ""
         return None
