@@ -41,10 +41,10 @@ SSH_DEADLINE = 600                # reboot to SSH on the installed system
 POLL = 1.0
 POST_MARKER = "/etc/kvmpipe-post-marker"
 STATUS = re.compile(r"/status/(?P<node>[^/?]+)/(?P<outcome>ok|fail)(?:\?reason=(?P<reason>.*))?")
-# A cloud-init seed on a USB stick, as an attacker would plug one into a compute node: a new user
-# with this key, and the key for the default user. Only the public half was ever kept.
-SEED_STICK_USER = "intruder"
-SEED_STICK_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA2kbsDwOLygyff05Vvu9LyBkPza2ptIaOsbL9BExqJv seed-stick"
+# A cloud-init seed on a disk an attacker put in a compute node's drive bay (or a volume a guest
+# wrote): a new user with this key, and the key for the default user. Only the public half was kept.
+SEED_DISK_USER = "intruder"
+SEED_DISK_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA2kbsDwOLygyff05Vvu9LyBkPza2ptIaOsbL9BExqJv seed-disk"
 # The installer prints each step's start and end: "installer: NAME done in S s".
 STEP_DONE = re.compile(r"installer: (?P<step>.+?) done in (?P<seconds>[\d.]+) s")
 
@@ -70,7 +70,7 @@ class NodeSpec:
     disks: tuple[Disk, ...]
     kernel_args: tuple[str, ...] = ()
     cache: dict | None = None   # the inventory's cache table
-    seed_stick: Datasource | None = None  # a USB stick with a cloud-init seed, plugged in from power-on
+    seed_disk: Datasource | None = None  # a SATA disk with a cloud-init seed, in from power-on
     memory_mib: int = 3072      # the installer keeps the liveimg in RAM until it is verified
 
     @property
@@ -96,9 +96,9 @@ def _toml_inline(table: dict) -> str:
 UEFI_NODE = NodeSpec("deploy-uefi", "52:54:00:de:00:01", Firmware.UEFI, f"{SUBNET_PREFIX}.21",
                      (Disk("vda", 8), Disk("vdb", 3), Disk("nvme0n1", 1)), kernel_args=("panic=60",),
                      cache={"ssd": "nvme0n1", "data": "vdb", "size_mib": 512, "mode": "writeback"},
-                     seed_stick=Datasource.CONFIG_DRIVE)
+                     seed_disk=Datasource.CONFIG_DRIVE)
 BIOS_NODE = NodeSpec("deploy-bios", "52:54:00:de:00:02", Firmware.BIOS, f"{SUBNET_PREFIX}.22", (Disk("vda", 8),),
-                     kernel_args=("panic=61",), seed_stick=Datasource.NOCLOUD)
+                     kernel_args=("panic=61",), seed_disk=Datasource.NOCLOUD)
 BAD_CHECKSUM_NODE = NodeSpec("deploy-badsum", "52:54:00:de:00:03", Firmware.BIOS, f"{SUBNET_PREFIX}.23",
                              (Disk("vda", 8),))
 UNSUPPORTED_NODE = NodeSpec("deploy-unsupported", "52:54:00:de:00:04", Firmware.UEFI, f"{SUBNET_PREFIX}.24",
@@ -187,25 +187,27 @@ class Node(QemuMachine):
         return self.workdir / f"{disk.name}.qcow2"
 
     @property
-    def seed_stick(self) -> Path:
-        return self.workdir / "seed-stick.img"
+    def seed_disk(self) -> Path:
+        return self.workdir / "seed-disk.img"
 
-    def write_seed_stick(self) -> None:
-        """The stick's seed (config-2 or CIDATA), as cloud-init would take it on a cloud image."""
-        user_data = cloud_config({"users": ["default", {"name": SEED_STICK_USER, "shell": "/bin/bash",
-                                                        "ssh_authorized_keys": [SEED_STICK_KEY]}],
-                                  "ssh_authorized_keys": [SEED_STICK_KEY]})
-        self.seed_stick.unlink(missing_ok=True)
-        if self.spec.seed_stick is Datasource.CONFIG_DRIVE:
-            config_drive(self.seed_stick, SEED_STICK_KEY, user_data)
+    def write_seed_disk(self) -> None:
+        """The disk's seed (config-2 or CIDATA), as cloud-init would take it on a cloud image."""
+        user_data = cloud_config({"users": ["default", {"name": SEED_DISK_USER, "shell": "/bin/bash",
+                                                        "ssh_authorized_keys": [SEED_DISK_KEY]}],
+                                  "ssh_authorized_keys": [SEED_DISK_KEY]})
+        self.seed_disk.unlink(missing_ok=True)
+        if self.spec.seed_disk is Datasource.CONFIG_DRIVE:
+            config_drive(self.seed_disk, SEED_DISK_KEY, user_data)
         else:
-            nocloud_seed(self.seed_stick, user_data)
+            nocloud_seed(self.seed_disk, user_data)
 
-    def seed_stick_argv(self) -> list[str]:
-        """Not in the boot order: the firmware boots the disk or the network, as on a real node."""
-        return ["-device", "qemu-xhci,id=usb",
-                "-drive", f"file={self.seed_stick},if=none,id=stick,format=raw,readonly=on",
-                "-device", "usb-storage,bus=usb.0,drive=stick,removable=on"]
+    def seed_disk_argv(self) -> list[str]:
+        """On q35's own SATA controller, which the initramfs probes before the root is mounted: a USB
+        stick may come up after cloud-init has looked (seen here), which would prove nothing. Not in
+        the boot order: the firmware boots the node's disk or the network. snapshot: the node's
+        writes (SATA disks cannot be read-only) go nowhere."""
+        return ["-drive", f"file={self.seed_disk},if=none,id=seed,format=raw,snapshot=on",
+                "-device", "ide-hd,bus=ide.2,drive=seed"]
 
     def qemu_argv(self) -> list[str]:
         """The node's disks first in the boot order, its NIC second: a blank disk falls through to the
@@ -227,8 +229,8 @@ class Node(QemuMachine):
                 argv += ["-device", f"nvme,drive=d{index},serial=deploy{index}"]
             else:
                 argv += ["-device", f"virtio-blk-pci,drive=d{index}" + (",bootindex=1" if index == 0 else "")]
-        if self.spec.seed_stick:
-            argv += self.seed_stick_argv()
+        if self.spec.seed_disk:
+            argv += self.seed_disk_argv()
         return argv + firmware_argv(self.spec.firmware, self.workdir)
 
     def start(self) -> None:
@@ -238,8 +240,8 @@ class Node(QemuMachine):
             tools.require_files(OVMF_CODE, OVMF_VARS)
         for disk in self.spec.disks:  # blank, as a new machine's
             run(["qemu-img", "create", "-q", "-f", "qcow2", self.disk(disk), f"{disk.size_gib}G"])
-        if self.spec.seed_stick:
-            self.write_seed_stick()
+        if self.spec.seed_disk:
+            self.write_seed_disk()
         self.port = _free_port()
         self.ssh_config.write_text(ssh_config("node", self.port, "root", self.site.key))
         self.console.unlink(missing_ok=True)

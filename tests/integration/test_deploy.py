@@ -7,7 +7,7 @@ proof of each node's fetches and of the installer's report.
   it also runs the host image's own live tests (libvirt's SELinux secmodel, sVirt, the bridges,
   a ping across br-int).
 - deploy-bios: one disk.
-- both: a USB stick with a cloud-init seed plugged in from power-on, which the installed host ignores.
+- both: a SATA disk with a cloud-init seed in from power-on, which the installed host ignores.
 - deploy-badsum and deploy-unsupported: a kickstart with a wrong liveimg checksum and one with a
   command the installer does not implement; both must fail before any disk is written.
 """
@@ -150,16 +150,17 @@ def test_kickstart_system_settings_and_post_took_effect(node):
     assert host.check_output(f"restorecon -n -v {nodes.POST_MARKER}") == ""
 
 
-def test_a_cloud_init_seed_stick_gives_the_installed_host_nothing(node):
-    """Each installed node has had a USB stick in since power-on, a seed cloud-init takes on a cloud
-    image (config-2 on one node, CIDATA on the other) with a new user and a key for the default
-    user. The host sees the stick, and neither the user nor the key is anywhere; cloud-init is off."""
+def test_a_cloud_init_seed_disk_gives_the_installed_host_nothing(node):
+    """Each installed node has had a seed disk in since power-on, one cloud-init takes on a cloud
+    image (config-2 on one node, CIDATA on the other; the host image booted with such a disk let the
+    new user in) with a new user and a key for the default user. The host sees the disk, and neither
+    the user nor the key is anywhere; cloud-init is off."""
     host = remote(node)
     labels = host.check_output("blkid --output value --match-tag LABEL").lower().split()
-    assert {Datasource.CONFIG_DRIVE: "config-2", Datasource.NOCLOUD: "cidata"}[node.spec.seed_stick] \
+    assert {Datasource.CONFIG_DRIVE: "config-2", Datasource.NOCLOUD: "cidata"}[node.spec.seed_disk] \
         in labels, labels
-    assert host.run(f"getent passwd {nodes.SEED_STICK_USER}").rc == 2  # no such user
-    key = nodes.SEED_STICK_KEY.split()[1]
+    assert host.run(f"getent passwd {nodes.SEED_DISK_USER}").rc == 2  # no such user
+    key = nodes.SEED_DISK_KEY.split()[1]
     found = host.run(f"grep -rlF {key} /root /home /etc/ssh")
     assert found.rc == 1, found.stdout  # 1: in no file
     assert not host.file("/var/lib/cloud/instance").exists
