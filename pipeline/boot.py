@@ -110,6 +110,13 @@ def accelerator() -> tuple[str, str]:
     return ("kvm", "host") if kvm_works() else ("tcg", "max")
 
 
+def remove_private_keys(directory: Path) -> None:
+    """Remove the private keys new_ssh_key made in directory (id_NAME), keeping their public halves."""
+    for key in Path(directory).glob(f"{PRIVATE_KEY_PREFIX}*"):
+        if key.suffix != ".pub":
+            key.unlink(missing_ok=True)
+
+
 def new_ssh_key(path: Path, comment: str) -> str:
     """A fresh passwordless ed25519 key pair at PATH (and PATH.pub); returns the public key."""
     run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", path])
@@ -256,9 +263,7 @@ class VM(QemuMachine):
         with the VM gone they open nothing, and a kept workdir (a failed run's console log, seed
         and public keys, for debugging) must not hold a secret."""
         super().stop()
-        for key in self.workdir.glob(f"{PRIVATE_KEY_PREFIX}*"):
-            if key.suffix != ".pub":
-                key.unlink(missing_ok=True)
+        remove_private_keys(self.workdir)
 
     def start(self) -> None:
         tools.require(*tools.BOOT_TOOLS)

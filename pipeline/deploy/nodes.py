@@ -25,7 +25,8 @@ from typing import Iterator
 
 from .. import tools
 from ..boot import (OVMF_CODE, OVMF_VARS, UPLINK_SLOT, Datasource, Firmware, QemuMachine, _free_port, accelerator,
-                    cloud_config, config_drive, firmware_argv, new_ssh_key, nocloud_seed, ssh_config)
+                    cloud_config, config_drive, firmware_argv, new_ssh_key, nocloud_seed, remove_private_keys,
+                    ssh_config)
 from ..errors import PipelineError
 from ..progress import say
 from ..run import run, start
@@ -142,7 +143,7 @@ def serving_site(role: str, spec_file: Path, build_dir: Path, workdir: Path,
                  nodes: tuple[NodeSpec, ...] = NODES) -> Iterator[Site]:
     """Render the deploy inventory's tree from the built role and installer, and serve it with
     nginx on the loopback port its base_url names. The tree (hard links) is removed on leaving;
-    the access log is kept in workdir."""
+    the access log is kept in workdir, and the nodes' root key is removed."""
     workdir = Path(workdir).resolve()
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
@@ -163,6 +164,7 @@ def serving_site(role: str, spec_file: Path, build_dir: Path, workdir: Path,
         if (tree.directory / pxe.ACCESS_LOG).is_file():
             shutil.copyfile(tree.directory / pxe.ACCESS_LOG, workdir / pxe.ACCESS_LOG)
         shutil.rmtree(tree.directory, ignore_errors=True)
+        remove_private_keys(workdir)
 
 
 @dataclass
