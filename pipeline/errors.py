@@ -29,6 +29,19 @@ class ToolMissing(PipelineError):
     """A host command is not installed."""
 
 
+def exit_status(returncode: int) -> str:
+    """How a command ended, as a reader wants it: "exit 2", or "killed by SIGTERM" where
+    subprocess reports a signal as a negative return code."""
+    if returncode >= 0:
+        return f"exit {returncode}"
+    import signal
+
+    try:
+        return f"killed by {signal.Signals(-returncode).name}"
+    except ValueError:
+        return f"killed by signal {-returncode}"
+
+
 class CommandFailed(PipelineError):
     """A subprocess exited non-zero."""
 
@@ -37,7 +50,7 @@ class CommandFailed(PipelineError):
 
         self.argv = argv
         self.returncode = returncode
-        message = f"command failed (exit {returncode}): {shlex.join(argv)}"
+        message = f"command failed ({exit_status(returncode)}): {shlex.join(argv)}"
         if detail:
             message += f": {detail}"
         super().__init__(message)

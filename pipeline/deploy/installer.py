@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import quote, urlsplit
 
-from ..errors import PipelineError
+from ..errors import PipelineError, exit_status
 from ..liveimg import ANACONDA_EXTRACT
 from ..run import run
 
@@ -498,7 +498,7 @@ class Installer:
             result = self.chroot([interpreter, script], check=False)
             (self.target / script.lstrip("/")).unlink()
             if result.returncode != 0 and error_on_fail:
-                raise InstallError(f"%post number {index} failed (exit {result.returncode}): "
+                raise InstallError(f"%post number {index} failed ({exit_status(result.returncode)}): "
                                    f"{result.stderr.strip()[-300:]}")
 
     # -- helpers

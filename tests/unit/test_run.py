@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.errors import CommandFailed
 from pipeline.paths import ROOT
 
 # A driver as ./inv runs one: tasks.py loaded, then a task waiting on a long child of the gateway.
@@ -108,3 +109,12 @@ def test_sigterm_during_inv_test_reaches_pytest(tmp_path, whom):
         if child and not _gone(child):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("script, ending", [("exit 3", "(exit 3)"), ("kill -TERM $$", "(killed by SIGTERM)")])
+def test_a_failed_command_says_how_it_ended(script, ending):
+    from pipeline import run as gateway
+
+    with pytest.raises(CommandFailed) as failed:
+        gateway.run(["sh", "-c", script])
+    assert str(failed.value).startswith(f"command failed {ending}: sh -c ")
