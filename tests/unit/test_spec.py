@@ -1,5 +1,6 @@
 """Spec loading: good specs become typed objects; each bad one is refused naming file, image and key."""
 
+import re
 import textwrap
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import pytest
 
 from pipeline import spec
 from pipeline.errors import SpecError
+from pipeline.paths import SPEC_FILE
 
 GOOD = """
 default = "g"
@@ -177,3 +179,10 @@ def test_image_names_are_safe_names(tmp_path, name):
 
 def test_the_project_image_names_are_safe():
     assert {"host-image", "guest-image", "installer"} <= set(spec.load().images)
+
+
+def test_the_key_documentation_in_images_toml_names_every_key_and_no_other():
+    """The comment block at the top of images.toml documents spec.KEYS, one `#   KEY  text` line each."""
+    header = SPEC_FILE.read_text().split("\n\n", 1)[0]
+    documented = re.findall(r"^#   ([a-z_]+)\s{2,}\S", header, re.MULTILINE)
+    assert sorted(documented) == sorted(spec.KEYS)
