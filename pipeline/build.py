@@ -300,12 +300,7 @@ def configure_boot(ctx: BuildContext) -> None:
     disk.create_mount_points(ctx.tree)
     disk.write_fstab(ctx.tree, ctx.layout)
     bootloader.install_modules(ctx.tree)
-    bootloader.write_config(ctx.tree, ctx.kernel, ctx.layout.root_uuid, kernel_cmdline(ctx.spec))
-
-
-def kernel_cmdline(spec: ImageSpec) -> list[str]:
-    # Debian's kernel starts AppArmor unless told otherwise.
-    return ["security=selinux", "selinux=1", *spec.kernel_args]
+    bootloader.write_config(ctx.tree, ctx.kernel, ctx.layout.root_uuid, ctx.spec.kernel_cmdline)
 
 
 def relabel(ctx: BuildContext) -> None:
@@ -376,7 +371,7 @@ def move_into_place(ctx: BuildContext) -> None:
     }
     if not ctx.spec.is_netboot:
         info |= {
-            "kernel_cmdline": kernel_cmdline(ctx.spec),
+            "kernel_cmdline": ctx.spec.kernel_cmdline,
             "root_uuid": ctx.layout.root_uuid,
             "esp_uuid": ctx.layout.esp_uuid,
             "qcow2_sha256": sums[art.qcow2.name],

@@ -29,7 +29,7 @@ HOST_ELEMENT = "kvm-host"
 IMAGE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 PACKAGE_NAME = re.compile(r"[a-z0-9][a-z0-9+.-]+")
 KERNEL_ARG = re.compile(r"[A-Za-z0-9_.,:=/+@-]+")
-# The pipeline puts SELinux on every image's command line (build.kernel_cmdline): these keys would
+# The pipeline puts SELinux on every image's command line (ImageSpec.kernel_cmdline): these keys would
 # override it (selinux=0, enforcing=0) or start another security module first (lsm=, security=).
 SELINUX_KEYS = ("selinux", "enforcing", "lsm", "security")
 SIZE = re.compile(r"(\d+)\s*(MiB|GiB|M|G)")
@@ -119,6 +119,13 @@ class ImageSpec:
     @property
     def is_kvm_host(self) -> bool:
         return HOST_ELEMENT in element_closure(self.elements, self.element_dirs)
+
+    @property
+    def kernel_cmdline(self) -> list[str]:
+        """What the image's kernel is started with: the build writes it into GRUB's config, the
+        deploy tree into each node's kickstart."""
+        # Debian's kernel starts AppArmor unless told otherwise.
+        return ["security=selinux", "selinux=1", *self.kernel_args]
 
     def to_json(self) -> dict[str, Any]:
         # Paths and enums become strings, tuples lists: plain JSON data.

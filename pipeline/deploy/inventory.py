@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import spec as specs
-from ..build import kernel_cmdline
 from ..errors import InventoryError
 from ..paths import SPEC_FILE
 
@@ -123,7 +122,7 @@ class Inventory:
 
     def kernel_args(self, node: Node) -> tuple[str, ...]:
         """The role's kernel command line, as the build puts it on GRUB's linux line, then the node's."""
-        return (*kernel_cmdline(self.image(node)), *node.kernel_args)
+        return (*self.image(node).kernel_cmdline, *node.kernel_args)
 
     def tuned_profile(self, node: Node) -> str:
         return node.tuned_profile or self.image(node).tuned_profile

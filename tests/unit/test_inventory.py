@@ -9,7 +9,6 @@ import pytest
 
 from pipeline import spec
 from pipeline.deploy import inventory, kickstart
-from pipeline.build import kernel_cmdline
 from pipeline.errors import InventoryError, SpecError
 from pipeline.paths import ROOT
 
@@ -74,8 +73,8 @@ def test_kernel_args_and_tuned_profile_come_from_the_role_then_the_node(tmp_path
     loaded = inventory.load(path)
     image = spec.load().get("host-image")
     n1, n2 = loaded.nodes.values()
-    assert loaded.kernel_args(n1) == (*kernel_cmdline(image), "hugepages=16")
-    assert loaded.kernel_args(n2) == tuple(kernel_cmdline(image))
+    assert loaded.kernel_args(n1) == (*image.kernel_cmdline, "hugepages=16")
+    assert loaded.kernel_args(n2) == tuple(image.kernel_cmdline)
     assert set(image.kernel_args) <= set(loaded.kernel_args(n2))
     assert loaded.tuned_profile(n1) == "kvm-guest"
     assert loaded.tuned_profile(n2) == image.tuned_profile == "openstack-compute"

@@ -13,7 +13,6 @@ from pykickstart.version import makeVersion
 
 from pipeline import spec
 from pipeline.deploy import inventory, kickstart
-from pipeline.build import kernel_cmdline
 from pipeline.errors import InventoryError, PipelineError
 from pipeline.paths import ROOT
 
@@ -62,8 +61,8 @@ def test_kernel_args_and_tuned_profile_from_images_toml_plus_overrides(example, 
     kickstart.render_all(example, tmp_path, liveimgs=FAKE)
     host = spec.load().get("host-image")
     compute1, compute2 = parsed(tmp_path / "compute1.ks"), parsed(tmp_path / "compute2.ks")
-    assert compute1.bootloader.appendLine == " ".join([*kernel_cmdline(host), "hugepagesz=1G", "hugepages=16"])
-    assert compute2.bootloader.appendLine == " ".join(kernel_cmdline(host))
+    assert compute1.bootloader.appendLine == " ".join([*host.kernel_cmdline, "hugepagesz=1G", "hugepages=16"])
+    assert compute2.bootloader.appendLine == " ".join(host.kernel_cmdline)
     assert "intel_iommu=on" in compute2.bootloader.appendLine  # from images.toml, not a copy
     assert compute1.scripts[0].script.splitlines()[1] == f"profile={host.tuned_profile}"
     assert "echo manual > /etc/tuned/profile_mode" in compute1.scripts[0].script
