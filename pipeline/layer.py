@@ -23,7 +23,6 @@ prepare() to finish(), so a second build with the same key waits, then starts fr
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -33,7 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import atomic
+from . import atomic, locking
 from .inputs import PIPELINE_ELEMENTS, Element, dib_version, resolved_elements, tree_digest
 from .manifest import sha256
 from .spec import ImageSpec
@@ -41,6 +40,9 @@ from .spec import ImageSpec
 ELEMENT, = PIPELINE_ELEMENTS  # kvm-package-layer
 MAX_AGE = 7 * 24 * 3600
 KEEP = 4  # layers kept in the cache, most recently used first
+# The holder runs diskimage-builder, a few minutes (a cold build's tree: under 4 on the benchmark
+# machine); waiting an hour means that build is stuck, and this one should not wait on.
+LOCK_TIMEOUT = 3600
 RECORD = "layer.json"
 XATTRS = "xattrs.json"
 # What runs up to and during package installation, in an element's tree.
@@ -98,7 +100,7 @@ class PackageLayer:
     def locked(self) -> Iterator[None]:
         """Hold the layer's lock: a second build with the same key waits here."""
         self.directory.parent.mkdir(parents=True, exist_ok=True)
-        with _lock(self.lock_path, wait=True):
+        with locking.lock_or_wait(self.lock_path, f"package layer {self.directory.name}", LOCK_TIMEOUT):
             yield
 
     def prepare(self) -> bool:
@@ -150,33 +152,13 @@ def _lock_path(directory: Path) -> Path:
     return directory.with_name(directory.name + ".lock")
 
 
-@contextlib.contextmanager
-def _lock(path: Path, wait: bool) -> Iterator[bool]:
-    """flock `path` (created if need be); yields False if not waiting and another holds it.
-    prune removes a lock file while holding it: a lock taken on a removed file is taken again."""
-    while True:
-        with open(path, "a") as lock_file:
-            try:
-                fcntl.flock(lock_file, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            except BlockingIOError:
-                yield False
-                return
-            try:
-                current = os.stat(path)
-            except FileNotFoundError:
-                continue
-            if os.path.samestat(current, os.fstat(lock_file.fileno())):
-                yield True
-                return
-
-
 def prune(layers: Path, keep: int = KEEP) -> None:
     """Remove all but the `keep` most recently used layers; never one a build holds."""
     used = sorted(((d / RECORD).stat().st_mtime if (d / RECORD).is_file() else d.stat().st_mtime, d)
                   for d in layers.iterdir() if d.is_dir())
     for _, directory in used[:max(len(used) - keep, 0)]:
         lock_path = _lock_path(directory)
-        with _lock(lock_path, wait=False) as free:
+        with locking.try_lock(lock_path) as free:
             if free:
                 shutil.rmtree(directory, ignore_errors=True)
                 lock_path.unlink()

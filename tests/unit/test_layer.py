@@ -77,15 +77,17 @@ with package_layer.locked():
     print(package_layer.prepare())
 """
     with saved.locked():
-        second = subprocess.Popen([sys.executable, "-c", waiter], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        second = subprocess.Popen([sys.executable, "-c", waiter], cwd=ROOT, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
         assert second.stdout.readline() == "waiting\n"
-        time.sleep(0.5)
+        # It says for whom it waits: this process, the first build.
+        assert second.stderr.readline() == f"waiting for package layer {saved.directory.name} (held by pid {os.getpid()})\n"
         assert second.poll() is None  # waiting for the lock
         assert not saved.prepare()  # the first build: no layer yet, it saves one
         saved.tarball.write_bytes(b"the packages")
         (saved.directory / layer.XATTRS).write_text("{}")
         saved.finish()
-    assert second.communicate(timeout=30)[0] == "True\n"  # it starts from the first build's layer
+    assert second.communicate(timeout=30) == ("True\n", "")  # it starts from the first build's layer
 
 
 def test_prune_keeps_a_layer_in_use(saved):
