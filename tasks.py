@@ -407,8 +407,8 @@ def publish(c, image, spec_file=None, output_dir=str(DEFAULT_OUTPUT), target=str
     Refused, with nothing written, unless the offline check and the boot test passed on this very
     qcow2 and every artifact still matches its build-time sha256. A version already published is
     kept as it is (versions are immutable) and latest points at it."""
-    from pipeline import build as builder
     from pipeline import publish as publisher
+    from pipeline.artifacts import artifacts_for
 
     loaded = specs.load(Path(spec_file) if spec_file else SPEC_FILE)
     if image == "all" and "all" not in loaded.images:
@@ -416,7 +416,7 @@ def publish(c, image, spec_file=None, output_dir=str(DEFAULT_OUTPUT), target=str
     else:
         images = [_disk_image(loaded.get(name), "publish") for name in image.split(",")]
     for spec in images:
-        result = publisher.publish(builder.artifacts_for(spec, Path(output_dir)).directory, spec.name, target,
+        result = publisher.publish(artifacts_for(spec, Path(output_dir)).directory, spec.name, target,
                                    key=key, gnupg_home=Path(gnupg_home) if gnupg_home else None,
                                    retention=int(retention), ssh_options=ssh_option or [])
         print(result.location)
@@ -446,6 +446,7 @@ def ci(c, spec_file=None, output_dir=str(DEFAULT_OUTPUT), cache_dir=str(DEFAULT_
     Stops at the first failure; an image is published only after all of its steps passed."""
     from pipeline import build as builder
     from pipeline import publish as publisher
+    from pipeline.artifacts import BOOT_TEST, artifacts_for
     from pipeline.progress import say, step
 
     publisher.require_key(key, Path(gnupg_home) if gnupg_home else None)  # fail before hours of work
@@ -458,8 +459,8 @@ def ci(c, spec_file=None, output_dir=str(DEFAULT_OUTPUT), cache_dir=str(DEFAULT_
                 continue
             if timings.seconds:
                 _run_check(spec, Path(output_dir))
-            art = builder.artifacts_for(spec, Path(output_dir))
-            if art.passed(art.boot_report):
+            art = artifacts_for(spec, Path(output_dir))
+            if art.passed(BOOT_TEST):
                 say(f"boot test already passed on this {art.qcow2.name}")
             else:
                 firmware = "uefi" if spec.is_kvm_host else "both"

@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from . import boot, build, inspect, tools
+from . import artifacts, boot, build, inspect, tools
 from .paths import BOOT_TESTS, ROOT
 from .progress import say, step
 from .run import run
@@ -55,7 +55,7 @@ class MemorySampler:
 
 def dib_alone(spec: ImageSpec, work: Path, cache: Path) -> float:
     """The same tree from disk-image-create alone (-t tar: its disk formats need kpartx)."""
-    ctx = build.BuildContext(spec=spec, artifacts=build.artifacts_for(spec, work), cache_dir=cache,
+    ctx = build.BuildContext(spec=spec, artifacts=artifacts.artifacts_for(spec, work), cache_dir=cache,
                              work=work / "dib-alone", log=work / "dib-alone.log",
                              profile_dirs=build.profile_chain(spec, cache))
     ctx.work.mkdir(parents=True)
@@ -205,7 +205,7 @@ def changed_elements(spec: ImageSpec, scratch: Path) -> ImageSpec:
     return replace(spec, element_dirs=(copy, *spec.element_dirs))
 
 
-def _timed_build(spec: ImageSpec, out: Path, cache: Path, force: bool = False) -> tuple[build.Artifacts, float]:
+def _timed_build(spec: ImageSpec, out: Path, cache: Path, force: bool = False) -> tuple[artifacts.Artifacts, float]:
     started = time.monotonic()
     art, _ = build.build(spec, out, cache, force=force)
     return art, round(time.monotonic() - started, 1)

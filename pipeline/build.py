@@ -23,6 +23,7 @@ from pathlib import Path
 import pykickstart
 
 from . import bootloader, disk, inputs, layer, liveimg, manifest, netboot, profiles, selinux, tools
+from .artifacts import CHECK, Artifacts, artifacts_for
 from .errors import PipelineError
 from .inputs import PIPELINE_SOURCES
 from .manifest import sha256
@@ -33,80 +34,6 @@ from .spec import ImageSpec, OutputFormat
 MIRROR_TIMEOUT = 15
 # DIB names each phase's hook directory as it runs it: root.d, install.d, finalise.d, ...
 DIB_PHASE = re.compile(r"(?:hooks|in_target\.d)/([a-z-]+\.d)\b")
-
-
-@dataclass(frozen=True)
-class Artifacts:
-    """Where a finished image's files live: build/NAME/..."""
-
-    directory: Path
-    name: str
-
-    @property
-    def qcow2(self) -> Path:
-        return self.directory / f"{self.name}.qcow2"
-
-    @property
-    def raw(self) -> Path:
-        return self.directory / f"{self.name}.raw"
-
-    @property
-    def kernel(self) -> Path:
-        return self.directory / f"{self.name}.vmlinuz"
-
-    @property
-    def initrd(self) -> Path:
-        return self.directory / f"{self.name}.initrd"
-
-    @property
-    def liveimg(self) -> Path:
-        """The root tree as a tarball for Anaconda's liveimg (pipeline.liveimg)."""
-        return self.directory / f"{self.name}{liveimg.SUFFIX}"
-
-    @property
-    def info(self) -> Path:
-        return self.directory / "build-info.json"
-
-    @property
-    def manifest(self) -> Path:
-        return self.directory / "manifest.json"
-
-    @property
-    def packages(self) -> Path:
-        """A copy of the image's dpkg database: the SBOM is made from it."""
-        return self.directory / f"{self.name}.dpkg-status"
-
-    @property
-    def files(self) -> Path:
-        """The tree's file list (pipeline.manifest), for comparing two builds."""
-        return self.directory / f"{self.name}.files.tsv"
-
-    @property
-    def check_report(self) -> Path:
-        return self.directory / "check.json"
-
-    @property
-    def boot_report(self) -> Path:
-        return self.directory / "boot-test.json"
-
-    @property
-    def logs(self) -> Path:
-        return self.directory / "logs"
-
-    def passed(self, report: Path) -> bool:
-        """Whether a verdict (check_report, boot_report) says passed, about this build's qcow2."""
-        verdict, built = _read_json(report), _read_json(self.info).get("qcow2_sha256")
-        return verdict.get("passed") is True and built is not None and verdict.get("qcow2_sha256") == built
-
-    def read_info(self) -> dict:
-        try:
-            return json.loads(self.info.read_text())
-        except FileNotFoundError:
-            raise PipelineError(f"{self.qcow2} has not been built: run ./inv build {self.name}") from None
-
-
-def artifacts_for(spec: ImageSpec, output_dir: Path) -> Artifacts:
-    return Artifacts(Path(output_dir).resolve() / spec.name, spec.name)
 
 
 @dataclass
@@ -437,20 +364,15 @@ def cleanup(work: Path, mount_table: Path = MOUNT_TABLE) -> None:
     shutil.rmtree(work, ignore_errors=True)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
 def stale_reason(art: Artifacts, input_hash: str) -> str | None:
     """Why the artifact must be rebuilt; None if it is up to date: built from these inputs,
     every file in place, and its offline check passed on this very qcow2. Cheap: no hashing."""
-    info = _read_json(art.info)
-    if not info:
+    if not art.info.is_file():
         return "never built"
+    try:
+        info = art.read_info()
+    except PipelineError as unreadable:
+        return str(unreadable)
     if info.get("input_hash") != input_hash:
         built_from = str(info.get("input_hash"))[:inputs.SHORT]
         return f"inputs changed (built from {built_from}, now {input_hash[:inputs.SHORT]})"
@@ -465,7 +387,7 @@ def stale_reason(art: Artifacts, input_hash: str) -> str | None:
             f"{art.initrd.name} is not the file that was built"
     if art.qcow2.stat().st_size != info.get("qcow2_size"):
         return f"{art.qcow2.name} is not the file that was built"
-    if not art.passed(art.check_report):
+    if not art.passed(CHECK):
         return "its offline check has not passed"
     return None
 
@@ -477,7 +399,7 @@ def build(spec: ImageSpec, output_dir: Path, cache_dir: Path, force: bool = Fals
     input_hash = inputs.input_hash(spec)
     reason = "--force" if force else stale_reason(art, input_hash)
     if reason is None:
-        say(f"{spec.name} is up to date: version {_read_json(art.info).get('version')}, "
+        say(f"{spec.name} is up to date: version {art.read_info().get('version')}, "
             f"input hash {input_hash[:inputs.SHORT]}, offline check passed ({art.qcow2}); --force rebuilds")
         print(art.initrd if spec.is_netboot else art.qcow2, file=sys.stdout)
         return art, Timings()

@@ -27,7 +27,7 @@ from pykickstart.parser import KickstartParser
 from pykickstart.version import makeVersion
 
 from .. import escape
-from ..build import artifacts_for
+from ..artifacts import artifacts_for
 from ..errors import InventoryError, PipelineError
 from ..paths import DEFAULT_OUTPUT, ROOT
 from ..spec import ImageSpec

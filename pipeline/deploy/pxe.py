@@ -44,7 +44,7 @@ import jinja2
 from pykickstart.errors import KickstartError, KickstartWarning
 
 from .. import tools
-from ..build import artifacts_for
+from ..artifacts import artifacts_for
 from ..errors import InventoryError, PipelineError
 from ..paths import DEFAULT_OUTPUT, ROOT
 from ..run import run

@@ -15,6 +15,7 @@ import pytest
 import testinfra
 
 from pipeline import atomic, boot, build, spec as specs, tools
+from pipeline.artifacts import Artifacts, artifacts_for
 from pipeline.deploy.inventory import DEFAULT_INSTALLER
 from pipeline.paths import DEFAULT_CACHE, DEFAULT_OUTPUT, SPEC_FILE
 from pipeline.run import run
@@ -66,10 +67,10 @@ def output_dir(pytestconfig) -> Path:
 
 
 @pytest.fixture(scope="session")
-def artifacts(pytestconfig, spec, output_dir) -> build.Artifacts:
+def artifacts(pytestconfig, spec, output_dir) -> Artifacts:
     """The built image: built here once, unless --use-built."""
     if pytestconfig.getoption("use_built"):
-        art = build.artifacts_for(spec, output_dir)
+        art = artifacts_for(spec, output_dir)
         art.read_info()  # a clear error if it was never built
         return art
     art, _ = build.build(spec, output_dir, DEFAULT_CACHE)
@@ -77,7 +78,7 @@ def artifacts(pytestconfig, spec, output_dir) -> build.Artifacts:
 
 
 @pytest.fixture(scope="session")
-def installer(pytestconfig, output_dir) -> build.Artifacts:
+def installer(pytestconfig, output_dir) -> Artifacts:
     """The installer (the netboot image the PXE tree boots): built here unless up to date, by the
     first session that network-boots a node; later sessions find it built."""
     loaded = specs.load(Path(pytestconfig.getoption("spec_file")))

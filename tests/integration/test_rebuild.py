@@ -13,6 +13,7 @@ import subprocess
 import pytest
 
 from pipeline import build, inspect, manifest
+from pipeline.artifacts import Artifacts
 from pipeline.paths import DEFAULT_CACHE, ELEMENTS, ROOT
 
 CHANGED_HOOK = "kvm-base/post-install.d/60-lock-passwords"
@@ -39,7 +40,7 @@ def rebuilt(spec, artifacts, output_dir, tmp_path_factory):
     shutil.rmtree(out, ignore_errors=True)
 
 
-def dib_log(art: build.Artifacts) -> str:
+def dib_log(art: Artifacts) -> str:
     return sorted(art.logs.glob("build-*.log"))[-1].read_text(errors="replace")
 
 

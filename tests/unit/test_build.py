@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 
 from pipeline import build, spec as specs
+from pipeline.artifacts import artifacts_for
 
 
 @pytest.fixture
 def ctx(tmp_path):
     spec = specs.load().get("guest-image")
-    art = build.artifacts_for(spec, tmp_path / "out")
+    art = artifacts_for(spec, tmp_path / "out")
     art.directory.mkdir(parents=True)
     work = art.directory / ".work-1"
     work.mkdir()

@@ -6,6 +6,7 @@ from invoke import Context, Exit
 
 import tasks
 from pipeline import build, publish
+from pipeline.artifacts import artifacts_for
 from pipeline.errors import PipelineError
 from pipeline.paths import ROOT
 from pipeline.progress import Timings
@@ -23,7 +24,7 @@ def steps(monkeypatch, tmp_path):
         done.append(("build", spec.name))
         if spec.name in fail_build:
             raise PipelineError(f"{spec.name}: mirror unreachable")
-        return build.artifacts_for(spec, output_dir), Timings({"tree": 1.0})
+        return artifacts_for(spec, output_dir), Timings({"tree": 1.0})
 
     fail_build: set[str] = set()
     monkeypatch.setattr(publish, "require_key", lambda key, home=None: done.append(("key", key)) or "FPR")
