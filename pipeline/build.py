@@ -332,6 +332,8 @@ STEPS = (
 NETBOOT_STEPS = (*TREE_STEPS, ("netboot", make_netboot))
 
 
+WORK_PREFIX = ".work-"
+WORK_NAME = re.compile(rf"{re.escape(WORK_PREFIX)}([1-9][0-9]*)")
 MOUNT_TABLE = Path("/proc/self/mounts")
 # The kernel writes a space, tab, newline or backslash in a mount path as \040, \011, \012, \134.
 MOUNT_ESCAPE = re.compile(rb"\\([0-7]{3})")
@@ -362,6 +364,33 @@ def cleanup(work: Path, mount_table: Path = MOUNT_TABLE) -> None:
         raise PipelineError(f"{work} is left in place: {still_mounted[0]!r} is still mounted under it "
                             f"(umount failed); unmount it, then remove {work}")
     shutil.rmtree(work, ignore_errors=True)
+
+
+def work_dir(directory: Path, pid: int | None = None) -> Path:
+    """A build's private work directory beside its artifacts, named after the building process."""
+    return directory / f"{WORK_PREFIX}{pid or os.getpid()}"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
+
+
+def sweep_stale_work(directory: Path, mount_table: Path = MOUNT_TABLE) -> None:
+    """Clean up after builds that died without their `finally` (SIGKILL, a power cut): each
+    work directory whose process is gone. One whose process runs is another build's, and kept
+    (a reused pid keeps one too long, never removes a live one)."""
+    for work in sorted(directory.glob(f"{WORK_PREFIX}*")):
+        match = WORK_NAME.fullmatch(work.name)
+        if not match or not work.is_dir() or int(match[1]) == os.getpid() or _running(int(match[1])):
+            continue
+        say(f"removing {work}: left by build process {match[1]}, which is gone")
+        cleanup(work, mount_table)
 
 
 def stale_reason(art: Artifacts, input_hash: str) -> str | None:
@@ -405,9 +434,10 @@ def build(spec: ImageSpec, output_dir: Path, cache_dir: Path, force: bool = Fals
         return art, Timings()
     say(f"building {spec.name}: {reason}")
     art.logs.mkdir(parents=True, exist_ok=True)
+    sweep_stale_work(art.directory)  # before preflight measures the free space they take
     with step(f"preflight {spec.name}"):
         profile_dirs = preflight(spec, art.directory, Path(cache_dir))
-    work = art.directory / f".work-{os.getpid()}"
+    work = work_dir(art.directory)
     ctx = BuildContext(spec=spec, artifacts=art, cache_dir=Path(cache_dir), work=work,
                        log=art.logs / f"build-{time.strftime('%Y%m%d-%H%M%S')}.log", profile_dirs=profile_dirs,
                        input_hash=input_hash, source_date_epoch=inputs.source_date_epoch(),

@@ -1,12 +1,13 @@
 """Build steps with the subprocess gateway faked: what DIB is asked for, and atomic publishing."""
 
-import fcntl
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from pipeline import build, spec as specs
+from pipeline import build, locking, spec as specs
 from pipeline.artifacts import artifacts_for
 
 
@@ -61,11 +62,8 @@ def test_dib_runs_holding_the_package_layers_lock(ctx, monkeypatch):
     held = []
 
     def fake_run(argv, **kw):
-        with open(ctx.layer.lock_path, "a") as lock_file:
-            try:
-                fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                held.append(argv[0])
+        if locking.holder(ctx.layer.lock_path) == os.getpid():
+            held.append(argv[0])
 
     monkeypatch.setattr(build, "run", fake_run)
     build.build_tree(ctx)
@@ -188,3 +186,27 @@ def test_cleanup_detaches_loop_devices_backed_under_work(spaced_work, monkeypatc
     build.cleanup(spaced_work, table.path)
     assert ["losetup", "--detach", "/dev/loop3"] in calls
     assert not any("/dev/loop4" in argv for argv in calls)
+
+
+@pytest.fixture
+def other_build():
+    """A process that runs on, as another build would."""
+    process = subprocess.Popen(["sleep", "60"])
+    yield process.pid
+    process.kill()
+    process.wait()
+
+
+def test_a_build_sweeps_the_work_directories_of_dead_builds_only(tmp_path, other_build, monkeypatch, capsys):
+    ended = subprocess.Popen(["true"])
+    ended.wait()  # its pid now names no process: a build killed before its cleanup
+    dead, alive, own = (build.work_dir(tmp_path, pid) for pid in (ended.pid, other_build, os.getpid()))
+    for work in (dead, alive, own, tmp_path / ".work-notapid"):
+        (work / "tmp/dib mnt").mkdir(parents=True)
+    table = FakeMounts(tmp_path / "mounts", [f"{dead}/tmp/dib mnt", f"{alive}/tmp/dib mnt"])
+    monkeypatch.setattr(build, "run", table.run)
+    build.sweep_stale_work(tmp_path, table.path)
+    assert not dead.exists()
+    assert [argv[-1] for argv in table.calls if argv[0] == "umount"] == [f"{dead}/tmp/dib mnt"]
+    assert all(work.is_dir() for work in (alive, own, tmp_path / ".work-notapid"))
+    assert capsys.readouterr().err == f"removing {dead}: left by build process {ended.pid}, which is gone\n"
