@@ -36,6 +36,15 @@ MIRROR_TIMEOUT = 15
 DIB_PHASE = re.compile(r"(?:hooks|in_target\.d)/([a-z-]+\.d)\b")
 
 
+@dataclass(frozen=True)
+class BuildResult:
+    """What build() did: built is False when the image was up to date, and nothing ran."""
+
+    artifacts: Artifacts
+    built: bool
+    timings: Timings = field(default_factory=Timings)  # of the steps that ran
+
+
 @dataclass
 class BuildContext:
     spec: ImageSpec
@@ -421,9 +430,8 @@ def stale_reason(art: Artifacts, input_hash: str) -> str | None:
     return None
 
 
-def build(spec: ImageSpec, output_dir: Path, cache_dir: Path, force: bool = False) -> tuple[Artifacts, Timings]:
-    """Build the image unless it is up to date (see stale_reason) or force; return its artifacts
-    and the timings of what was done (empty when nothing was)."""
+def build(spec: ImageSpec, output_dir: Path, cache_dir: Path, force: bool = False) -> BuildResult:
+    """Build the image unless it is up to date (see stale_reason) or force."""
     art = artifacts_for(spec, output_dir)
     input_hash = inputs.input_hash(spec)
     reason = "--force" if force else stale_reason(art, input_hash)
@@ -431,7 +439,7 @@ def build(spec: ImageSpec, output_dir: Path, cache_dir: Path, force: bool = Fals
         say(f"{spec.name} is up to date: version {art.read_info().get('version')}, "
             f"input hash {input_hash[:inputs.SHORT]}, offline check passed ({art.qcow2}); --force rebuilds")
         print(art.initrd if spec.is_netboot else art.qcow2, file=sys.stdout)
-        return art, Timings()
+        return BuildResult(art, built=False)
     say(f"building {spec.name}: {reason}")
     art.logs.mkdir(parents=True, exist_ok=True)
     sweep_stale_work(art.directory)  # before preflight measures the free space they take
@@ -458,4 +466,4 @@ def build(spec: ImageSpec, output_dir: Path, cache_dir: Path, force: bool = Fals
         say(f"image: {art.qcow2} ({art.qcow2.stat().st_size / 2**20:.0f} MiB), version {ctx.version}; "
             f"liveimg {art.liveimg.name} ({art.liveimg.stat().st_size / 2**20:.0f} MiB)")
         print(art.qcow2, file=sys.stdout)
-    return art, ctx.timings
+    return BuildResult(art, built=True, timings=ctx.timings)

@@ -35,7 +35,7 @@ def rebuilt(spec, artifacts, output_dir, tmp_path_factory):
     changed = dataclasses.replace(spec, element_dirs=(elements, *spec.element_dirs))
     out = output_dir / "rebuild-test"
     shutil.rmtree(out, ignore_errors=True)
-    art, _ = build.build(changed, out, DEFAULT_CACHE)
+    art = build.build(changed, out, DEFAULT_CACHE).artifacts
     yield changed, art
     shutil.rmtree(out, ignore_errors=True)
 

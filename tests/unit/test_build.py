@@ -98,6 +98,18 @@ def test_stale_reason(ctx):
     assert build.stale_reason(art, ctx.input_hash) == "missing guest-image.tar.gz"
 
 
+def test_build_says_nothing_was_built_when_up_to_date(ctx, tmp_path):
+    assembled(ctx)
+    ctx.input_hash = build.inputs.input_hash(ctx.spec)
+    (ctx.work / ctx.artifacts.qcow2.name).write_text("qcow2")
+    build.move_into_place(ctx)
+    art = ctx.artifacts
+    art.check_report.write_text(json.dumps({"passed": True, "qcow2_sha256": art.read_info()["qcow2_sha256"]}))
+    result = build.build(ctx.spec, tmp_path / "out", ctx.cache_dir)
+    assert result == build.BuildResult(art, built=False)
+    assert result.timings.seconds == {}
+
+
 def test_cleanup_removes_work_dir(ctx, monkeypatch):
     monkeypatch.setattr(build, "run", lambda argv, **kw: type("R", (), {"stdout": ""})())
     (ctx.work / "tree/etc").mkdir(parents=True)

@@ -24,7 +24,7 @@ def steps(monkeypatch, tmp_path):
         done.append(("build", spec.name))
         if spec.name in fail_build:
             raise PipelineError(f"{spec.name}: mirror unreachable")
-        return artifacts_for(spec, output_dir), Timings({"tree": 1.0})
+        return build.BuildResult(artifacts_for(spec, output_dir), built=True, timings=Timings({"tree": 1.0}))
 
     fail_build: set[str] = set()
     monkeypatch.setattr(publish, "require_key", lambda key, home=None: done.append(("key", key)) or "FPR")
