@@ -157,6 +157,27 @@ def bench(c, image, spec_file=None, output_dir=str(DEFAULT_OUTPUT), runs=1, rebu
         benchmark.benchmark(_disk_image(_spec(image, spec_file), "benchmark"), Path(output_dir), int(runs))
 
 
+# What ./inv lint checks by default; ruff's rules and mypy's settings are in pyproject.toml.
+LINTED = ("pipeline", "tasks.py")
+
+
+@task(iterable=["path"], help={"path": "lint only this file or directory (repeatable; default: "
+                                       f"{' and '.join(LINTED)})"})
+def lint(c, path=None):
+    """Lint the code: ruff (the rules chosen in pyproject.toml), then mypy's type check.
+
+    One line a finding; exits non-zero if there is any. ./inv test runs it first."""
+    import shlex
+
+    paths = path or list(LINTED)
+    ruff = c.run(shlex.join([sys.executable, "-m", "ruff", "check", "--quiet", "--output-format=concise", *paths]),
+                 pty=False, warn=True)
+    mypy = c.run(shlex.join([sys.executable, "-m", "mypy", "--no-error-summary", *paths]), pty=False, warn=True)
+    if not (ruff.ok and mypy.ok):
+        raise Exit("error: lint: fix the findings above", code=1)
+    print(f"lint: no findings in {' '.join(paths)}")
+
+
 # The image tests: every image is built once and booted once per firmware listed.
 # The guest image proves both firmwares, the bad-input cases and rebuilds; the host
 # image, whose boot test runs guests of its own, boots by UEFI as compute nodes do, and
@@ -182,7 +203,8 @@ IMAGE_TEST_RUNS = (
 def test(c, unit=False, image=None):
     """Run the unit tests, then the image tests: build, offline check and boot tests of each
     image (guest-image by BIOS and UEFI, host-image by UEFI), the bad-input cases, a rebuild
-    compared with the first build, the PXE boot and publishing."""
+    compared with the first build, the PXE boot and publishing. Lint runs first: it takes seconds."""
+    lint(c)
     _pytest(c, ["tests/unit"])
     if unit:
         return
@@ -208,7 +230,7 @@ def diff(c, a, b):
         raise Exit(code=1)
 
 
-namespace = Collection(list_, build, check, boot_test, bench, test, diff)
+namespace = Collection(list_, build, check, boot_test, bench, lint, test, diff)
 namespace.configure({"run": {"echo": True}, "runners": {"local": InterruptingLocal}})
 
 
