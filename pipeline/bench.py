@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from . import artifacts, boot, build, inspect, tools
 from .paths import BOOT_TESTS, ROOT
@@ -70,9 +71,8 @@ def dib_alone(spec: ImageSpec, work: Path, cache: Path) -> float:
 
 def one_run(spec: ImageSpec, scratch: Path, index: int) -> dict:
     result: dict = {}
-    with tempfile.TemporaryDirectory(dir=scratch) as cache:
-        with step(f"run {index}: diskimage-builder alone (cold)"):
-            result["dib_alone_s"] = round(dib_alone(spec, scratch / f"alone-{index}", Path(cache)), 1)
+    with tempfile.TemporaryDirectory(dir=scratch) as cache, step(f"run {index}: diskimage-builder alone (cold)"):
+        result["dib_alone_s"] = round(dib_alone(spec, scratch / f"alone-{index}", Path(cache)), 1)
     with tempfile.TemporaryDirectory(dir=scratch) as cache, MemorySampler() as memory:
         out = scratch / f"out-{index}"
         started = time.monotonic()
@@ -144,7 +144,7 @@ def benchmark(spec: ImageSpec, output_dir: Path, runs: int) -> Path:
 
 def summarize(spec: ImageSpec, results: list[dict]) -> dict:
     stages = {name: statistics.median(r["stages_s"][name] for r in results) for name in results[0]["stages_s"]}
-    summary = {
+    summary: dict[str, Any] = {
         "image": spec.name,
         "runs": len(results),
         "median": {key: median(results, key) for key in results[0]

@@ -61,7 +61,7 @@ class TunedReference:
 # --- reference data, from the tuned .deb (never installed: its daemon would retune the host)
 
 
-def _tool(argv: list[str], what: str, **kwargs) -> str:
+def _tool(argv: list[str | Path], what: str, **kwargs) -> str:
     try:
         # LC_ALL=C: we parse apt's output, which is translated otherwise.
         return run(argv, capture=True, env={"LC_ALL": "C"}, **kwargs).stdout
@@ -173,7 +173,7 @@ def _line_numbers(lines: list[str]) -> dict[tuple[str, str | None], int]:
         if header:
             section, key = header["header"], None
             found.setdefault((section, None), number)
-        else:
+        elif section is not None:  # configparser refuses a key before any [section]
             key = value.split("=", 1)[0].rstrip()  # optionxform = str: keys keep their case
             found[(section, key)] = number
     return found
@@ -193,7 +193,7 @@ def _parse(path: Path) -> _Conf:
     # loader.py:99-100, Loader._load_config_data: exactly tuned's parser settings.
     # strict=False: a repeated section or key is no error, the last value wins.
     parser = configparser.ConfigParser(delimiters=("=",), inline_comment_prefixes=("#",), strict=False)
-    parser.optionxform = str
+    parser.optionxform = str  # type: ignore[assignment,method-assign]  # as tuned does: keys keep their case
     try:
         parser.read_file(lines, str(path))
     except configparser.MissingSectionHeaderError as error:
@@ -289,7 +289,7 @@ class _Walk:
         return problem
 
     def include(self, name: str, conf: _Conf | None) -> None:
-        where = (conf.path, conf.line(MAIN, "include")) if conf else (None, None)
+        where: tuple[Path | None, int | None] = (conf.path, conf.line(MAIN, "include")) if conf else (None, None)
         # locator.py:28-30: "-name" is a conditional include, skipped when missing.
         optional = name.startswith("-") and conf is not None
         name = name[1:] if optional else name

@@ -16,25 +16,31 @@ def _element_dir(name: str, search: tuple[Path, ...]) -> Path | None:
     return next((d / name for d in search if (d / name).is_dir()), None)
 
 
-def element_closure(elements: tuple[str, ...], search: tuple[Path, ...] = (ELEMENTS,)) -> list[str]:
-    """The spec's elements plus everything they depend on, among the elements in `search`
-    (the user's element directories, then ours; DIB's own carry no policy)."""
-    seen: list[str] = []
+def _closure_dirs(elements: tuple[str, ...], search: tuple[Path, ...]) -> dict[str, Path]:
+    """Each element of the closure (see element_closure) with its directory."""
+    seen: dict[str, Path] = {}
     pending = list(elements)
     while pending:
         name = pending.pop()
         directory = _element_dir(name, search)
         if name in seen or directory is None:
             continue
-        seen.append(name)
+        seen[name] = directory
         deps = directory / "element-deps"
         if deps.is_file():
             pending += [line.strip() for line in deps.read_text().splitlines() if line.strip()]
-    return sorted(seen)
+    return seen
+
+
+def element_closure(elements: tuple[str, ...], search: tuple[Path, ...] = (ELEMENTS,)) -> list[str]:
+    """The spec's elements plus everything they depend on, among the elements in `search`
+    (the user's element directories, then ours; DIB's own carry no policy)."""
+    return sorted(_closure_dirs(elements, search))
 
 
 def module_sources(elements: tuple[str, ...], search: tuple[Path, ...] = (ELEMENTS,)) -> list[Path]:
-    return sorted(p for e in element_closure(elements, search) for p in (_element_dir(e, search) / "selinux").glob("*.te"))
+    return sorted(source for directory in _closure_dirs(elements, search).values()
+                  for source in (directory / "selinux").glob("*.te"))
 
 
 def compile_modules(sources: list[Path], output: Path) -> list[Path]:
@@ -51,7 +57,9 @@ def compile_modules(sources: list[Path], output: Path) -> list[Path]:
             detail = next((line for line in output_lines if "ERROR" in line), output_lines[-1:] or ["failed"])
             raise PipelineError(f"{source}: SELinux policy module does not compile: {''.join(detail)}")
         contexts = source.with_suffix(".fc")
-        run(["semodule_package", "-o", package, "-m", module,
-             *(["-f", contexts] if contexts.is_file() else [])])
+        command: list[str | Path] = ["semodule_package", "-o", package, "-m", module]
+        if contexts.is_file():
+            command += ["-f", contexts]
+        run(command)
         packages.append(package)
     return packages

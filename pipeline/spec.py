@@ -10,10 +10,11 @@ import ipaddress
 import json
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .errors import SpecError
 from .paths import DIB_ELEMENTS, ELEMENTS, PROFILES, SPEC_FILE

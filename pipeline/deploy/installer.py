@@ -24,10 +24,10 @@ import re
 import shlex
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Interface
 from pathlib import Path
-from typing import Callable
 from urllib.parse import quote, urlsplit
 
 from ..errors import PipelineError, exit_status
@@ -64,6 +64,10 @@ TARGET = Path("/mnt/sysimage")   # where Anaconda mounts the installed system
 PARTLABEL_PREFIX = "ks-"         # GPT partition names: how the installer finds each on its disk
 CLOUD_INIT_DIR = "etc/cloud"
 CLOUD_INIT_DISABLED = f"{CLOUD_INIT_DIR}/cloud-init.disabled"  # cloud-init's documented off switch
+# Run in the installed system as `sh -c AUTHORIZE_KEY sh USER KEY`: the user and key are arguments, never code.
+AUTHORIZE_KEY = ('home=$(getent passwd "$1" | cut -d: -f6) && mkdir -p -m 700 "$home/.ssh" && '
+                 'printf "%s\\n" "$2" >> "$home/.ssh/authorized_keys" && chmod 600 "$home/.ssh/authorized_keys" && '
+                 'chown -R "$1:" "$home/.ssh"')
 
 
 class InstallError(PipelineError):
@@ -110,10 +114,13 @@ class LogicalVolume:
 @dataclass(frozen=True)
 class Network:
     mac: str
-    dhcp: bool
-    address: IPv4Interface | None = None
+    address: IPv4Interface | None = None  # None: DHCP
     gateway: str = ""
     nameservers: tuple[str, ...] = ()
+
+    @property
+    def dhcp(self) -> bool:
+        return self.address is None
 
 
 @dataclass
@@ -135,7 +142,8 @@ class Plan:
 
     def mounts(self) -> list[tuple[str, str, Partition | LogicalVolume]]:
         """(mount point, fstype, what holds it) shallowest first, as they must be mounted."""
-        mounts = [(p.role, p.fstype, p) for p in self.partitions if p.fstype in ("ext4", "efi")]
+        mounts: list[tuple[str, str, Partition | LogicalVolume]] = [
+            (p.role, p.fstype, p) for p in self.partitions if p.fstype in ("ext4", "efi")]
         mounts += [(lv.mountpoint, lv.fstype, lv) for lv in self.logical_volumes]
         return sorted(mounts, key=lambda mount: mount[0].rstrip("/").count("/") if mount[0] != "/" else -1)
 
@@ -251,10 +259,10 @@ def read(text: str, source: str, version: str = KICKSTART_VERSION, fetch: Callab
 
     net = handler.network.network[0]
     if net.bootProto == "static":
-        network = Network(net.device.lower(), False, IPv4Interface(f"{net.ip}/{net.netmask}"), net.gateway or "",
+        network = Network(net.device.lower(), IPv4Interface(f"{net.ip}/{net.netmask}"), net.gateway or "",
                           tuple(filter(None, (net.nameserver or "").split(","))))
     else:
-        network = Network(net.device.lower(), True)
+        network = Network(net.device.lower())
     if not re.fullmatch(r"([0-9a-f]{2}:){5}[0-9a-f]{2}", network.mac):
         raise KickstartRefused(f"{source}: line {net.lineno}: network --device must be the NIC's MAC address")
 
@@ -280,7 +288,7 @@ def networkd_file(network: Network) -> str:
     """systemd-networkd configuration for the kickstart's NIC, matched by its MAC."""
     lines = ["# From the kickstart's network line (the installer).", "[Match]", f"MACAddress={network.mac}", "",
              "[Network]"]
-    if network.dhcp:
+    if network.address is None:
         lines.append("DHCP=ipv4")
     else:
         lines.append(f"Address={network.address.with_prefixlen}")
@@ -291,7 +299,8 @@ def networkd_file(network: Network) -> str:
 
 def grub_defaults(kernel_args: str) -> str:
     # GRUB's defaults file is sourced by a shell: quote the value for it.
-    return f"# From the kickstart's bootloader --append (the installer).\nGRUB_CMDLINE_LINUX={shlex.quote(kernel_args)}\n"
+    return ("# From the kickstart's bootloader --append (the installer).\n"
+            f"GRUB_CMDLINE_LINUX={shlex.quote(kernel_args)}\n")
 
 
 @dataclass
@@ -403,7 +412,10 @@ class Installer:
             run(["vgcreate", "--yes", vg, *(pv_device[pv] for pv in pvs)])
         for lv in self.plan.logical_volumes:
             origin_pvs = [pv_device[pv] for pv in self.plan.volume_groups[lv.vg] if pv not in lv.cache_pvs]
-            extent = ["--extents", "100%PVS" if lv.cache_pvs else "100%FREE"] if lv.grow else ["--size", f"{lv.size_mib}m"]
+            if lv.grow:
+                extent = ["--extents", "100%PVS" if lv.cache_pvs else "100%FREE"]
+            else:
+                extent = ["--size", f"{lv.size_mib}m"]
             run(["lvcreate", "--yes", "--wipesignatures", "y", "--name", lv.name, *extent, lv.vg, *origin_pvs])
             if lv.cache_pvs:
                 pool = f"{lv.name}_cache"
@@ -413,7 +425,7 @@ class Installer:
                      "--cachemode", lv.cache_mode or "writethrough", f"{lv.vg}/{lv.name}"])
 
     def make_filesystems(self) -> None:
-        for mountpoint, fstype, holder in self.plan.mounts():
+        for _mountpoint, fstype, holder in self.plan.mounts():
             device = self.device(holder)
             if fstype == "efi":
                 run(["mkfs.vfat", "-F", "32", "-n", "EFI", device])
@@ -454,9 +466,7 @@ class Installer:
         if self.plan.lock_root:
             self.chroot(["passwd", "--lock", "root"])
         for user, key in self.plan.ssh_keys:
-            self.chroot(["sh", "-c", 'home=$(getent passwd "$1" | cut -d: -f6) && mkdir -p -m 700 "$home/.ssh" && '
-                         'printf "%s\\n" "$2" >> "$home/.ssh/authorized_keys" && chmod 600 "$home/.ssh/authorized_keys" && '
-                         'chown -R "$1:" "$home/.ssh"', "sh", user, key])
+            self.chroot(["sh", "-c", AUTHORIZE_KEY, "sh", user, key])
         self.disable_cloud_init()
 
     def disable_cloud_init(self) -> None:

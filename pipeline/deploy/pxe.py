@@ -187,6 +187,7 @@ def _sources(inventory: Inventory, installer_dir: Path,
     built = artifacts_for(inventory.spec.images[installer], installer_dir)
     wanted = [("installer image", installer, built.kernel), ("installer image", installer, built.initrd)]
     for role, image in images.items():
+        assert image.directory is not None, "liveimages() with none given finds every one in a directory"
         wanted.append(("role", role, image.directory / image.file))  # a published one: verified
     for what, name, path in wanted:
         if not path.is_file():
@@ -273,8 +274,8 @@ def render_tree(inventory: Inventory, output_dir: Path = DEFAULT_OUTPUT_DIR, tar
         kickstart.render_all(inventory, served / "kickstarts", target, liveimgs=images)
         for source, name in sources:
             _place(source, served / name)
-        for name, source in PROGRAMS.items():
-            shutil.copyfile(source, served / name)
+        for program, path in PROGRAMS.items():
+            shutil.copyfile(path, served / program)
         run(["grub-mkimage", "--directory", GRUB_EFI_MODULES, "--format", "x86_64-efi", "--prefix", "(tftp)/grub",
              "--output", served / GRUB_EFI, *GRUB_NET_MODULES])
         _write_configs(work, output_dir, inventory, boots, server)
@@ -474,7 +475,7 @@ class _Checker:
 
     def config(self, name: str, file: str, url: str, own_kickstart: str, chained: bool = False) -> None:
         text, error = self.fetch.text(url)
-        if error:
+        if text is None:
             self.problem(name, file, f"{'chain ' if chained else ''}{url}: {error}")
             return
         if chained:  # the problems below are in the chained script
@@ -492,7 +493,7 @@ class _Checker:
 
     def kickstart(self, name: str, file: str, url: str) -> None:
         text, error = self.fetch.text(url)
-        if error:
+        if text is None:
             self.problem(name, file, f"{url}: {error}")
             return
         try:
@@ -514,9 +515,9 @@ class _Checker:
         for line in lines:
             words = line.split()
             # An %include elsewhere is the installer's to fetch; one under the site's URL is ours.
-            if words[:1] == ["%include"] and len(words) > 1 and self.fetch.served(words[1]):
-                if error := self.fetch.head(words[1]):
-                    self.problem(name, file, f"%include {words[1]}: {error}")
+            if (words[:1] == ["%include"] and len(words) > 1 and self.fetch.served(words[1])
+                    and (error := self.fetch.head(words[1]))):
+                self.problem(name, file, f"%include {words[1]}: {error}")
 
 
 def check(tree: Path = DEFAULT_OUTPUT_DIR, base_url: str | None = None) -> CheckReport:

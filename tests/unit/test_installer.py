@@ -159,12 +159,12 @@ def test_bios_node_gets_grub_on_its_boot_drive(rendered, commands, tmp_path):
 
 
 def test_network_file_matches_the_nic_by_mac():
-    static = installer.Network("52:54:00:12:34:01", False, installer.IPv4Interface("10.0.0.11/255.255.255.0"),
+    static = installer.Network("52:54:00:12:34:01", installer.IPv4Interface("10.0.0.11/255.255.255.0"),
                                "10.0.0.1", ("10.0.0.1", "10.0.0.2"))
     text = installer.networkd_file(static)
     assert "MACAddress=52:54:00:12:34:01" in text and "Address=10.0.0.11/24" in text
     assert "Gateway=10.0.0.1" in text and text.count("DNS=") == 2
-    assert "DHCP=ipv4" in installer.networkd_file(installer.Network("52:54:00:12:34:03", True))
+    assert "DHCP=ipv4" in installer.networkd_file(installer.Network("52:54:00:12:34:03"))
 
 
 def test_grub_arguments_are_quoted_for_the_shell_that_sources_them():
