@@ -20,18 +20,19 @@ import logging
 import os
 import re
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from debian import copyright as debian_copyright
 
 from .errors import PipelineError
 
-
 EMBEDDED = "usr/share/kvm-image-pipeline/manifest.json"  # under the image's root
 DPKG_STATUS = "var/lib/dpkg/status"
 FILE_LIST_HEADER = "# path\ttype\tmode\tuid:gid\tsize\tselinux\tsha256\n"
+FIELDS = ("type", "mode", "owner", "size", "selinux", "content")  # the header's columns after the path
 
 
 def policy_hash(packages: list[Path]) -> dict[str, str]:
@@ -122,7 +123,9 @@ def declared_licenses(tree: Path, packages: Iterable[str]) -> dict[str, list[str
                 parsed = debian_copyright.Copyright(text, strict=False)
         except (debian_copyright.Error, ValueError):  # free-form, or DEP-5 that does not parse
             continue
-        names = [p.license.synopsis for p in parsed.all_files_paragraphs() if p.license and p.license.synopsis]
+        # Any: python-debian types the attribute as its descriptor, not the License it returns.
+        licenses: list[Any] = [p.license for p in parsed.all_files_paragraphs()]
+        names = [license.synopsis for license in licenses if license and license.synopsis]
         if names:
             found[name] = list(dict.fromkeys(names))
     return found
@@ -177,10 +180,14 @@ def write_file_list(tree: Path, output: Path) -> int:
 
 
 def read_file_list(path: Path) -> dict[str, tuple[str, ...]]:
+    """path -> its FIELDS; a row without exactly those is refused, naming the file and line."""
     entries = {}
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
         if line and not line.startswith("#"):
             fields = line.split("\t")
+            if len(fields) != 1 + len(FIELDS):
+                raise PipelineError(f"{path}: line {number}: {len(fields)} fields, expected {1 + len(FIELDS)} "
+                                    f"(path, {', '.join(FIELDS)}) separated by tabs")
             entries[fields[0]] = tuple(fields[1:])
     return entries
 
@@ -203,14 +210,11 @@ class Difference:
         return not (self.files_only_a or self.files_only_b)
 
 
-FIELDS = ("type", "mode", "owner", "size", "selinux", "content")
-
-
 def compare(packages_a: dict[str, str], packages_b: dict[str, str],
             files_a: dict[str, tuple[str, ...]], files_b: dict[str, tuple[str, ...]]) -> Difference:
     changed_files = {}
     for path in sorted(files_a.keys() & files_b.keys()):
-        fields = [name for name, a, b in zip(FIELDS, files_a[path], files_b[path]) if a != b]
+        fields = [name for name, a, b in zip(FIELDS, files_a[path], files_b[path], strict=True) if a != b]
         if fields:
             changed_files[path] = fields
     return Difference(
@@ -232,9 +236,9 @@ def format_difference(diff: Difference, a: str, b: str, shown: int = 20) -> str:
         return [f"  {title} ({len(items)}):", *(f"    {item}" for item in items[:shown]), *more]
 
     lines = [f"A = {a}", f"B = {b}",
-             f"packages: {'same' if diff.same_packages else 'differ'}; "
-             f"file list: {'same' if diff.same_file_list else 'differs'}; "
-             f"files with other content or metadata: {len(diff.files_changed)}"]
+             (f"packages: {'same' if diff.same_packages else 'differ'}; "
+              f"file list: {'same' if diff.same_file_list else 'differs'}; "
+              f"files with other content or metadata: {len(diff.files_changed)}")]
     lines += listing("packages only in A", [f"{n} {v}" for n, v in diff.packages_only_a.items()])
     lines += listing("packages only in B", [f"{n} {v}" for n, v in diff.packages_only_b.items()])
     lines += listing("package versions", [f"{n}: {a_} -> {b_}" for n, (a_, b_) in diff.packages_changed.items()])

@@ -1,10 +1,14 @@
 """The input hash, the package layer's key and what two builds' records say about each other."""
 
 import dataclasses
+import re
 import shutil
 import textwrap
 
+import pytest
+
 from pipeline import inputs, layer, manifest, spec as specs
+from pipeline.errors import PipelineError
 from pipeline.paths import ELEMENTS
 
 
@@ -96,6 +100,14 @@ def test_file_list_round_trip(tmp_path):
     assert files["/etc/hostname"][0] == "f" and files["/etc/hostname"][3] == "5"
     assert files["/etc/link"][0] == "l" and files["/etc/link"][5] == "hostname"
     assert files["/etc"][0] == "d"
+
+
+def test_a_file_list_row_with_missing_fields_is_refused(tmp_path):
+    # A row cut short (a published version's list, edited or truncated) would compare fewer fields.
+    listing = tmp_path / "files.tsv"
+    listing.write_text(manifest.FILE_LIST_HEADER + "/etc\td\t0755\t0:0\t0\t-\t-\n/etc/hostname\tf\t0644\t0:0\n")
+    with pytest.raises(PipelineError, match=rf"^{re.escape(str(listing))}: line 3: 4 fields, expected 7 \(path, "):
+        manifest.read_file_list(listing)
 
 
 DEP5 = textwrap.dedent("""\
