@@ -257,6 +257,7 @@ def list_files(ctx: BuildContext) -> None:
 
 
 def assemble(ctx: BuildContext) -> None:
+    assert ctx.layout, "configure_boot comes first"
     disk.assemble(ctx.tree, ctx.work, ctx.layout, ctx.disk)
 
 
@@ -276,10 +277,11 @@ def make_netboot(ctx: BuildContext) -> None:
 def move_into_place(ctx: BuildContext) -> None:
     """Move finished files into place; the qcow2 (a netboot image's initrd) goes last, so its
     presence means done."""
-    art = ctx.artifacts
+    art, kernel, layout = ctx.artifacts, ctx.kernel, ctx.layout
+    assert kernel and ctx.manifest is not None, "the steps come first"
     if not ctx.spec.is_netboot:
-        shutil.copyfile(ctx.kernel.vmlinuz, ctx.work / art.kernel.name)
-        shutil.copyfile(ctx.kernel.initrd, ctx.work / art.initrd.name)
+        shutil.copyfile(kernel.vmlinuz, ctx.work / art.kernel.name)
+        shutil.copyfile(kernel.initrd, ctx.work / art.initrd.name)
     ctx.manifest["timings"] = ctx.timings.seconds
     (ctx.work / art.manifest.name).write_text(json.dumps(ctx.manifest, indent=2) + "\n")
     if ctx.spec.is_netboot:
@@ -298,18 +300,18 @@ def move_into_place(ctx: BuildContext) -> None:
         "source_date_epoch": ctx.source_date_epoch,
         "spec": ctx.spec.to_json(),
         "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "kernel": ctx.kernel.version,
+        "kernel": kernel.version,
         "kernel_sha256": sums[art.kernel.name],
         "initrd_sha256": sums[art.initrd.name],
         "initrd_size": (ctx.work / art.initrd.name).stat().st_size,
         "sha256": sums,
         "timings": ctx.timings.seconds,
     }
-    if not ctx.spec.is_netboot:
+    if layout:  # a disk image's
         info |= {
             "kernel_cmdline": ctx.spec.kernel_cmdline,
-            "root_uuid": ctx.layout.root_uuid,
-            "esp_uuid": ctx.layout.esp_uuid,
+            "root_uuid": layout.root_uuid,
+            "esp_uuid": layout.esp_uuid,
             "qcow2_sha256": sums[art.qcow2.name],
             "qcow2_size": (ctx.work / art.qcow2.name).stat().st_size,
             "liveimg": art.liveimg.name,

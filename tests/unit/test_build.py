@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import build, locking, spec as specs
+from pipeline import build, locking
+from pipeline import spec as specs
 from pipeline.artifacts import artifacts_for
 
 

@@ -81,7 +81,8 @@ with package_layer.locked():
                                   stderr=subprocess.PIPE, text=True)
         assert second.stdout.readline() == "waiting\n"
         # It says for whom it waits: this process, the first build.
-        assert second.stderr.readline() == f"waiting for package layer {saved.directory.name} (held by pid {os.getpid()})\n"
+        waiting = f"waiting for package layer {saved.directory.name} (held by pid {os.getpid()})\n"
+        assert second.stderr.readline() == waiting
         assert second.poll() is None  # waiting for the lock
         assert not saved.prepare()  # the first build: no layer yet, it saves one
         saved.tarball.write_bytes(b"the packages")

@@ -55,9 +55,8 @@ def test_try_lock_says_whether_it_got_the_lock(held):
 
 def test_a_refusing_lock_raises_at_once_naming_the_holder(held):
     started = time.monotonic()
-    with pytest.raises(PipelineError) as caught:
-        with locking.lock_or_refuse(held.path, "another thing is running"):
-            pytest.fail("the lock is held by another process")
+    with pytest.raises(PipelineError) as caught, locking.lock_or_refuse(held.path, "another thing is running"):
+        pytest.fail("the lock is held by another process")
     assert str(caught.value) == f"another thing is running (pid {held.pid} holds {held.path})"
     assert time.monotonic() - started < 1
 
@@ -78,9 +77,8 @@ def test_a_waiting_lock_says_once_for_whom_it_waits_then_takes_it(held, capsys):
 
 def test_a_waiting_lock_gives_up_at_its_deadline(held, capsys):
     started = time.monotonic()
-    with pytest.raises(PipelineError) as caught:
-        with locking.lock_or_wait(held.path, "the thing", timeout=1):
-            pytest.fail("the lock is held by another process")
+    with pytest.raises(PipelineError) as caught, locking.lock_or_wait(held.path, "the thing", timeout=1):
+        pytest.fail("the lock is held by another process")
     assert 1 <= time.monotonic() - started < 3
     assert str(caught.value) == f"gave up waiting for the thing after 1 s: {held.path} is still held by pid {held.pid}"
     assert capsys.readouterr().err == f"waiting for the thing (held by pid {held.pid})\n"
