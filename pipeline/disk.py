@@ -83,7 +83,7 @@ def _partition(disk: Path, layout: Layout) -> None:
 
 def _esp(work: Path, layout: Layout, efi_binary: Path) -> Path:
     image = work / "esp.img"
-    run(["mkfs.vfat", "-F", "32", "-n", "ESP", "-i", layout.esp_serial, "-C", image, ESP[1] // 1024])
+    run(["mkfs.vfat", "-F", "32", "-n", "ESP", "-i", layout.esp_serial, "-C", image, str(ESP[1] // 1024)])
     run(["mmd", "-i", image, "::/EFI", "::/EFI/BOOT"])
     run(["mcopy", "-i", image, efi_binary, "::/EFI/BOOT/BOOTX64.EFI"])
     return image
