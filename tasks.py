@@ -100,9 +100,9 @@ def build(c, image, spec_file=None, output_dir=str(DEFAULT_OUTPUT), cache_dir=st
 
 
 def _run_check(spec, output_dir: Path) -> None:
-    from pipeline import inspect
+    from pipeline.check import check_image
 
-    report = inspect.check_image(spec, output_dir)
+    report = check_image(spec, output_dir)
     if not report.passed:
         raise Exit(f"error: offline check of {spec.name} failed: see {report.json_path}", code=1)
 

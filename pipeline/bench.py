@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import artifacts, boot, build, inspect, tools
+from . import artifacts, boot, build, check, tools
 from .paths import BOOT_TESTS, ROOT
 from .progress import say, step
 from .run import run
@@ -84,7 +84,7 @@ def one_run(spec: ImageSpec, scratch: Path, index: int) -> dict:
     result["largest_process_rss_mib"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
     with step(f"run {index}: offline check"):
         started = time.monotonic()
-        report = inspect.check_image(spec, out)
+        report = check.check_image(spec, out)
         result["check_s"] = round(time.monotonic() - started, 1)
         result["check_passed"] = report.passed
     result["appliance_launch_s"] = report.timings["check: launch appliance"]
@@ -223,7 +223,7 @@ def rebuild_run(images: list[ImageSpec], scratch: Path, index: int, publish_key:
             figures: dict = {}
             with step(f"run {index}: {spec.name} cold build"):
                 art, figures["cold_s"] = _timed_build(spec, out, Path(cache), force=True)
-            figures["check_passed"] = inspect.check_image(spec, out).passed
+            figures["check_passed"] = check.check_image(spec, out).passed
             with step(f"run {index}: {spec.name} no-change rebuild"):
                 _, figures["no_change_s"] = _timed_build(spec, out, Path(cache))
             with step(f"run {index}: {spec.name} rebuild after an element change"):

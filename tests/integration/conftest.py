@@ -88,9 +88,9 @@ def installer(pytestconfig, output_dir) -> Artifacts:
 
 @pytest.fixture(scope="session")
 def check_report(spec, output_dir, artifacts):
-    from pipeline import inspect
+    from pipeline.check import check_image
 
-    return inspect.check_image(spec, output_dir)
+    return check_image(spec, output_dir)
 
 
 def _firmwares(config) -> list[str]:

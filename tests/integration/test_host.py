@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from pipeline.inspect import selinux_type
+from pipeline.check import selinux_type
 
 AGENT = "/usr/libexec/kvmpipe/netns-port"
 AGENT_DOMAIN = "kvmpipe_netagent_t"

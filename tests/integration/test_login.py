@@ -12,7 +12,7 @@ import pytest
 from conftest import DATASOURCE, KEY_USER, PASSWORD_HASH, PASSWORD_USER
 
 from pipeline import boot
-from pipeline.inspect import selinux_type
+from pipeline.check import selinux_type
 
 # What the policy's file contexts say a home and its SSH files are; sshd_t may read the last two.
 HOME_LABELS = {"": "user_home_dir_t", "/.ssh": "ssh_home_t", "/.ssh/authorized_keys": "ssh_home_t"}

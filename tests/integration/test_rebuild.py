@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from pipeline import build, inspect, manifest
+from pipeline import build, check, manifest
 from pipeline.artifacts import Artifacts
 from pipeline.paths import DEFAULT_CACHE, ELEMENTS, ROOT
 
@@ -80,5 +80,5 @@ def test_diff_task_reports_the_same_lists(artifacts, rebuilt):
 
 def test_rebuilt_image_passes_its_offline_check(rebuilt):
     changed, art = rebuilt
-    report = inspect.check_image(changed, art.directory.parent)
+    report = check.check_image(changed, art.directory.parent)
     assert report.passed, [r for r in report.results if not r.passed]

@@ -1,69 +1,55 @@
-"""Offline check of a built image: open the qcow2 read-only with libguestfs and verify
-what the spec promises, without booting it.
+"""The offline check's checks: each a small function over the launched image (a `Guest`)
+that returns its problems, and one `CHECKS` table that says which images it is for.
 
-The appliance is launched once (about 20 s under TCG, most of the check's time) and
-then asked only cheap questions: one read, stat or xattr list each, no shell. Its
-inspection API is not used: inspect_os costs 13-23 s under TCG (a udev settle per
-probe, then augeas for fstab), more than every check together. So the root is found
-from the GPT, which is read in one call and parsed here, and /etc/os-release, the file
-inspect_os reads first, is read directly. The same goes for list_filesystems (about
-9 s, it probes LVM, MD and btrfs) and part_get_gpt_type (sgdisk, about 1 s a call).
-
-Everything that parses text is a pure function of strings, tested without an image.
+To add a check: write `check_x(guest) -> Verdict` here and a row in `CHECKS`; parse any
+new file format in parsers.py, where it is tested on strings.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import json
-import os
 import posixpath
 import re
-import shlex
 import stat
 import struct
-import sys
 import tarfile
-import uuid
-import zlib
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
-from functools import cached_property
-from pathlib import Path
-from typing import Any, Callable, Mapping
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
-from . import atomic, boot, liveimg, manifest, selinux
-from .manifest import parse_dpkg_status
-from .errors import PipelineError, ToolMissing
-from .progress import Timings, say, step
-from .selinux import element_closure
-from .spec import ImageSpec
+from .. import liveimg, manifest, selinux
+from ..manifest import parse_dpkg_status
+from ..selinux import element_closure
+from ..spec import ImageSpec
+from .elements import enabled_units, required_packages
+from .parsers import (
+    GPT_BIOS_BOOT,
+    GPT_ESP,
+    SECTOR,
+    FileEntry,
+    Ifupdown,
+    as_text,
+    by_directory,
+    cloud_datasources,
+    fstab_uuid,
+    parse_env_file,
+    parse_fstab,
+    parse_ifupdown,
+    passwd_problems,
+    selinux_type,
+    shadow_problems,
+    sshd_effective,
+    sshd_include_patterns,
+    unit_install_links,
+    unlabeled_names,
+)
+from .report import CheckResult
+from .session import DEVICE, CheckFailed, Guest, first_line, mount
 
-DEVICE = "/dev/sda"   # libguestfs names the first drive added /dev/sda, whatever the backend
-SECTOR = 512          # the appliance's virtio-scsi disk; the pipeline writes 512-byte GPTs
-GPT_SECTORS = 34      # protective MBR, GPT header, 128 entries of 128 bytes
-
-GPT_BIOS_BOOT = "21686148-6449-6E6F-744E-656564454649"
-GPT_ESP = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
-GPT_ROOT_X86_64 = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"  # discoverable partitions spec
 BOOT_KERNEL_SECTOR = 0x5C  # in GRUB's boot.img: LBA of core.img, see bootloader.py
-
 GUEST_ELEMENT = "kvm-guest"
 CLOUD_INIT_ELEMENT = "kvm-cloud-init"
-BASE_PACKAGES = ("openssh-server", "grub-pc", "grub-efi-amd64-bin", "tuned", "selinux-policy-default",
-                 "policycoreutils", "systemd")
-# kvm-guest swaps debian-minimal's generic kernel for the cloud one (virtio only, smaller).
-KERNEL_PACKAGE = "linux-image-amd64"
-GUEST_KERNEL_PACKAGE = "linux-image-cloud-amd64"
-GUEST_PACKAGES = ("qemu-guest-agent",)
-CLOUD_INIT_PACKAGES = ("cloud-init", "cloud-guest-utils")
-HOST_PACKAGES = ("qemu-system-x86", "qemu-utils", "libvirt-daemon-system", "libvirt-clients", "ovmf",
-                 "openvswitch-switch", "ifupdown", "lvm2", "thin-provisioning-tools")
-# kvm-host: (wants directory, unit) links that `systemctl enable` made at build time.
-HOST_UNITS = (("multi-user.target.wants", "libvirtd.service"),
-              ("multi-user.target.wants", "openvswitch-switch.service"),
-              ("multi-user.target.wants", "networking.service"),
-              ("sockets.target.wants", "virtlogd.socket"))
 HOST_LABELS: tuple[tuple[str, str], ...] = (
     ("/usr/sbin/libvirtd", "virtd_exec_t"),
     ("/usr/bin/qemu-system-x86_64", "qemu_exec_t"),
@@ -74,6 +60,8 @@ HOST_LABELS: tuple[tuple[str, str], ...] = (
     ("/var/lib/libvirt/images", "virt_image_t"),
     ("/usr/libexec/kvmpipe/netns-port", "kvmpipe_netagent_exec_t"),
 )
+# Where `systemctl enable` finds a unit file, in its order.
+UNIT_DIRS = ("/etc/systemd/system", "/usr/lib/systemd/system", "/lib/systemd/system")
 OVS_INTERFACES = "/etc/network/interfaces.d/ovs-bridges"
 POLICY_MODULES = "/var/lib/selinux/default/active/modules/400"  # semodule's default priority
 DEBIAN_MAJOR = {"buster": "10", "bullseye": "11", "bookworm": "12", "trixie": "13"}
@@ -107,250 +95,12 @@ TUNED_DAEMON_TYPE = "tuned_exec_t"
 # of /var/lib alone would cost 1.4 s more.
 LABEL_SAMPLE = (("/etc", True), ("/usr/bin", False), ("/usr/sbin", False), ("/var/lib", False))
 SHOWN = 10  # names listed in a failure's detail
-STAT_BATCH = 500  # names per lstatnslist call, well under libguestfs's message limit
 # Names a shell or an interactive tool leaves its history under, in any home directory.
 HISTORY_FILES = frozenset({".bash_history", ".sh_history", ".ash_history", ".zsh_history", ".history",
                            ".python_history", ".lesshst", ".viminfo", ".mysql_history", ".psql_history",
                            ".sqlite_history", ".wget-hsts"})
 APT_LISTS_KEPT = ("/var/lib/apt/lists/lock", "/var/lib/apt/lists/partial")  # what apt itself keeps, empty
-READ_CHUNK = 2**20  # well under libguestfs's 4 MiB message limit
-# What the checks read from build-info.
-INFO_KEYS = ("kernel", "kernel_cmdline", "root_uuid", "esp_uuid", "input_hash", "version", "liveimg")
 
-
-class CheckFailed(Exception):
-    """A check's finding, raised from deep inside it; the message is the detail."""
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    name: str
-    passed: bool
-    detail: str
-
-
-@dataclass
-class Report:
-    image: str
-    qcow2: Path
-    json_path: Path
-    results: list[CheckResult] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-    qcow2_sha256: str = ""  # build-info's: which artifact this verdict is about
-
-    @property
-    def passed(self) -> bool:
-        return bool(self.results) and all(r.passed for r in self.results)
-
-    @property
-    def failed(self) -> list[CheckResult]:
-        return [r for r in self.results if not r.passed]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"image": self.image, "qcow2": str(self.qcow2), "qcow2_sha256": self.qcow2_sha256, "passed": self.passed,
-                "checks": [asdict(r) for r in self.results], "timings": self.timings}
-
-
-# --- pure parsers: strings in, facts out
-
-
-def parse_env_file(text: str) -> dict[str, str]:
-    """KEY=value lines as in /etc/os-release and /etc/selinux/config; shell quoting removed."""
-    values = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        key, _, value = line.partition("=")
-        try:
-            words = shlex.split(value, comments=True)
-        except ValueError:
-            words = [value]
-        values[key.strip()] = " ".join(words)
-    return values
-
-
-@dataclass(frozen=True)
-class FstabEntry:
-    source: str
-    mountpoint: str
-    fstype: str
-    options: str
-
-
-def _fstab_unescape(field_: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field_)
-
-
-def parse_fstab(text: str) -> list[FstabEntry]:
-    entries = []
-    for number, line in enumerate(text.splitlines(), 1):
-        fields = line.split("#", 1)[0].split()
-        if not fields:
-            continue
-        if len(fields) < 3 or len(fields) > 6:
-            raise ValueError(f"fstab line {number} has {len(fields)} fields: {line.strip()!r}")
-        options = fields[3] if len(fields) > 3 else "defaults"
-        entries.append(FstabEntry(*(_fstab_unescape(f) for f in fields[:3]), options))
-    return entries
-
-
-def fstab_uuid(source: str) -> str | None:
-    """The UUID in a `UUID=...` source, lower-cased (vfat serials are upper-case); else None."""
-    if source.upper().startswith("UUID="):
-        return source[5:].strip('"').lower()
-    return None
-
-
-def shadow_problems(text: str) -> list[str]:
-    """Accounts in /etc/shadow that could log in with a password.
-
-    Only a locked field (starting with `!` or `*`) passes: an empty field means no
-    password is needed at all, and anything else is a usable hash."""
-    problems = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        fields = line.split(":")
-        if len(fields) < 2:
-            problems.append(f"line {number} is malformed")
-            continue
-        name, password = fields[0], fields[1]
-        if password == "":
-            problems.append(f"{name}: empty password (no password needed)")
-        elif not password.startswith(("!", "*")):
-            problems.append(f"{name}: usable password hash")
-    return problems
-
-
-def passwd_problems(text: str) -> list[str]:
-    """Accounts whose /etc/passwd password field bypasses shadow: empty, or a hash."""
-    problems = []
-    for line in text.splitlines():
-        fields = line.split(":")
-        if len(fields) < 2 or not line.strip():
-            continue
-        if fields[1] == "":
-            problems.append(f"{fields[0]}: empty password in /etc/passwd")
-        elif fields[1] not in ("x", "*", "!") and not fields[1].startswith(("!", "*")):
-            problems.append(f"{fields[0]}: password hash in /etc/passwd")
-    return problems
-
-
-# sshd: the first value obtained for a keyword wins; these are the defaults when unset.
-SSHD_DEFAULTS = {"passwordauthentication": "yes", "kbdinteractiveauthentication": "yes",
-                 "permitemptypasswords": "no"}
-SSHD_ALIASES = {"challengeresponseauthentication": "kbdinteractiveauthentication"}
-_SSHD_LINE = re.compile(r"\s*([^\s=]+)\s*(?:=\s*|\s+)(.*?)\s*$")
-
-
-@dataclass(frozen=True)
-class SshdOption:
-    value: str
-    source: str  # the file that set it, or "default"
-
-
-def _sshd_lines(text: str):
-    for line in text.splitlines():
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        match = _SSHD_LINE.match(line)
-        if match:
-            yield match[1].lower(), match[2]
-
-
-def _sshd_pattern(pattern: str) -> str:
-    # sshd: "Files without absolute paths are assumed to be in /etc/ssh".
-    return pattern if pattern.startswith("/") else posixpath.join("/etc/ssh", pattern)
-
-
-def sshd_include_patterns(text: str) -> list[str]:
-    """The absolute glob patterns of a config text's Include lines, in order."""
-    patterns = []
-    for keyword, value in _sshd_lines(text):
-        if keyword == "include":
-            patterns += [_sshd_pattern(p) for p in shlex.split(value)]
-    return patterns
-
-
-def _glob_matches(pattern: str, path: str) -> bool:
-    # As glob(3): a wildcard never matches across a slash.
-    want, have = pattern.split("/"), path.split("/")
-    return len(want) == len(have) and all(fnmatch.fnmatchcase(h, w) for w, h in zip(want, have))
-
-
-def sshd_effective(main: str, files: Mapping[str, str], main_path: str = "/etc/ssh/sshd_config",
-                   ) -> dict[str, SshdOption]:
-    """Effective global sshd options: keyword (lower-case) -> first value and its file.
-
-    As sshd reads its config: top to bottom, each Include expanded in place in lexical
-    order of the matching paths in `files` (path -> text), the first value of a keyword
-    wins, and lines inside a Match block (up to the end of its file, or `Match all`)
-    apply to some connections only, so they set no global value."""
-    found: dict[str, SshdOption] = {}
-
-    def read(path: str, text: str, depth: int) -> None:
-        if depth > 16:
-            raise ValueError(f"sshd config includes nest too deep at {path}")
-        in_match = False
-        for keyword, value in _sshd_lines(text):
-            keyword = SSHD_ALIASES.get(keyword, keyword)
-            if keyword == "match":
-                in_match = value.strip().lower() != "all"
-            elif keyword == "include":
-                if in_match:
-                    continue
-                for pattern in shlex.split(value):
-                    pattern = _sshd_pattern(pattern)
-                    for included in sorted(p for p in files if _glob_matches(pattern, p)):
-                        read(included, files[included], depth + 1)
-            elif not in_match and keyword not in found:
-                words = value.split()
-                found[keyword] = SshdOption(words[0].lower() if words else "", path)
-
-    read(main_path, main, 0)
-    for keyword, default in SSHD_DEFAULTS.items():
-        found.setdefault(keyword, SshdOption(default, "default"))
-    return found
-
-
-def grub_linux_args(text: str) -> list[str]:
-    """The kernel path and arguments of grub.cfg's first `linux` line (the default entry)."""
-    for line in text.splitlines():
-        words = line.split()
-        if words and words[0] in ("linux", "linuxefi", "linux16"):
-            return words[1:]
-    raise ValueError("grub.cfg has no linux line")
-
-
-def cloud_datasources(texts: list[tuple[str, str]]) -> list[str] | None:
-    """cloud-init's datasource_list from cloud.cfg then cloud.cfg.d/*.cfg in lexical
-    order, as cloud-init merges them: the last file that sets it wins."""
-    import yaml
-
-    result = None
-    for name, text in texts:
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as error:
-            raise ValueError(f"{name} is not valid YAML: {error}") from None
-        if isinstance(data, dict) and "datasource_list" in data:
-            value = data["datasource_list"]
-            result = [str(v) for v in value] if isinstance(value, list) else [str(value)]
-    return result
-
-
-@dataclass(frozen=True)
-class FileEntry:
-    """A path of the image's root filesystem and what lstat says of it."""
-
-    path: str
-    mode: int  # st_mode: the file's type and permission bits
-    size: int
-
-    @property
-    def is_file(self) -> bool:
-        return stat.S_ISREG(self.mode)
 
 
 def _in_etc_as_resolv_conf_copy(entry: FileEntry) -> bool:
@@ -393,45 +143,6 @@ def world_writable(entries: list[FileEntry]) -> list[str]:
     return [f"{e.path} ({stat.filemode(e.mode)})" for e in entries if e.is_file and e.mode & stat.S_IWOTH]
 
 
-def by_directory(top: str, found: list[str]) -> dict[str, list[str]]:
-    """Directory -> names in it, for what libguestfs's find(TOP) answered (below TOP; "/a/b", or
-    "a/b" from older libguestfs)."""
-    groups: dict[str, list[str]] = defaultdict(list)
-    for relative in found:
-        directory, name = posixpath.split(posixpath.join(top, relative.lstrip("/")))
-        groups[directory].append(name)
-    return groups
-
-
-@dataclass
-class Ifupdown:
-    """What an interfaces(5) file declares: iface stanzas, auto/allow-* classes, sources."""
-
-    interfaces: dict[str, dict[str, str]] = field(default_factory=dict)
-    classes: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
-    sources: list[str] = field(default_factory=list)
-
-
-def parse_ifupdown(text: str) -> Ifupdown:
-    parsed = Ifupdown()
-    current: dict[str, str] | None = None
-    for raw in text.splitlines():
-        words = raw.split("#", 1)[0].split()
-        if not words:
-            continue
-        keyword, rest = words[0], words[1:]
-        if keyword == "iface" and rest:
-            current = parsed.interfaces.setdefault(rest[0], {})
-        elif keyword == "auto" or keyword.startswith("allow-"):
-            parsed.classes[keyword] += rest
-            current = None
-        elif keyword in ("source", "source-directory"):
-            parsed.sources += rest
-            current = None
-        elif current is not None:
-            current[keyword] = " ".join(rest)
-    return parsed
-
 
 def bridge_problems(spec: ImageSpec, declared: Ifupdown) -> list[str]:
     """What is missing or wrong for the spec's OVS bridges in Debian's ifupdown form."""
@@ -461,159 +172,6 @@ def bridge_problems(spec: ImageSpec, declared: Ifupdown) -> list[str]:
         problems.append(f"bridges not in the spec: {', '.join(extra)}")
     return problems
 
-
-@dataclass(frozen=True)
-class GptPartition:
-    number: int
-    type_guid: str      # upper-case, as sgdisk and part_get_gpt_type print it
-    first_lba: int
-    last_lba: int
-    name: str
-
-
-def parse_gpt(data: bytes, sector: int = SECTOR) -> list[GptPartition]:
-    """Partitions of a GPT from the disk's first sectors (protective MBR, header, entries).
-
-    Raises ValueError for a missing signature, a CRC mismatch or too little data."""
-    header = data[sector:2 * sector]
-    if header[:8] != b"EFI PART":
-        raise ValueError("no GPT header at LBA 1")
-    size, crc = struct.unpack_from("<II", header, 12)
-    if zlib.crc32(header[:16] + b"\0\0\0\0" + header[20:size]) != crc:
-        raise ValueError("GPT header CRC mismatch")
-    entries_lba, count, entry_size, entries_crc = struct.unpack_from("<QIII", header, 72)
-    start = entries_lba * sector
-    table = data[start:start + count * entry_size]
-    if len(table) < count * entry_size:
-        raise ValueError(f"GPT entries end past the {len(data)} bytes read")
-    if zlib.crc32(table) != entries_crc:
-        raise ValueError("GPT partition entries CRC mismatch")
-    partitions = []
-    for index in range(count):
-        entry = table[index * entry_size:(index + 1) * entry_size]
-        if entry[:16] == bytes(16):
-            continue
-        first, last = struct.unpack_from("<QQ", entry, 32)
-        name = entry[56:128].decode("utf-16-le", errors="replace").rstrip("\0")
-        partitions.append(GptPartition(index + 1, str(uuid.UUID(bytes_le=entry[:16])).upper(), first, last, name))
-    return partitions
-
-
-def selinux_type(context: bytes | str | None) -> str | None:
-    """The type field of a security.selinux value such as b'system_u:object_r:etc_t:s0\\0'."""
-    if context is None:
-        return None
-    text = context.decode(errors="replace") if isinstance(context, bytes) else context
-    parts = text.rstrip("\0").split(":")
-    return parts[2] if len(parts) >= 3 else None
-
-
-def unlabeled_names(names: list[str], xattrs: list[Mapping[str, Any]]) -> list[str]:
-    """Names without a security.selinux xattr, from libguestfs lxattrlist's answer: per
-    name, a header entry (empty attrname, attrval the count, empty on error), then the
-    name's attributes."""
-    missing = []
-    position = 0
-    for name in names:
-        if position >= len(xattrs):
-            raise ValueError(f"lxattrlist answered for fewer than {len(names)} names")
-        count = _as_text(xattrs[position]["attrval"]).rstrip("\0")
-        position += 1
-        attributes = xattrs[position:position + int(count)] if count.isdigit() else []
-        position += len(attributes)
-        if not any(a["attrname"] == "security.selinux" and _as_text(a["attrval"]).rstrip("\0")
-                   for a in attributes):
-            missing.append(name)
-    return missing
-
-
-def _as_text(value: bytes | str) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else value
-
-
-# --- the guest: a launched, read-only libguestfs handle with the root mounted
-
-
-@dataclass
-class Guest:
-    g: Any
-    spec: ImageSpec
-    info: dict
-    partitions: list[GptPartition]
-    root: GptPartition
-    directory: Path  # the artifacts' (build/NAME/): the liveimg tarball is checked against the disk
-    _blkid: dict[str, dict[str, str]] = field(default_factory=dict)
-
-    @staticmethod
-    def device(partition: GptPartition) -> str:
-        return f"{DEVICE}{partition.number}"
-
-    def partition(self, type_guid: str, what: str) -> GptPartition:
-        found = [p for p in self.partitions if p.type_guid == type_guid]
-        if len(found) != 1:
-            raise CheckFailed(f"expected one {what} partition (type {type_guid}), found {len(found)}")
-        return found[0]
-
-    def blkid(self, partition: GptPartition) -> dict[str, str]:
-        """blkid's TYPE, UUID, ... of a partition; {} if it holds no filesystem."""
-        device = self.device(partition)
-        if device not in self._blkid:
-            try:
-                self._blkid[device] = self.g.blkid(device)  # 0.3 s: one udev settle and blkid
-            except RuntimeError:
-                self._blkid[device] = {}
-        return self._blkid[device]
-
-    def uuid(self, partition: GptPartition) -> str:
-        return self.blkid(partition).get("UUID", "")
-
-    def read(self, path: str) -> bytes:
-        """A file's content. pread, not read_file or cat: those download through a
-        temporary file and cost about 0.25 s each under TCG, pread a few milliseconds."""
-        data = bytearray()
-        while True:
-            chunk = self.g.pread(path, READ_CHUNK, len(data))
-            data += chunk
-            if len(chunk) < READ_CHUNK:
-                return bytes(data)
-
-    def text(self, path: str, missing_ok: bool = False) -> str | None:
-        """A file's text; None if missing_ok and it cannot be read."""
-        try:
-            return self.read(path).decode(errors="replace")
-        except RuntimeError as error:
-            if missing_ok:
-                return None
-            raise CheckFailed(f"cannot read {path}: {_first_line(error)}") from None
-
-    def label(self, path: str) -> bytes | None:
-        try:
-            return self.g.lgetxattr(path, "security.selinux")
-        except RuntimeError:
-            return None
-
-    @cached_property
-    def files(self) -> list[FileEntry]:
-        """Every path of the root filesystem with its lstat: a find, then one lstatnslist per
-        directory (about 8 s under TCG for a host image's 22,000 paths)."""
-        entries = []
-        for directory, names in by_directory("/", self.g.find("/")).items():
-            for start in range(0, len(names), STAT_BATCH):
-                batch = names[start:start + STAT_BATCH]
-                entries += [FileEntry(posixpath.join(directory, name), found["st_mode"], found["st_size"])
-                            for name, found in zip(batch, self.g.lstatnslist(directory, batch))]
-        return entries
-
-    @cached_property
-    def linux_args(self) -> list[str]:
-        try:
-            return grub_linux_args(self.text("/boot/grub/grub.cfg"))
-        except ValueError as error:
-            raise CheckFailed(str(error)) from None
-
-
-def _first_line(error: BaseException) -> str:
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 # A check's answer: (problems, what was found when there are none).
@@ -747,17 +305,6 @@ def is_host(spec: ImageSpec) -> bool:
     return spec.is_kvm_host
 
 
-def required_packages(spec: ImageSpec) -> list[str]:
-    wanted = [GUEST_KERNEL_PACKAGE if is_guest(spec) else KERNEL_PACKAGE, *BASE_PACKAGES]
-    if is_guest(spec):
-        wanted += GUEST_PACKAGES
-    if has_cloud_init(spec):
-        wanted += CLOUD_INIT_PACKAGES
-    if is_host(spec):
-        wanted += HOST_PACKAGES
-    return list(dict.fromkeys([*wanted, *spec.packages]))
-
-
 def check_packages(guest: Guest) -> Verdict:
     installed = parse_dpkg_status(guest.text("/var/lib/dpkg/status"))
     wanted = required_packages(guest.spec)
@@ -770,10 +317,10 @@ def check_tuned(guest: Guest) -> Verdict:
     profile = guest.spec.tuned_profile
     g = guest.g
     problems = []
-    active = (guest.text("/etc/tuned/active_profile", missing_ok=True) or "").strip() or None
+    active = (guest.text_if_readable("/etc/tuned/active_profile") or "").strip() or None
     if active != profile:
         problems.append(f"/etc/tuned/active_profile is {active!r}, expected {profile!r}")
-    mode = (guest.text("/etc/tuned/profile_mode", missing_ok=True) or "").strip() or None
+    mode = (guest.text_if_readable("/etc/tuned/profile_mode") or "").strip() or None
     if mode != "manual":
         problems.append(f"/etc/tuned/profile_mode is {mode!r}, expected 'manual'")
     if not g.is_file(f"/etc/tuned/{profile}/tuned.conf"):
@@ -904,13 +451,13 @@ def check_sshd(guest: Guest) -> Verdict:
              "kbdinteractiveauthentication": "KbdInteractiveAuthentication",
              "permitemptypasswords": "PermitEmptyPasswords"}
     summary = [f"{shown[k]} {options[k].value} ({options[k].source})" for k in wanted]
-    problems = [s for k, s in zip(wanted, summary) if options[k].value != "no"]
+    problems = [s for k, s in zip(wanted, summary, strict=True) if options[k].value != "no"]
     return (problems, "; ".join(summary))
 
 
 def check_datasources(guest: Guest) -> Verdict:
     paths = ["/etc/cloud/cloud.cfg", *sorted(guest.g.glob_expand("/etc/cloud/cloud.cfg.d/*.cfg"))]
-    texts = [(p, guest.text(p, missing_ok=True)) for p in paths]
+    texts = [(p, guest.text_if_readable(p)) for p in paths]
     try:
         found = cloud_datasources([(p, t) for p, t in texts if t is not None])
     except ValueError as error:
@@ -935,15 +482,27 @@ def check_policy_modules(guest: Guest) -> Verdict:
             f"installed: {', '.join(wanted)}")
 
 
-def check_host_units(guest: Guest) -> Verdict:
+def check_enabled_units(guest: Guest) -> Verdict:
+    """The units the elements' enabled-units lists name have the links `systemctl enable`
+    makes, as their own [Install] sections in the image say."""
+    units = enabled_units(guest.spec)
     problems = []
-    for wants, unit in HOST_UNITS:
-        link = f"/etc/systemd/system/{wants}/{unit}"
-        if not guest.g.is_symlink(link):
-            problems.append(f"{unit} is not enabled (no {wants} link)")
-        elif not guest.g.is_file(guest.g.realpath(link)):
-            problems.append(f"{link} -> {guest.g.readlink(link)}, which does not exist")
-    return (problems, f"enabled: {', '.join(unit for _, unit in HOST_UNITS)}")
+    for unit in units:
+        text = next((found for found in (guest.text_if_readable(f"{d}/{unit}") for d in UNIT_DIRS)
+                     if found is not None), None)
+        if text is None:
+            problems.append(f"{unit}: no unit file in {' or '.join(UNIT_DIRS)}")
+            continue
+        links = unit_install_links(unit, text)
+        if not links:
+            problems.append(f"{unit}: its [Install] section has no WantedBy= or RequiredBy=")
+        for link in links:
+            path = f"/etc/systemd/system/{link}"
+            if not guest.g.is_symlink(path):
+                problems.append(f"{unit} is not enabled (no {posixpath.dirname(link)} link)")
+            elif not guest.g.is_file(guest.g.realpath(path)):
+                problems.append(f"{path} -> {guest.g.readlink(path)}, which does not exist")
+    return (problems, f"enabled: {', '.join(units)}")
 
 
 def check_host_labels(guest: Guest) -> Verdict:
@@ -963,12 +522,12 @@ def check_libvirt_svirt(guest: Guest) -> Verdict:
 
 
 def check_bridges(guest: Guest) -> Verdict:
-    text = guest.text(OVS_INTERFACES, missing_ok=True)
+    text = guest.text_if_readable(OVS_INTERFACES)
     if text is None:
         return [f"{OVS_INTERFACES} missing"], ""
     declared = parse_ifupdown(text)
     problems = bridge_problems(guest.spec, declared)
-    main = parse_ifupdown(guest.text("/etc/network/interfaces", missing_ok=True) or "")
+    main = parse_ifupdown(guest.text_if_readable("/etc/network/interfaces") or "")
     if "/etc/network/interfaces.d/*" not in main.sources:
         problems.append("/etc/network/interfaces does not source /etc/network/interfaces.d/*")
     shown = ", ".join(f"{b.name}{f' (uplink {b.uplink})' if b.uplink else ''}" for b in guest.spec.bridges)
@@ -977,7 +536,7 @@ def check_bridges(guest: Guest) -> Verdict:
 
 def check_manifest(guest: Guest) -> Verdict:
     """The manifest inside the image is this build's, and its package list is the image's own."""
-    text = guest.text(f"/{manifest.EMBEDDED}", missing_ok=True)
+    text = guest.text_if_readable(f"/{manifest.EMBEDDED}")
     if text is None:
         return [f"/{manifest.EMBEDDED} missing"], ""
     try:
@@ -992,8 +551,8 @@ def check_manifest(guest: Guest) -> Verdict:
         differ = sorted(set(listed.items()) ^ set(installed.items()))
         shown = ", ".join(f"{name} {version}" for name, version in differ[:SHOWN])
         problems.append(f"its packages differ from the image's dpkg database: {shown}")
-    return (problems, f"/{manifest.EMBEDDED}: version {embedded.get('version')}, {len(installed)} packages, "
-                      f"input hash {str(embedded.get('input_hash'))[:8]}")
+    return (problems, (f"/{manifest.EMBEDDED}: version {embedded.get('version')}, {len(installed)} packages, "
+                       f"input hash {str(embedded.get('input_hash'))[:8]}"))
 
 
 def check_liveimg(guest: Guest) -> Verdict:
@@ -1015,7 +574,7 @@ def check_liveimg(guest: Guest) -> Verdict:
     if guest.info["kernel"] not in contents.kernels:
         problems.append(f"no boot/vmlinuz-{guest.info['kernel']} (Anaconda finds the kernel there): {contents.kernels}")
     for p in paths:
-        disk = _as_text(guest.label(p) or b"").rstrip("\0")
+        disk = as_text(guest.label(p) or b"").rstrip("\0")
         if contents.labels.get(p) != disk:
             in_tarball = contents.labels.get(p) or "unlabeled"
             problems.append(f"{p}: {in_tarball} in the tarball, {disk or 'unlabeled'} on disk")
@@ -1054,7 +613,7 @@ CHECKS = (
     Check("selinux policy modules", check_policy_modules),
     Check("cloud-init datasources", check_datasources, applies=has_cloud_init),
     Check("serial console", check_serial_console, applies=lambda spec: is_guest(spec) or is_host(spec)),
-    Check("host packages' units", check_host_units, applies=is_host),
+    Check("enabled units", check_enabled_units, applies=lambda spec: bool(enabled_units(spec))),
     Check("host selinux labels", check_host_labels, applies=is_host),
     Check("libvirt svirt", check_libvirt_svirt, applies=is_host),
     Check("ovs bridges", check_bridges, applies=lambda spec: bool(spec.bridges)),
@@ -1069,26 +628,14 @@ def _run(check: Check, guest: Guest) -> CheckResult:
     except CheckFailed as error:
         return CheckResult(check.name, False, str(error))
     except RuntimeError as error:  # from libguestfs: a missing file, an unreadable device
-        return CheckResult(check.name, False, f"error: {_first_line(error)}")
-
-
-def _mount(guest: Guest, partition: GptPartition, mountpoint: str, fstype: str | None = None) -> str | None:
-    """Mount read-only; None on success, else why not."""
-    try:
-        if fstype:
-            guest.g.mount_vfs("ro", fstype, guest.device(partition), mountpoint)
-        else:
-            guest.g.mount_ro(guest.device(partition), mountpoint)
-    except RuntimeError as error:
-        return f"cannot mount {guest.device(partition)} on {mountpoint}: {_first_line(error)}"
-    return None
+        return CheckResult(check.name, False, f"error: {first_line(error)}")
 
 
 def run_checks(guest: Guest) -> list[CheckResult]:
     wanted = [c for c in CHECKS if c.applies(guest.spec)]
     results = {}
     # The checks that read the disk's raw blocks still run when the root does not mount.
-    unmounted = _mount(guest, guest.root, "/")
+    unmounted = mount(guest, guest.root, "/")
     for check in wanted:
         if check.needs_esp:
             continue
@@ -1099,7 +646,7 @@ def run_checks(guest: Guest) -> list[CheckResult]:
             results[check.name] = _run(check, guest)
     if not unmounted:
         try:
-            unmounted = _mount(guest, guest.partition(GPT_ESP, "EFI system"), "/boot/efi", "vfat")
+            unmounted = mount(guest, guest.partition(GPT_ESP, "EFI system"), "/boot/efi", "vfat")
         except CheckFailed as error:
             unmounted = str(error)
     for check in wanted:
@@ -1108,108 +655,3 @@ def run_checks(guest: Guest) -> list[CheckResult]:
     return [results[c.name] for c in wanted]
 
 
-# --- opening the image
-
-
-def _import_guestfs():
-    try:
-        import guestfs
-    except ImportError:
-        raise ToolMissing("the libguestfs Python bindings are missing; install with: apt-get install "
-                          "python3-guestfs libguestfs-tools (and run from ./inv's virtual environment, "
-                          "which sees Debian's Python packages)") from None
-    return guestfs
-
-
-def _require_appliance_kernel() -> None:
-    """supermin builds libguestfs's appliance from the host's kernel; without one, launch
-    fails with a message that names neither the cause nor the package."""
-    if os.environ.get("SUPERMIN_KERNEL") or os.environ.get("LIBGUESTFS_PATH"):
-        return
-    if not (list(Path("/boot").glob("vmlinuz-*")) or list(Path("/lib/modules").glob("*/vmlinuz"))):
-        raise ToolMissing("libguestfs needs a host kernel for its appliance and /boot has none; "
-                          "install with: apt-get install linux-image-amd64")
-
-
-def _handle(guestfs, qcow2: Path):
-    g = guestfs.GuestFS(python_return_dict=True)
-    # Where /dev/kvm exists but nested KVM hangs guests, TCG; the user's settings win.
-    if "LIBGUESTFS_BACKEND" not in os.environ:
-        g.set_backend("direct")
-    if "LIBGUESTFS_BACKEND_SETTINGS" not in os.environ and not boot.kvm_works():
-        g.set_backend_settings(["force_tcg"])
-    g.add_drive_opts(str(qcow2), format="qcow2", readonly=1)
-    return g
-
-
-def _find_root(g: Any, spec: ImageSpec, info: dict, directory: Path) -> Guest:
-    try:
-        partitions = parse_gpt(g.pread_device(DEVICE, GPT_SECTORS * SECTOR, 0))
-    except ValueError as error:
-        raise CheckFailed(f"{DEVICE}: {error}") from None
-    roots = [p for p in partitions if p.type_guid == GPT_ROOT_X86_64]
-    if len(roots) != 1:
-        raise CheckFailed(f"expected one Linux x86-64 root partition, found {len(roots)}")
-    return Guest(g, spec, info, partitions, roots[0], directory)
-
-
-def check_image(spec: ImageSpec, output_dir: Path) -> Report:
-    """Check the built artifact of `spec` offline; print a table, write check.json."""
-    from .build import artifacts_for
-
-    art = artifacts_for(spec, output_dir)
-    info = art.read_info()
-    lacking = [key for key in INFO_KEYS if key not in info]
-    if lacking:
-        raise PipelineError(f"{art.info} lacks {', '.join(lacking)}: rebuild with ./inv build {spec.name}")
-    if not art.qcow2.is_file():
-        raise PipelineError(f"{art.qcow2} has not been built: run ./inv build {spec.name}")
-    guestfs = _import_guestfs()
-    _require_appliance_kernel()
-    timings = Timings()
-    report = Report(spec.name, art.qcow2, art.check_report, qcow2_sha256=info.get("qcow2_sha256", ""))
-    g = _handle(guestfs, art.qcow2)
-    try:
-        with step("check: launch appliance", timings):
-            try:
-                g.launch()
-            except RuntimeError as error:
-                raise PipelineError(f"libguestfs could not start its appliance: {_first_line(error)}; "
-                                    "run libguestfs-test-tool to see why") from None
-        with step("check: inspect", timings):
-            try:
-                guest = _find_root(g, spec, info, art.directory)
-            except (CheckFailed, RuntimeError) as error:
-                report.results = [CheckResult("os", False, f"no root filesystem: {_first_line(error)}")]
-            else:
-                report.results = run_checks(guest)
-    finally:
-        try:
-            g.shutdown()  # waits for qemu to exit: nothing is left running
-        except RuntimeError as error:
-            say(f"warning: libguestfs shutdown: {_first_line(error)}")
-        finally:
-            g.close()
-    report.timings = timings.seconds
-    print_table(report)
-    write_json(report)
-    return report
-
-
-def format_table(results: list[CheckResult]) -> str:
-    width = max([len("check"), *(len(r.name) for r in results)])
-    lines = [f"{'check':<{width}}  {'':4}  detail"]
-    lines += [f"{r.name:<{width}}  {'PASS' if r.passed else 'FAIL'}  {r.detail}" for r in results]
-    return "\n".join(lines)
-
-
-def print_table(report: Report) -> None:
-    verdict = "passed" if report.passed else f"FAILED ({len(report.failed)} of {len(report.results)})"
-    timings = ", ".join(f"{name.removeprefix('check: ')} {seconds:.1f} s" for name, seconds in report.timings.items())
-    print(f"{format_table(report.results)}\noffline check of {report.image}: {verdict} ({timings})",
-          file=sys.stderr, flush=True)
-
-
-def write_json(report: Report) -> None:
-    """Write check.json whole or not at all: a reader never sees half a report."""
-    atomic.write_json(report.json_path, report.to_json())

@@ -1,0 +1,168 @@
+"""The offline check's verdicts and report, on inputs made here. No libguestfs, no image, no root."""
+
+from __future__ import annotations
+
+import json
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline import check, spec
+from pipeline.check import report as reports
+from pipeline.check.checks import SHOWN, bridge_problems, leftover_problems, world_writable
+from pipeline.check.parsers import FileEntry, parse_ifupdown
+from pipeline.check.report import CheckResult, Report
+from pipeline.check.session import import_guestfs
+from pipeline.errors import PipelineError, ToolMissing
+
+# --- OVS bridges (ifupdown)
+
+OVS_BRIDGES = """\
+auto br-int
+allow-ovs br-int
+iface br-int inet manual
+    ovs_type OVSBridge
+
+auto br-ex
+allow-ovs br-ex
+iface br-ex inet manual
+    ovs_type OVSBridge
+    ovs_ports enp0s8   # the uplink
+
+allow-br-ex enp0s8
+iface enp0s8 inet manual
+    ovs_bridge br-ex
+    ovs_type OVSPort
+"""
+
+
+def test_ifupdown_parses_stanzas_classes_and_sources():
+    parsed = parse_ifupdown(OVS_BRIDGES + "source /etc/network/interfaces.d/*\n")
+    assert parsed.interfaces["br-ex"] == {"ovs_type": "OVSBridge", "ovs_ports": "enp0s8"}
+    assert parsed.classes["allow-ovs"] == ["br-int", "br-ex"]
+    assert parsed.classes["allow-br-ex"] == ["enp0s8"]
+    assert parsed.sources == ["/etc/network/interfaces.d/*"]
+
+
+def test_bridges_as_the_host_spec_declares_them():
+    host = spec.load().images["host-image"]
+    assert bridge_problems(host, parse_ifupdown(OVS_BRIDGES)) == []
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda t: t.replace("allow-ovs br-int\n", ""), "br-int: not in 'allow-ovs'"),
+    (lambda t: t.replace("    ovs_ports enp0s8   # the uplink\n", ""), "lacks uplink enp0s8"),
+    (lambda t: t.replace("    ovs_bridge br-ex\n", ""), "enp0s8: not declared an OVSPort of br-ex"),
+    (lambda t: t.replace("iface br-int inet manual\n    ovs_type OVSBridge\n", ""), "br-int: no 'iface br-int'"),
+    (lambda t: t + "iface br-tun inet manual\n    ovs_type OVSBridge\n", "bridges not in the spec: br-tun"),
+])
+def test_bridge_problems_are_named(edit, problem):
+    host = spec.load().images["host-image"]
+    problems = bridge_problems(host, parse_ifupdown(edit(OVS_BRIDGES)))
+    assert any(problem in p for p in problems), problems
+
+
+# --- report
+
+
+def test_report_passes_only_with_results_all_passing(tmp_path):
+    report = Report("img", tmp_path / "img.qcow2", tmp_path / "check.json")
+    assert not report.passed
+    report.results = [CheckResult("os", True, "debian 12"), CheckResult("fstab", True, "ok")]
+    assert report.passed
+    report.results.append(CheckResult("tuned", False, "inactive"))
+    assert not report.passed and [r.name for r in report.failed] == ["tuned"]
+
+
+def test_json_written_atomically(tmp_path):
+    report = Report("img", tmp_path / "img.qcow2", tmp_path / "check.json",
+                    [CheckResult("os", True, "debian 12"), CheckResult("tuned", False, "inactive")],
+                    {"check: launch appliance": 18.2})
+    report.json_path.write_text("old")
+    reports.write_json(report)
+    saved = json.loads(report.json_path.read_text())
+    assert saved["passed"] is False
+    assert saved["checks"][1] == {"name": "tuned", "passed": False, "detail": "inactive"}
+    assert saved["timings"] == {"check: launch appliance": 18.2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["check.json"]
+
+
+def test_table_has_a_row_per_check():
+    table = reports.format_table([CheckResult("os", True, "debian 12"), CheckResult("selinux labels", False, "x")])
+    lines = table.splitlines()
+    assert lines[0].startswith("check")
+    assert lines[1].split() == ["os", "PASS", "debian", "12"]
+    assert lines[2].split()[2] == "FAIL"
+
+
+def test_missing_bindings_name_the_debian_packages(monkeypatch):
+    monkeypatch.setitem(sys.modules, "guestfs", None)
+    with pytest.raises(ToolMissing, match="python3-guestfs libguestfs-tools"):
+        import_guestfs()
+
+
+def test_unbuilt_image_says_how_to_build_it(tmp_path):
+    guest = spec.load().get("guest-image")
+    with pytest.raises(PipelineError, match=r"has not been built: run \./inv build guest-image"):
+        check.check_image(guest, Path(tmp_path))
+
+
+# --- what a build must not leave in an image
+
+def regular(path: str, mode: int = 0o644, size: int = 0) -> FileEntry:
+    return FileEntry(path, stat.S_IFREG | mode, size)
+
+
+# A clean host image's paths near each leftover kind (from a real build's listing).
+CLEAN = [
+    FileEntry("/etc/resolv.conf", stat.S_IFLNK | 0o777, 39),  # -> ../run/systemd/resolve/stub-resolv.conf
+    regular("/etc/cloud/templates/resolv.conf.tmpl", size=921),
+    regular("/usr/lib/systemd/resolv.conf", size=710),
+    regular("/var/lib/apt/lists/lock"), FileEntry("/var/lib/apt/lists/partial", stat.S_IFDIR | 0o700, 4096),
+    regular("/var/cache/apt/archives/lock"), FileEntry("/var/cache/apt/archives/partial", stat.S_IFDIR | 0o700, 4096),
+    regular("/var/log/dpkg.log"), regular("/var/log/apt/history.log"), regular("/var/log/wtmp", 0o664),
+    regular("/var/log/libvirt/qemu/.placeholder"), regular("/usr/lib/x86_64-linux-gnu/libhistory.so.8", size=1),
+    FileEntry("/var/lib/cloud", stat.S_IFDIR | 0o755, 4096), regular("/root/.bashrc", size=571),
+    FileEntry("/tmp", stat.S_IFDIR | 0o1777, 4096), FileEntry("/usr/bin/sudo", stat.S_IFREG | 0o4755, 1),
+]
+
+
+def test_a_clean_image_has_no_leftovers_and_nothing_world_writable():
+    assert leftover_problems(CLEAN) == [] and world_writable(CLEAN) == []
+
+
+@pytest.mark.parametrize("entry, kind", [
+    (regular("/etc/.resolv.conf.systemd-resolved.bak", 0o777, 25), "copies of the build host's resolv.conf"),
+    (regular("/etc/resolv.conf.ORIG", size=20), "copies of the build host's resolv.conf"),
+    (regular("/etc/resolv.conf", size=20), "the build host's nameservers"),
+    (regular("/var/lib/apt/lists/deb.debian.org_debian_dists_bookworm_InRelease", size=1), "apt lists"),
+    (regular("/var/lib/apt/lists/partial/x_Packages", size=1), "apt lists"),
+    (regular("/var/cache/apt/archives/vim_9.0_amd64.deb", size=1), ".deb caches"),
+    (regular("/root/.bash_history", 0o600, 10), "shell history"),
+    (regular("/home/debian/.python_history", 0o600, 0), "shell history"),
+    (regular("/var/log/dpkg.log", size=1), "non-empty logs"),
+    (regular("/var/log/journal/0123/system.journal", 0o640, 8388608), "non-empty logs"),
+    (FileEntry("/var/lib/cloud/instance", stat.S_IFLNK | 0o777, 30), "cloud-init instance state"),
+    (regular("/var/lib/cloud/instances/i-0123/user-data.txt", 0o600, 5), "cloud-init instance state"),
+    (regular("/var/lib/cloud/data/instance-id", size=5), "cloud-init instance state"),
+], ids=lambda value: value.path if isinstance(value, FileEntry) else "")
+def test_each_leftover_is_named_with_its_path(entry, kind):
+    assert leftover_problems([*CLEAN, entry]) == [f"{kind}: {entry.path}"]
+
+
+def test_many_leftovers_of_a_kind_are_counted():
+    lists = [regular(f"/var/lib/apt/lists/list{index}", size=1) for index in range(SHOWN + 3)]
+    [problem] = leftover_problems(lists)
+    assert problem.startswith("apt lists: /var/lib/apt/lists/list0, ") and problem.endswith(" and 3 more")
+
+
+def test_world_writable_regular_files_only():
+    entries = [regular("/etc/.resolv.conf.systemd-resolved.bak", 0o777), regular("/var/lib/x", 0o666),
+               FileEntry("/tmp", stat.S_IFDIR | 0o1777, 4096), FileEntry("/bin", stat.S_IFLNK | 0o777, 7),
+               FileEntry("/dev/null", stat.S_IFCHR | 0o666, 0), regular("/etc/passwd")]
+    assert world_writable(entries) == ["/etc/.resolv.conf.systemd-resolved.bak (-rwxrwxrwx)",
+                                       "/var/lib/x (-rw-rw-rw-)"]
+
+
