@@ -21,6 +21,7 @@ rule is `verdict_problem`, used by the build (is it up to date?) and by publish.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 LIVEIMG_SUFFIX = ".tar.gz"  # Anaconda reads .tar, .tgz, .tar.gz, .tar.bz2, .tar.xz (pipeline.liveimg)
 INFO = "build-info.json"
 MANIFEST = "manifest.json"
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -120,24 +122,39 @@ class Artifacts:
 
     @property
     def published(self) -> tuple[Path, ...]:
-        """The files a publish copies as they are, when built (the file list is optional)."""
-        return (self.qcow2, self.liveimg, self.kernel, self.initrd, self.files)
+        """The files a publish copies as they are."""
+        return (self.qcow2, self.liveimg, self.kernel, self.initrd)
+
+    @property
+    def published_if_built(self) -> tuple[Path, ...]:
+        """Copied as they are too, when the build made them (`./inv diff` reads the file list)."""
+        return (self.files,)
 
     @property
     def described(self) -> tuple[Path, ...]:
-        """The files a publish reads to describe the build (manifest.json is copied too)."""
+        """What a publish describes the build from: the manifest (copied too) and the dpkg
+        database (the SBOM)."""
         return (self.manifest, self.packages)
 
     def read_info(self) -> dict[str, Any]:
         return read_json(self.info, f"{self.name} has not been built: run ./inv build {self.name}")
 
-    def verdict_problem(self, verdict: Verdict) -> str | None:
+    def recorded_sha256(self, file: Path, info: dict[str, Any] | None = None) -> str:
+        """The sha256 of `file` that build-info.json (or `info`, read from it) records."""
+        recorded = (self.read_info() if info is None else info).get("sha256")
+        digest = recorded.get(file.name) if isinstance(recorded, dict) else None
+        if not isinstance(digest, str) or not SHA256.fullmatch(digest):
+            raise PipelineError(f"{self.info} records no sha256 of {file.name}: rebuild with ./inv build {self.name}")
+        return digest
+
+    def verdict_problem(self, verdict: Verdict, qcow2_sha256: str | None = None) -> str | None:
         """Why `verdict` does not count for this build, in one line naming its file; None when it
-        says passed about this build's qcow2 (the sha256 build-info.json records)."""
+        says passed about this build's qcow2: the sha256 given (one just computed), else the one
+        build-info.json records."""
         report_path = self.directory / verdict.file
         again = f"{verdict.command} {self.name}"
         try:
-            built = self.read_info().get("qcow2_sha256")
+            built = qcow2_sha256 or self.read_info().get("qcow2_sha256")
             report = read_json(report_path, f"the {verdict.what} has not run on this build: run {again}")
         except PipelineError as error:
             return str(error)

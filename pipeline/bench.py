@@ -245,13 +245,13 @@ def rebuild_run(images: list[ImageSpec], scratch: Path, index: int, publish_key:
 def rebuild_benchmark(images: list[ImageSpec], output_dir: Path, runs: int, publish_runs: int = 1) -> Path:
     """Cold, no-change and element-change builds of every image in each run; boot test and
     publish in the first `publish_runs` runs (a host image's boot test takes minutes)."""
-    from . import publish
+    from .publish.sign import make_gpg_home, remove_gpg_home
 
     tools.require(*tools.BUILD_TOOLS, *tools.BOOT_TOOLS, "gpg")
     scratch = Path(output_dir).resolve() / "bench"
     scratch.mkdir(parents=True, exist_ok=True)
     report = scratch / f"bench-rebuilds-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    home, email = publish.make_gpg_home()  # a throw-away signing key
+    home, email = make_gpg_home()  # a throw-away signing key
     results: list[dict] = []
     try:
         for index in range(1, runs + 1):
@@ -263,7 +263,7 @@ def rebuild_benchmark(images: list[ImageSpec], output_dir: Path, runs: int, publ
             shutil.rmtree(scratch / f"rebuild-out-{index}", ignore_errors=True)
             shutil.rmtree(scratch / f"published-{index}", ignore_errors=True)
     finally:
-        publish.remove_gpg_home(home)
+        remove_gpg_home(home)
         shutil.rmtree(scratch / "changed-elements", ignore_errors=True)
     for name, figures in summary.items():
         print(f"rebuilds of {name}: medians of {len(results)} run(s)")

@@ -17,7 +17,6 @@ from pathlib import Path
 
 from .run import run
 
-SUFFIX = ".tar.gz"
 COMPRESSION = 1  # pigz level: -1 took 11 s where -6 took 36 s, for 9% more bytes (host image)
 LABEL = "SCHILY.xattr.security.selinux"
 # How Anaconda unpacks a liveimg tarball (InstallFromTarTask), minus its --exclude list.

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import os
 import re
 import shutil
@@ -17,9 +16,10 @@ import tempfile
 import time
 import types
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import jinja2
 from pykickstart.errors import KickstartError, KickstartWarning
@@ -27,7 +27,7 @@ from pykickstart.parser import KickstartParser
 from pykickstart.version import makeVersion
 
 from .. import escape
-from ..artifacts import artifacts_for
+from ..artifacts import Artifacts, artifacts_for
 from ..errors import InventoryError, PipelineError
 from ..paths import DEFAULT_OUTPUT, ROOT
 from ..spec import ImageSpec
@@ -40,9 +40,8 @@ DEFAULT_OUTPUT_DIR = DEFAULT_OUTPUT / "kickstarts"
 # The installers we validate for (the tests render for each); pykickstart knows older ones too.
 TARGETS = ("RHEL9", "RHEL10", "F42", "F43")
 DEFAULT_TARGET = "RHEL9"
-# What liveimg installs: the root tree as a tarball with its SELinux labels (pipeline.liveimg),
-# build/ROLE/ROLE.tar.gz at BASE_URL/ROLE/, and the build-info.json key with its sha256.
-LIVEIMG = ("{role}.tar.gz", "liveimg_sha256")
+# liveimg installs a role's Artifacts.liveimg (the root tree with its SELinux labels, pipeline.liveimg),
+# build/ROLE/ROLE.tar.gz at BASE_URL/ROLE/, checked against the sha256 its build-info.json records.
 SHA256 = re.compile(r"[0-9a-f]{64}")
 LINE = re.compile(r"\bline (\d+)\b")
 
@@ -84,36 +83,28 @@ def published_version(role: str, build_dir: Path, verify_key: str | None) -> tup
     latest = Path(build_dir) / role / "latest"
     if not latest.is_symlink() and not latest.exists():
         return None
-    from .. import publish  # publishing's libraries are only needed here
+    from ..publish.verify import VERSION, verify_version  # publishing's libraries are only needed here
 
     if not verify_key:
         raise PipelineError(f"{latest} is a published version: give --verify-key FINGERPRINT or KEYFILE "
                             "(the public key that signs its SHA256SUMS) to render from it")
     version = latest.resolve()
-    if version.parent != latest.parent.resolve() or not publish.VERSION.fullmatch(version.name):
+    if version.parent != latest.parent.resolve() or not VERSION.fullmatch(version.name):
         raise PipelineError(f"{latest} points at {version}, not at a version beside it")
-    used = publish.artifact_names(role)
-    return version, publish.verify_version(version, [used["liveimg"], used["kernel"], used["initrd"]], verify_key)
+    used = Artifacts(version, role)
+    return version, verify_version(version, [used.liveimg.name, used.kernel.name, used.initrd.name], verify_key)
 
 
 def _built_liveimage(image: ImageSpec, build_dir: Path, verify_key: str | None) -> LiveImage:
-    file, key = LIVEIMG[0].format(role=image.name), LIVEIMG[1]
+    art = artifacts_for(image, build_dir)
+    file = art.liveimg.name
     if published := published_version(image.name, build_dir, verify_key):
         version, sums = published
         return LiveImage(file, sums[file], version)
-    art = artifacts_for(image, build_dir)
-    info = art.info
     try:
-        sha256 = json.loads(info.read_text()).get(key)
-    except FileNotFoundError:
-        raise PipelineError(f"role {image.name!r}: {info} not found, so there is no {file} to install: "
-                            f"run ./inv build {image.name}") from None
-    except (json.JSONDecodeError, AttributeError):
-        raise PipelineError(f"role {image.name!r}: {info}: not a JSON object") from None
-    if not isinstance(sha256, str) or not SHA256.fullmatch(sha256):
-        raise PipelineError(f"role {image.name!r}: {info} has no {key} (the sha256 of {file}): "
-                            f"run ./inv build {image.name}")
-    return LiveImage(file, sha256, art.directory)
+        return LiveImage(file, art.recorded_sha256(art.liveimg), art.directory)
+    except PipelineError as error:
+        raise PipelineError(f"role {image.name!r}: {error}") from None
 
 
 def liveimages(inventory: Inventory, build_dir: Path, given: Mapping[str, LiveImage],
@@ -294,7 +285,7 @@ def benchmark(nodes: int = 1000, target: str = DEFAULT_TARGET) -> float:
         start = time.perf_counter()
         inventory = inventories.load(path)
         loaded = time.perf_counter()
-        fake = {role: LiveImage(LIVEIMG[0].format(role=role), "0" * 64) for role in inventory.spec.images}
+        fake = {role: LiveImage(Artifacts(Path(tmp), role).liveimg.name, "0" * 64) for role in inventory.spec.images}
         written = render_all(inventory, Path(tmp) / "kickstarts", target, liveimgs=fake)
         end = time.perf_counter()
     print(f"{len(written)} kickstarts for {target}: load {loaded - start:.2f} s, render + validate + write "

@@ -14,7 +14,6 @@ accepted. Only regular files inside the root are served: no directory listing, n
 from __future__ import annotations
 
 import io
-import json
 import os
 import resource
 import selectors
@@ -33,6 +32,7 @@ from typing import Iterator
 from urllib.parse import urlsplit
 
 from .. import tools
+from ..artifacts import read_json
 from ..errors import CommandFailed, PipelineError
 from ..paths import DEFAULT_OUTPUT
 from ..run import start, stop
@@ -61,12 +61,7 @@ def connection_cap() -> int:
 
 def load_manifest(tree: Path) -> dict:
     """The tree's pxe.json: what was rendered, and the mark of a PXE tree."""
-    try:
-        return json.loads((tree / MANIFEST).read_text())
-    except FileNotFoundError:
-        raise PipelineError(f"{tree} is not a PXE tree (no {MANIFEST}): run ./inv pxe.render first") from None
-    except json.JSONDecodeError as error:
-        raise PipelineError(f"{tree / MANIFEST}: not JSON: {error}") from None
+    return read_json(tree / MANIFEST, f"{tree} is not a PXE tree: run ./inv pxe.render first")
 
 
 def printable(text: str) -> str:

@@ -12,7 +12,9 @@ import pytest
 from pipeline import build, publish
 from pipeline.deploy import pxe
 from pipeline.paths import ROOT
-from pipeline.publish import make_gpg_home, remove_gpg_home
+from pipeline.publish.sbom import SBOM, declared
+from pipeline.publish.sign import SIGNATURE, SUMS, make_gpg_home, remove_gpg_home
+from pipeline.publish.verify import read_sums
 
 
 @pytest.fixture(scope="module")
@@ -43,18 +45,18 @@ def test_published_version_is_complete_and_verifies(artifacts, published, signer
     target, result = published
     version = target / artifacts.name / result.version
     assert (target / artifacts.name / "latest").resolve() == version.resolve()
-    listed = publish.read_sums((version / publish.SUMS).read_text())
+    listed = read_sums((version / SUMS).read_text())
     assert {artifacts.qcow2.name, artifacts.liveimg.name, artifacts.kernel.name, artifacts.initrd.name,
-            "manifest.json", publish.SBOM} <= set(listed)
-    subprocess.run(["sha256sum", "--check", "--strict", publish.SUMS], cwd=version, check=True, capture_output=True)
-    subprocess.run(["gpg", "--homedir", str(signer["gnupg_home"]), "--verify", publish.SIGNATURE, publish.SUMS],
+            "manifest.json", SBOM} <= set(listed)
+    subprocess.run(["sha256sum", "--check", "--strict", SUMS], cwd=version, check=True, capture_output=True)
+    subprocess.run(["gpg", "--homedir", str(signer["gnupg_home"]), "--verify", SIGNATURE, SUMS],
                    cwd=version, check=True, capture_output=True)
     assert listed[artifacts.qcow2.name] == artifacts.read_info()["qcow2_sha256"]
 
 
 def test_sbom_lists_every_package_of_the_image(artifacts, published):
     target, result = published
-    sbom = json.loads((target / artifacts.name / result.version / publish.SBOM).read_text())
+    sbom = json.loads((target / artifacts.name / result.version / SBOM).read_text())
     packages = json.loads(artifacts.manifest.read_text())["packages"]
     names = {component["name"] for component in sbom["components"]}
     assert names == set(packages)
@@ -62,10 +64,10 @@ def test_sbom_lists_every_package_of_the_image(artifacts, published):
     # Each package's declared licenses, from the manifest (its copyright file), by SPDX id or Debian's
     # name; CycloneDX keeps a component's licenses as a sorted set.
     licenses = json.loads(artifacts.manifest.read_text())["licenses"]
-    declared = {component["name"]: {entry["license"].get("id") or entry["license"]["name"]
-                                    for entry in component.get("licenses", [])} for component in sbom["components"]}
-    assert {name: found for name, found in declared.items() if found} == {
-        name: {publish.declared(license).id or license for license in names} for name, names in licenses.items()}
+    in_sbom = {component["name"]: {entry["license"].get("id") or entry["license"]["name"]
+                                   for entry in component.get("licenses", [])} for component in sbom["components"]}
+    assert {name: found for name, found in in_sbom.items() if found} == {
+        name: {declared(license).id or license for license in names} for name, names in licenses.items()}
 
 
 def test_republishing_keeps_the_version(artifacts, spec, published, signer):
@@ -85,7 +87,7 @@ def test_pxe_tree_from_the_published_version(artifacts, spec, published, public_
                               f'root_disk = "sda"\nrole = "{spec.name}"\n'
                               '[node.compute2]\nmacs = ["52:54:00:12:34:02"]\nboot = "bios"\n'
                               f'root_disk = "sda"\nrole = "{spec.name}"\n')
-    sums = publish.read_sums((target / spec.name / result.version / publish.SUMS).read_text())
+    sums = read_sums((target / spec.name / result.version / SUMS).read_text())
     unverified = cli(["kickstart.render", str(inventory_file), f"--build-dir={target}",
                       f"--output-dir={tmp_path / 'ks'}"], check=False)
     assert unverified.returncode == 1 and "give --verify-key" in unverified.stderr

@@ -17,8 +17,10 @@ from packageurl import PackageURL
 
 from pipeline import publish
 from pipeline.errors import CommandFailed, PipelineError
-from pipeline.run import run, start, stop
-from pipeline.publish import make_gpg_home, remove_gpg_home
+from pipeline.publish.sbom import installed_packages, make_sbom, validate_sbom
+from pipeline.publish.sign import make_gpg_home, remove_gpg_home
+from pipeline.publish.targets.base import LOCK
+from pipeline.run import run, spawn
 from tests.unit.test_publish import NAME, write_build
 
 SSHD = "/usr/sbin/sshd"
@@ -74,19 +76,16 @@ def sshd(tmp_path):
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
     run([SSHD, "-t", "-f", config])
     log = tmp_path / "sshd.log"
-    proc = start([SSHD, "-D", "-e", "-f", config], log=log)
-    try:
+    with spawn([SSHD, "-D", "-e", "-f", config], log=log) as proc:
         wait_for_port(port, proc, log)
         yield {"port": port, "options": [f"IdentityFile={keys / 'client_key'}", "IdentitiesOnly=yes",
                                          f"UserKnownHostsFile={keys / 'known_hosts'}", "GlobalKnownHostsFile=/dev/null",
                                          "StrictHostKeyChecking=yes"]}
-    finally:
-        stop(proc)
-        assert proc.poll() is not None
-        deadline = time.monotonic() + 10  # connection children end with their sessions
-        while processes_mentioning(str(config)) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not processes_mentioning(str(config)), "an sshd process outlived the test"
+    assert proc.poll() is not None
+    deadline = time.monotonic() + 10  # connection children end with their sessions
+    while processes_mentioning(str(config)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not processes_mentioning(str(config)), "an sshd process outlived the test"
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +107,7 @@ def test_publish_over_rsync_and_ssh(tmp_path, sshd, gpg_key, monkeypatch):
 
     def entries() -> list[str]:
         """What the image's directory holds, hidden leftovers included, but the lock file."""
-        return [entry for entry in there("ls", "-A", image_dir).split() if entry != publish.LOCK]
+        return [entry for entry in there("ls", "-A", image_dir).split() if entry != LOCK]
 
     builds = []
     for seed, date in (("1", "20261121"), ("2", "20261122")):
@@ -127,7 +126,7 @@ def test_publish_over_rsync_and_ssh(tmp_path, sshd, gpg_key, monkeypatch):
                  f"{image_dir}/latest").count(": OK") == 6
     there("env", f"GNUPGHOME={home}", "gpg", "--batch", "--verify", f"{image_dir}/latest/SHA256SUMS.asc",
           f"{image_dir}/latest/SHA256SUMS")
-    publish.validate_sbom(there("cat", f"{image_dir}/latest/sbom.cdx.json"))
+    validate_sbom(there("cat", f"{image_dir}/latest/sbom.cdx.json"))
 
     # A copy that fails before the rename leaves nothing half-done there, and latest as it was.
     monkeypatch.setattr(publish, "REMOTE_COMMIT", 'echo "refused for the test" >&2; exit 3')
@@ -200,9 +199,9 @@ def test_one_publish_at_a_time_and_a_killed_one_lets_go(tmp_path, sshd, gpg_key)
 def test_sbom_of_a_real_package_database():
     """This machine's own dpkg database (Debian, hundreds of packages, epochs, multi-arch) makes a valid SBOM."""
     status = Path("/var/lib/dpkg/status")
-    installed = publish.installed_packages(status)
-    text = publish.make_sbom(status, "build-host", "20261125-00000000")
-    publish.validate_sbom(text)
+    installed = installed_packages(status)
+    text = make_sbom(status, "build-host", "20261125-00000000")
+    validate_sbom(text)
     sbom = json.loads(text)
     assert len(sbom["components"]) == len({(p["Package"], p["Architecture"]) for p in installed}) > 100
     for component in sbom["components"]:  # names like libstdc++6 are percent-encoded in a purl

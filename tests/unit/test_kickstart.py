@@ -183,17 +183,16 @@ def test_a_new_render_replaces_the_old_and_removes_stale_kickstarts(example, tmp
 def test_artifacts_come_from_build_info(example, tmp_path):
     for role, sha in (("host-image", "1" * 64), ("guest-image", "2" * 64)):
         (tmp_path / "build" / role).mkdir(parents=True)
-        (tmp_path / "build" / role / "build-info.json").write_text(json.dumps({kickstart.LIVEIMG[1]: sha}))
+        (tmp_path / "build" / role / "build-info.json").write_text(json.dumps({"sha256": {f"{role}.tar.gz": sha}}))
     kickstart.render_all(example, tmp_path / "ks", build_dir=tmp_path / "build")
     assert parsed(tmp_path / "ks/compute1.ks").liveimg.checksum == "1" * 64
     assert parsed(tmp_path / "ks/guest1.ks").liveimg.checksum == "2" * 64
 
 
 @pytest.mark.parametrize("info, problem", [
-    (None, "role 'guest-image': {info} not found, so there is no guest-image.tar.gz to install: "
-           "run ./inv build guest-image"),
-    ({"image": "guest-image"}, "role 'guest-image': {info} has no liveimg_sha256 (the sha256 of guest-image.tar.gz): "
-                               "run ./inv build guest-image"),
+    (None, "role 'guest-image': {info} is missing: guest-image has not been built: run ./inv build guest-image"),
+    ({"image": "guest-image"}, "role 'guest-image': {info} records no sha256 of guest-image.tar.gz: "
+                               "rebuild with ./inv build guest-image"),
     ("[]", "role 'guest-image': {info}: not a JSON object"),
 ])
 def test_missing_artifact_names_the_role_and_file(example, tmp_path, info, problem):

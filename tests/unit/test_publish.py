@@ -12,16 +12,20 @@ import signal
 import sys
 import textwrap
 import time
-from subprocess import CompletedProcess
 from pathlib import Path
+from subprocess import CompletedProcess
 
 import pytest
 
 from pipeline import build, publish
+from pipeline.artifacts import Artifacts
 from pipeline.deploy import kickstart
-from pipeline.publish import make_gpg_home, remove_gpg_home
 from pipeline.errors import PipelineError
-from pipeline.run import run, start
+from pipeline.publish.sbom import SBOM, build_sbom, make_sbom, validate_sbom
+from pipeline.publish.sign import SIGNATURE, SUMS, make_gpg_home, remove_gpg_home, require_key
+from pipeline.publish.targets import local, remote
+from pipeline.publish.verify import read_sums, verify_build, verify_version
+from pipeline.run import run, spawn
 from tests.unit.test_build import assembled, ctx  # noqa: F401 (ctx: a fixture) a build's state before move_into_place
 
 NAME = "img"
@@ -144,14 +148,14 @@ def test_publish_writes_a_signed_verified_version(build_dir, target, signer, gpg
         env={"GNUPGHOME": str(gpg_key[0])})
     assert (version / "SHA256SUMS.asc").read_text().startswith("-----BEGIN PGP SIGNATURE-----")
     assert (version / "manifest.json").read_bytes() == (build_dir / "manifest.json").read_bytes()
-    publish.validate_sbom((version / "sbom.cdx.json").read_text())
+    validate_sbom((version / "sbom.cdx.json").read_text())
     # Same file system: the big files are hard links, not copies.
     assert (version / "img.qcow2").stat().st_ino == (build_dir / "img.qcow2").stat().st_ino
 
 
 def test_sbom_components_purls_and_dependencies(build_dir):
-    text = publish.make_sbom(build_dir / "img.dpkg-status", NAME, f"{DATE}-0badcafe")
-    publish.validate_sbom(text)
+    text = make_sbom(build_dir / "img.dpkg-status", NAME, f"{DATE}-0badcafe")
+    validate_sbom(text)
     sbom = json.loads(text)
     assert sbom["bomFormat"] == "CycloneDX" and sbom["specVersion"] == "1.6"
     root = sbom["metadata"]["component"]
@@ -174,7 +178,7 @@ def test_sbom_components_purls_and_dependencies(build_dir):
 
 def test_sbom_carries_the_declared_licenses(build_dir):
     licenses = {"mawk": ["GPL-2"], "openssh-server": ["BSD-3-clause", "Expat", "public-domain"], "absent": ["MIT"]}
-    sbom = json.loads(publish.make_sbom(build_dir / "img.dpkg-status", NAME, f"{DATE}-0badcafe", licenses=licenses))
+    sbom = json.loads(make_sbom(build_dir / "img.dpkg-status", NAME, f"{DATE}-0badcafe", licenses=licenses))
     found = {c["name"]: c.get("licenses") for c in sbom["components"]}
     assert found["mawk"] == [{"license": {"name": "GPL-2", "acknowledgement": "declared"}}]  # SPDX says GPL-2.0-only
     assert found["openssh-server"] == [  # SPDX ids where Debian's names are ones, its names otherwise
@@ -186,27 +190,28 @@ def test_sbom_carries_the_declared_licenses(build_dir):
 
 def test_published_sbom_takes_the_licenses_from_the_manifest(build_dir):
     manifest_file = build_dir / "manifest.json"
-    manifest_file.write_text(json.dumps({**json.loads(manifest_file.read_text()), "licenses": {"tzdata": ["public-domain"]}}))
+    manifest = json.loads(manifest_file.read_text())
+    manifest_file.write_text(json.dumps({**manifest, "licenses": {"tzdata": ["public-domain"]}}))
     record(build_dir, "manifest.json")
-    sbom = json.loads(publish.build_sbom(publish.verify_build(build_dir, NAME)))
+    sbom = json.loads(build_sbom(verify_build(build_dir, NAME)))
     assert [c["licenses"] for c in sbom["components"] if c["name"] == "tzdata"] == [
         [{"license": {"name": "public-domain", "acknowledgement": "declared"}}]]
 
 
 def test_sbom_is_reproducible(build_dir):
-    build = publish.verify_build(build_dir, NAME)
-    assert publish.build_sbom(build) == publish.build_sbom(build)
+    build = verify_build(build_dir, NAME)
+    assert build_sbom(build) == build_sbom(build)
 
 
 def test_invalid_sbom_is_refused():
     with pytest.raises(PipelineError, match="not valid CycloneDX 1.6"):
-        publish.validate_sbom(json.dumps({"bomFormat": "CycloneDX", "specVersion": "1.6", "components": "none"}))
+        validate_sbom(json.dumps({"bomFormat": "CycloneDX", "specVersion": "1.6", "components": "none"}))
 
 
 def test_empty_package_database_is_refused(tmp_path):
     (tmp_path / "status").write_text("")
     with pytest.raises(PipelineError, match="no installed package"):
-        publish.make_sbom(tmp_path / "status", NAME, f"{DATE}-0badcafe")
+        make_sbom(tmp_path / "status", NAME, f"{DATE}-0badcafe")
 
 
 # --- faults: each refused in one line naming the file, with nothing written
@@ -314,7 +319,7 @@ def test_interrupted_publish_leaves_latest_and_versions(tmp_path, target, signer
         assert (directory / "SHA256SUMS.asc").is_file()  # fully staged and signed: the rename is next
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(publish, "_fsync_tree", killed)
+    monkeypatch.setattr(local, "_fsync_tree", killed)
     with pytest.raises(KeyboardInterrupt):
         publish_version(tmp_path, target, signer, "2", date="20261126")
     assert os.readlink(target / NAME / "latest") == first.version
@@ -331,7 +336,8 @@ def stall(self, staged, version):  # staged and signed; the rename would come ne
     Path(sys.argv[4]).write_text(staged.name)
     time.sleep(60)
 
-publish.LocalTarget.commit = stall
+from pipeline.publish.targets.local import LocalTarget
+LocalTarget.commit = stall
 publish.publish(Path(sys.argv[1]), "img", sys.argv[2], key=sys.argv[3], gnupg_home=Path(sys.argv[5]))
 """
 
@@ -341,19 +347,14 @@ def test_killed_publish_leaves_latest_and_next_publish_cleans_up(tmp_path, targe
     second_build = tmp_path / "build-2" / NAME
     second = write_build(second_build, seed="2", date="20261126")
     ready = tmp_path / "ready"
-    child = start([sys.executable, "-c", KILLED_PUBLISH, second_build, target, signer["key"], ready,
-                   signer["gnupg_home"]], log=tmp_path / "child.log")
-    try:
+    with spawn([sys.executable, "-c", KILLED_PUBLISH, second_build, target, signer["key"], ready,
+                signer["gnupg_home"]], log=tmp_path / "child.log") as child:
         deadline = time.monotonic() + 60
         while not ready.exists() and child.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
         assert ready.exists(), (tmp_path / "child.log").read_text()
         os.killpg(child.pid, signal.SIGKILL)
         child.wait(timeout=10)
-    finally:
-        if child.poll() is None:
-            os.killpg(child.pid, signal.SIGKILL)
-            child.wait()
     leftover = target / NAME / ready.read_text()
     assert leftover.is_dir() and (leftover / "SHA256SUMS.asc").is_file()
     assert os.readlink(target / NAME / "latest") == first.version
@@ -451,7 +452,7 @@ def test_to_prune(versions, latest, retention, pruned):
 
 def test_read_sums_takes_text_and_binary_lines():
     text = f"{'a' * 64}  img.qcow2\n{'b' * 64} *img name with spaces.tar.gz\n"
-    assert publish.read_sums(text) == {"img.qcow2": "a" * 64, "img name with spaces.tar.gz": "b" * 64}
+    assert read_sums(text) == {"img.qcow2": "a" * 64, "img name with spaces.tar.gz": "b" * 64}
 
 
 # --- targets
@@ -477,7 +478,7 @@ def test_remote_staging_removes_dead_publishes_leftovers(tmp_path):
 ])
 def test_remote_targets(text, host, port, directory):
     target = publish.parse_target(text, NAME)
-    assert isinstance(target, publish.RemoteTarget)
+    assert isinstance(target, remote.RemoteTarget)
     assert (target.host, target.port, target.directory) == (host, port, directory)
     assert target.location("v") == (f"{host}:{directory}/v" if port is None else f"ssh://{host}:{port}{directory}/v")
 
@@ -485,7 +486,7 @@ def test_remote_targets(text, host, port, directory):
 @pytest.mark.parametrize("text", ["build/publish", "/srv/images", "./odd:name", "/srv/odd:name"])
 def test_local_targets(text):
     target = publish.parse_target(text, NAME)
-    assert isinstance(target, publish.LocalTarget)
+    assert isinstance(target, local.LocalTarget)
     assert target.directory == (Path(text).resolve() / NAME)
 
 
@@ -508,7 +509,7 @@ def test_bad_targets(text, problem):
 
 def test_remote_commands_are_quoted_for_the_remote_shell(monkeypatch):
     calls = []
-    monkeypatch.setattr(publish, "run", lambda argv, **kw: calls.append(argv) or CompletedProcess(argv, 1, "", ""))
+    monkeypatch.setattr(remote, "run", lambda argv, **kw: calls.append(argv) or CompletedProcess(argv, 1, "", ""))
     target = publish.parse_target("ssh://deploy@[::1]:2222/srv/my images", NAME,
                                   ["IdentityFile=/keys/id ed25519", "UserKnownHostsFile=/keys/known"])
     target.read("20261121-aaaaaaaa/SHA256SUMS")
@@ -550,8 +551,8 @@ class FakeHolder:
 ])
 def test_remote_lock_failures_are_one_line(monkeypatch, out, err, code, problem):
     argvs = []
-    monkeypatch.setattr(publish, "hold", lambda argv: argvs.append(argv) or FakeHolder(out, err, code))
-    monkeypatch.setattr(publish, "release", lambda holder: None)
+    monkeypatch.setattr(remote, "hold", lambda argv: argvs.append(argv) or FakeHolder(out, err, code))
+    monkeypatch.setattr(remote, "release", lambda holder: None)
     target = publish.parse_target("ssh://root@127.0.0.1:2222/srv", NAME)
     with pytest.raises(PipelineError, match=problem):
         with target.session():
@@ -561,8 +562,8 @@ def test_remote_lock_failures_are_one_line(monkeypatch, out, err, code, problem)
 
 def test_remote_lock_is_held_for_the_session_and_released(monkeypatch):
     released = []
-    monkeypatch.setattr(publish, "hold", lambda argv: FakeHolder(b"locked\n", b"", 0))
-    monkeypatch.setattr(publish, "release", released.append)
+    monkeypatch.setattr(remote, "hold", lambda argv: FakeHolder(b"locked\n", b"", 0))
+    monkeypatch.setattr(remote, "release", released.append)
     with publish.parse_target("host:/srv", NAME).session():
         assert not released
     assert len(released) == 1
@@ -578,11 +579,30 @@ def test_a_builds_own_build_info_records_every_published_file(ctx, tmp_path):
     art = ctx.artifacts
     for report in (art.check_report, art.boot_report):
         report.write_text(json.dumps({"passed": True, "qcow2_sha256": art.read_info()["qcow2_sha256"]}))
-    proven = publish.verify_build(art.directory, art.name)
+    proven = verify_build(art.directory, art.name)
     assert set(proven.sums) == {art.qcow2.name, art.liveimg.name, art.kernel.name, art.initrd.name, art.files.name}
     art.kernel.write_text("another kernel")
     with pytest.raises(PipelineError, match=f"^{art.kernel}: sha256 .* is not the sha256 build-info.json records"):
-        publish.verify_build(art.directory, art.name)
+        verify_build(art.directory, art.name)
+
+
+def test_artifacts_names_every_file_the_build_records_and_publish_copies(ctx, target, signer):
+    """pipeline.artifacts is the one place a build's file names are: a file added to the build or to
+    publish alone fails here."""
+    assembled(ctx)
+    (ctx.work / ctx.artifacts.qcow2.name).write_text("qcow2")
+    (ctx.work / ctx.artifacts.packages.name).write_text(DPKG_STATUS)  # the SBOM is made from it
+    build.move_into_place(ctx)
+    art = ctx.artifacts
+    for report in (art.check_report, art.boot_report):
+        report.write_text(json.dumps({"passed": True, "qcow2_sha256": art.read_info()["qcow2_sha256"]}))
+    named = {getattr(art, name).name for name, value in vars(Artifacts).items()
+             if isinstance(value, property) and isinstance(getattr(art, name), Path)}
+    assert set(art.read_info()["sha256"]) <= named
+    result = publish.publish(art.directory, art.name, target, **signer)
+    copied = {file.name for file in (target / art.name / result.version).iterdir()}
+    assert copied - {SUMS, SIGNATURE, SBOM} <= named
+    assert {file.name for file in (*art.published, *art.published_if_built, art.manifest)} <= copied
 
 
 # --- a published version is verified before kickstart.render and pxe.render use it
@@ -609,7 +629,7 @@ def test_published_version_is_verified_with_a_key_file_or_a_fingerprint(
     assert version == published_version
     assert sums["img.tar.gz"] == hashlib.sha256((build_dir / "img.tar.gz").read_bytes()).hexdigest()
     monkeypatch.setenv("GNUPGHOME", str(gpg_key[0]))
-    fingerprint = publish.require_key(gpg_key[1], gpg_key[0])
+    fingerprint = require_key(gpg_key[1], gpg_key[0])
     assert kickstart.published_version(NAME, target, fingerprint.lower())[0] == published_version
     assert kickstart.published_version(NAME, build_dir.parent, None) is None  # a build directory
 
@@ -645,9 +665,9 @@ def test_version_signed_by_another_key_is_refused(published_version, target, tmp
                              env={"GNUPGHOME": str(other_home)}, capture=True).stdout)
         with pytest.raises(PipelineError, match=r"not a good signature by .*other.asc: .*No public key"):
             kickstart.published_version(NAME, target, str(other))
-        fingerprint = publish.require_key(other_email, other_home)
+        fingerprint = require_key(other_email, other_home)
         with pytest.raises(PipelineError, match="not a good signature"):
-            publish.verify_version(published_version, ["img.tar.gz"], fingerprint, other_home)
+            verify_version(published_version, ["img.tar.gz"], fingerprint, other_home)
     finally:
         remove_gpg_home(other_home)
 
@@ -757,7 +777,7 @@ def test_remote_steps_stop_when_the_lock_session_died(tmp_path, fake_ssh, step):
 
 def test_remote_host_that_does_not_answer_is_given_up_in_one_line(tmp_path, fake_ssh, monkeypatch):
     (fake_ssh.parent / "ssh").write_text("#!/bin/sh\nexec sleep 60\n")  # connected, then nothing
-    monkeypatch.setattr(publish, "REMOTE_DEADLINE", 1)
+    monkeypatch.setattr(remote, "REMOTE_DEADLINE", 1)
     target = publish.parse_target(f"somehost:{tmp_path}", NAME)
     started = time.monotonic()
     with pytest.raises(PipelineError, match=r"^somehost: ssh sh did not finish within 1 s: the host or the network"):

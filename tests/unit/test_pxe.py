@@ -50,7 +50,7 @@ def fake_build(build: Path) -> Path:
         for ext in ("vmlinuz", "initrd", "tar.gz"):
             (build / role / f"{role}.{ext}").write_bytes(f"fake {ext} of {role}\n".encode() * 100)
         digest = hashlib.sha256((build / role / f"{role}.tar.gz").read_bytes()).hexdigest()
-        (build / role / "build-info.json").write_text(json.dumps({kickstart.LIVEIMG[1]: digest}))
+        (build / role / "build-info.json").write_text(json.dumps({"sha256": {f"{role}.tar.gz": digest}}))
     return build
 
 
@@ -278,7 +278,8 @@ def test_serving_logs_every_request_and_stops(fresh, capsys):
 
 
 def test_serving_needs_a_tree(tmp_path):
-    with pytest.raises(PipelineError, match=f"{tmp_path} is not a PXE tree \\(no pxe.json\\): run ./inv pxe.render"):
+    not_a_tree = f"{tmp_path / 'pxe.json'} is missing: {tmp_path} is not a PXE tree: run ./inv pxe.render"
+    with pytest.raises(PipelineError, match=not_a_tree):
         with pxe.serving(tmp_path):
             pass
 
@@ -379,7 +380,7 @@ FAILURES = [
     ("a missing liveimg", lambda tmp, build: example(tmp), "guest-image/guest-image.tar.gz",
      "role 'guest-image': {build}/guest-image/guest-image.tar.gz not found"),
     ("no build-info.json", lambda tmp, build: example(tmp), "guest-image/build-info.json",
-     "role 'guest-image': {build}/guest-image/build-info.json not found"),
+     "role 'guest-image': {build}/guest-image/build-info.json is missing"),
 ]
 
 

@@ -1,0 +1,1 @@
+"""Where versions are published: base.Target, and its local and remote implementations."""
