@@ -65,7 +65,8 @@ def make_sbom(dpkg_status: Path, image: str, version: str, *, licenses: dict[str
     root = Component(name=image, version=version, type=ComponentType.OPERATING_SYSTEM, bom_ref=f"{image}@{version}")
     bom = Bom(serial_number=serial, metadata=BomMetaData(component=root, timestamp=timestamp))
     bom.metadata.tools.components.add(Component(name="kvm-image-pipeline", type=ComponentType.APPLICATION))
-    components, provided = [], {}
+    components = []
+    provided: dict[str, list[tuple[Component, str]]] = {}  # package or virtual name -> who provides it
     for package in packages:
         arch = package.get("Architecture", "all")
         purl = PackageURL(type="deb", namespace="debian", name=package["Package"], version=package["Version"],
@@ -76,13 +77,14 @@ def make_sbom(dpkg_status: Path, image: str, version: str, *, licenses: dict[str
                               licenses=[declared(name) for name in (licenses or {}).get(package["Package"], [])])
         components.append((component, package, arch))
         bom.components.add(component)
-        for name in [package["Package"], *(alt["name"] for group in package.relations["provides"] for alt in group)]:
+        provides = [alt["name"] for group in package.relations["provides"] or [] for alt in group]
+        for name in [package["Package"], *provides]:
             provided.setdefault(name, []).append((component, arch))
     # Dependency objects made here: Bom.register_dependency searches all of them on every call.
     graph = [Dependency(ref=root.bom_ref, dependencies=[Dependency(ref=c.bom_ref) for c, _, _ in components])]
     for component, package, arch in components:
         depends = {_installed_alternative(group, provided, arch)
-                   for field in ("pre-depends", "depends") for group in package.relations[field]}
+                   for field in ("pre-depends", "depends") for group in package.relations[field] or []}
         graph.append(Dependency(ref=component.bom_ref, dependencies=[
             Dependency(ref=dep.bom_ref) for dep in depends if dep is not None and dep is not component]))
     bom.dependencies = graph

@@ -61,7 +61,7 @@ def verify_build(artifact_dir: Path, name: str) -> Build:
         if problem := art.verdict_problem(verdict, qcow2_sha256=sums[art.qcow2.name]):
             raise PipelineError(problem)
     read_json(art.manifest, "")  # valid JSON, or one line saying where it is not
-    return Build(artifacts=art, version=version, info=info, sums={file.name: sums[file.name] for file in published})
+    return Build(artifacts=art, version=match[0], info=info, sums={file.name: sums[file.name] for file in published})
 
 
 def write_sums(directory: Path, sums: dict[str, str]) -> Path:

@@ -31,7 +31,7 @@ def _fsync_tree(directory: Path) -> None:
 class LocalTarget:
     """TARGET/NAME/ on a local file system; versions are renamed into place and fsync'd."""
 
-    tools = ("gpg", "sha256sum")
+    tools: tuple[str, ...] = ("gpg", "sha256sum")
 
     def __init__(self, root: Path, name: str):
         self.directory = Path(root).resolve() / name

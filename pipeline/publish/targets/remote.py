@@ -15,6 +15,7 @@ import os
 import select
 import shlex
 import shutil
+import subprocess
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -61,13 +62,13 @@ COPY_DEADLINE = 4 * 3600  # seconds for rsync to copy a version
 class RemoteTarget:
     """TARGET/NAME/ on a host reached over ssh (see the module's docstring)."""
 
-    tools = ("gpg", "sha256sum", "rsync", "ssh")
+    tools: tuple[str, ...] = ("gpg", "sha256sum", "rsync", "ssh")
 
     def __init__(self, host: str, path: str, name: str, port: int | None = None, ssh_options: Sequence[str] = ()):
         # host as rsync writes it: [user@]name, an IPv6 address in brackets
         self.host, self.port, self.ssh_options = host, port, tuple(ssh_options)
         self.directory = f"{path.rstrip('/') or '/'}/{name}".replace("//", "/")
-        self._lock = None  # run.hold's process: the ssh session holding LOCK there
+        self._lock: subprocess.Popen | None = None  # run.hold's process: the ssh session holding LOCK there
 
     def __str__(self) -> str:
         return self.location("").rstrip("/")
@@ -114,6 +115,7 @@ class RemoteTarget:
     def session(self) -> Iterator[None]:
         """Only one publish at a time per image and target, as on a local target."""
         holder = hold(self._ssh_argv(["sh", "-c", REMOTE_LOCK, "sh", self.directory, LOCK]))
+        assert holder.stdin and holder.stdout and holder.stderr  # hold() opens all three pipes
         try:
             answered, _, _ = select.select([holder.stdout], [], [], REMOTE_DEADLINE)
             if not answered:  # released below: stdin closed, then stopped if it lingers
