@@ -19,6 +19,7 @@ from pipeline import publish
 from pipeline.errors import CommandFailed, PipelineError
 from pipeline.publish.sbom import installed_packages, make_sbom, validate_sbom
 from pipeline.publish.sign import make_gpg_home, remove_gpg_home
+from pipeline.publish.targets import remote as remote_target
 from pipeline.publish.targets.base import LOCK
 from pipeline.run import run, spawn
 from tests.unit.test_publish import NAME, write_build
@@ -129,7 +130,7 @@ def test_publish_over_rsync_and_ssh(tmp_path, sshd, gpg_key, monkeypatch):
     validate_sbom(there("cat", f"{image_dir}/latest/sbom.cdx.json"))
 
     # A copy that fails before the rename leaves nothing half-done there, and latest as it was.
-    monkeypatch.setattr(publish, "REMOTE_COMMIT", 'echo "refused for the test" >&2; exit 3')
+    monkeypatch.setattr(remote_target, "REMOTE_COMMIT", 'echo "refused for the test" >&2; exit 3')
     with pytest.raises(CommandFailed, match="refused for the test"):
         publish.publish(builds[1][0], NAME, target, **options)
     monkeypatch.undo()
