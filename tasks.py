@@ -315,9 +315,9 @@ def pxe_serve(c, root=str(PXE_ROOT), address="127.0.0.1", port=8080, no_tftp=Fal
 
     Each request is logged to stdout and to ROOT/access.log; dnsmasq logs to ROOT/dnsmasq.log.
     """
-    from pipeline.deploy import pxe
+    from pipeline.deploy import serve
 
-    pxe.serve(Path(root), address, int(port), tftp=not no_tftp)
+    serve.serve(Path(root), address, int(port), tftp=not no_tftp)
 
 
 @task(name="check", help={
@@ -353,8 +353,8 @@ def pxe_boot_test(c, image, spec_file=None, build_dir=str(DEFAULT_OUTPUT), firmw
     the kernel's command line. Prints each boot's time from VM start to the kernel running. What
     boots is the installer (./inv build installer): this proves the chain up to it, not an install
     (tests/integration/test_deploy.py proves that)."""
-    from pipeline.deploy import pxeboot
-    from pipeline.boot import Firmware
+    from pipeline.deploy import pxenode
+    from pipeline.qemu import Firmware
     from pipeline.deploy.inventory import Loader
 
     if firmware not in ("both", *Firmware):
@@ -363,10 +363,10 @@ def pxe_boot_test(c, image, spec_file=None, build_dir=str(DEFAULT_OUTPUT), firmw
         raise Exit(f"error: --loader is {' or '.join(Loader)}, not {loader!r}", code=1)
     firmwares = list(Firmware) if firmware == "both" else [Firmware(firmware)]
     role = _spec(image, spec_file).name
-    results = pxeboot.boot_test(role, Path(spec_file) if spec_file else SPEC_FILE, Path(build_dir), firmwares,
+    results = pxenode.boot_test(role, Path(spec_file) if spec_file else SPEC_FILE, Path(build_dir), firmwares,
                                 loader=Loader(loader))
     for result, problems in results:
-        print("\n".join(pxeboot.summary(result) + [f"  problem: {problem}" for problem in problems]))
+        print("\n".join(pxenode.summary(result) + [f"  problem: {problem}" for problem in problems]))
     if any(problems for _, problems in results):
         raise Exit("error: PXE boot test failed: a node did not get its own files", code=1)
 

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import artifacts, boot, build, check, tools
+from . import artifacts, build, check, qemu, testvm, tools
 from .paths import BOOT_TESTS, ROOT
 from .progress import say, step
 from .run import run
@@ -91,12 +91,12 @@ def one_run(spec: ImageSpec, scratch: Path, index: int) -> dict:
     info = json.loads(run(["qemu-img", "info", "--output=json", art.qcow2], capture=True).stdout)
     result["qcow2_bytes"] = art.qcow2.stat().st_size
     result["virtual_bytes"] = info["virtual-size"]
-    for firmware in boot.Firmware:
+    for firmware in qemu.Firmware:
         with step(f"run {index}: boot to SSH ({firmware})"):
-            vm = boot.boot_spec(spec, art.qcow2, firmware, out / f"boot-{firmware}")
+            vm = testvm.boot_spec(spec, art.qcow2, firmware, out / f"boot-{firmware}")
             vm.stop()
         result[f"boot_to_ssh_{firmware}_s"] = vm.boot_seconds
-    result["accelerator"] = boot.accelerator()[0]
+    result["accelerator"] = qemu.accelerator()[0]
     with step(f"run {index}: boot test ({BOOT_TEST_FIRMWARE}, testinfra)"):
         started = time.monotonic()
         passed = run_boot_test(spec, out)
@@ -106,7 +106,7 @@ def one_run(spec: ImageSpec, scratch: Path, index: int) -> dict:
     return result
 
 
-BOOT_TEST_FIRMWARE = boot.Firmware.UEFI
+BOOT_TEST_FIRMWARE = qemu.Firmware.UEFI
 
 
 def run_boot_test(spec: ImageSpec, output_dir: Path) -> bool:

@@ -3,7 +3,8 @@
 argv lists only, never shell strings; a clean environment; stdin from
 /dev/null; the command echoed when PIPELINE_DEBUG is set; on failure a
 CommandFailed that carries the shlex-joined command and the tail of its output.
-Children run in their own process group so an interrupt stops all of them.
+Children run in their own process group so an interrupt stops all of them; a long-running
+child (QEMU, nginx, dnsmasq) lives inside a `with spawn(...)` block and is stopped when it ends.
 """
 
 from __future__ import annotations
@@ -13,12 +14,16 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import IO
 
-from .errors import CommandFailed, CommandTimedOut
+from .errors import CommandFailed, CommandTimedOut, exit_status
 
 _BASE_ENV_KEYS = ("HOME", "LANG", "TERM", "USER")
+Argv = Sequence[str | os.PathLike[str]]  # each item is passed as str(item)
 
 
 def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -35,21 +40,51 @@ def _debug(argv: list[str]) -> None:
         print(f"+ {shlex.join(argv)}", file=sys.stderr, flush=True)
 
 
-def _stop_group(proc: subprocess.Popen, grace: float = 30) -> None:
-    """SIGTERM the child's process group, give it time to clean up, then SIGKILL."""
-    if proc.poll() is not None:
-        return
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT, SIGTERM and SIGHUP until the block is done, then deliver the first that came.
+
+    A second Ctrl-C while a child is being stopped must not cut the stop short and leave the child
+    running. Blocking them in this thread is not enough where other threads run (the PXE server's):
+    the kernel hands a signal to any thread not blocking it, and Python then raises in the main
+    thread all the same; so the main thread's handlers only note the signal meanwhile."""
+    noted: list[int] = []
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in STOP_SIGNALS:
+            if signal.getsignal(signum) is not None:  # None: a handler not set from Python, left alone
+                previous[signum] = signal.signal(signum, lambda signum, frame: noted.append(signum))
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=grace)
-    except ProcessLookupError:
-        pass
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # one held here is delivered now
+        if noted:
+            signal.raise_signal(noted[0])
 
 
-def run(argv: list[str], *, env: dict[str, str] | None = None, cwd: Path | str | None = None,
+def _stop_group(proc: subprocess.Popen, grace: float = 30) -> None:
+    """SIGTERM the child's process group, give it time to clean up, then SIGKILL; reap it. Not to
+    be interrupted (_signals_deferred)."""
+    with _signals_deferred():
+        if proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=grace)
+        except ProcessLookupError:
+            proc.wait()
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def run(argv: Argv, *, env: dict[str, str] | None = None, cwd: Path | str | None = None,
         log: Path | None = None, capture: bool = False, input: bytes | None = None,
         timeout: float | None = None, check: bool = True,
         on_line: Callable[[str], None] | None = None) -> subprocess.CompletedProcess:
@@ -60,30 +95,32 @@ def run(argv: list[str], *, env: dict[str, str] | None = None, cwd: Path | str |
     capture: return stdout and stderr as text. Otherwise stderr is kept for errors.
     timeout: seconds; past it the command's process group is stopped and CommandTimedOut raised.
     """
-    argv = [str(arg) for arg in argv]
-    _debug(argv)
-    log_file = open(log, "ab") if log else None
+    command = [str(arg) for arg in argv]
+    _debug(command)
+    log_file = open(log, "ab") if log else None  # noqa: SIM115 (closed in the finally below)
+    stdout: int | IO[bytes]
+    stderr: int | IO[bytes]
     if on_line and log_file:
         stdout, stderr = subprocess.PIPE, subprocess.STDOUT
     else:
         stdout = log_file or (subprocess.PIPE if capture else subprocess.DEVNULL)
         stderr = log_file or subprocess.PIPE
     try:
-        proc = subprocess.Popen(argv, env=clean_env(env), cwd=cwd, stdout=stdout, stderr=stderr,
+        proc = subprocess.Popen(command, env=clean_env(env), cwd=cwd, stdout=stdout, stderr=stderr,
                                 stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
                                 start_new_session=True)
         try:
             if on_line and log_file:
-                for raw in proc.stdout:
+                for raw in proc.stdout or ():  # a pipe here
                     log_file.write(raw)
                     on_line(raw.decode(errors="replace").rstrip())
                 proc.wait(timeout=timeout)
                 out = err = None
             else:
                 out, err = proc.communicate(input=input, timeout=timeout)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired as expired:
             _stop_group(proc)
-            raise CommandTimedOut(argv, timeout) from None
+            raise CommandTimedOut(command, expired.timeout) from None
         except BaseException:  # KeyboardInterrupt included
             _stop_group(proc)
             raise
@@ -96,44 +133,58 @@ def run(argv: list[str], *, env: dict[str, str] | None = None, cwd: Path | str |
         detail = err_text.strip().splitlines()[-1] if err_text.strip() else ""
         if log:
             detail = f"see {log}" + (f": {detail}" if detail else "")
-        raise CommandFailed(argv, proc.returncode, detail)
-    return subprocess.CompletedProcess(argv, proc.returncode, out_text, err_text)
+        raise CommandFailed(command, proc.returncode, detail)
+    return subprocess.CompletedProcess(command, proc.returncode, out_text, err_text)
 
 
-def start(argv: list[str], *, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start a long-running process (a VM) in its own process group, output to log."""
-    argv = [str(arg) for arg in argv]
-    _debug(argv)
+@contextmanager
+def spawn(argv: Argv, *, log: Path, env: dict[str, str] | None = None,
+          grace: float = 10) -> Iterator[subprocess.Popen]:
+    """Run a long-running child (a VM, a server) for the length of the block, output to log.
+
+    It runs in a process group of its own; when the block ends, however it ends, the group gets
+    SIGTERM, then SIGKILL after grace seconds, and the child is reaped, with SIGINT, SIGTERM and
+    SIGHUP held meanwhile. Whether it ended early is the block's to ask (proc.poll(), ended)."""
+    command = [str(arg) for arg in argv]
+    _debug(command)
     with open(log, "ab") as log_file:
-        return subprocess.Popen(argv, env=clean_env(env), stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(command, env=clean_env(env), stdin=subprocess.DEVNULL,
                                 stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        _stop_group(proc, grace)
 
 
-def hold(argv: list[str], *, env: dict[str, str] | None = None) -> subprocess.Popen:
+def ended(proc: subprocess.Popen) -> str | None:
+    """None while proc runs; once it has ended, how: "exit 1", "killed by SIGKILL"."""
+    returncode = proc.poll()
+    return None if returncode is None else exit_status(returncode)
+
+
+def hold(argv: Argv, *, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start a process that lives while its stdin stays open (a lock held over ssh).
 
     stdin, stdout and stderr are pipes. Only this process holds stdin's write end, so if it
     dies, the child reads end-of-file and lets go."""
-    argv = [str(arg) for arg in argv]
-    _debug(argv)
-    return subprocess.Popen(argv, env=clean_env(env), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    command = [str(arg) for arg in argv]
+    _debug(command)
+    return subprocess.Popen(command, env=clean_env(env), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, start_new_session=True)
 
 
 def release(proc: subprocess.Popen, grace: float = 10) -> None:
     """End a process started by hold: close its stdin, then stop it if it lingers."""
     try:
-        proc.stdin.close()
+        if proc.stdin:
+            proc.stdin.close()
         proc.wait(timeout=grace)
     except subprocess.TimeoutExpired:
         _stop_group(proc, grace)
     finally:
         for stream in (proc.stdout, proc.stderr):
-            stream.close()
-
-
-def stop(proc: subprocess.Popen, grace: float = 10) -> None:
-    _stop_group(proc, grace)
+            if stream:
+                stream.close()
 
 
 def interrupt_on_termination() -> None:

@@ -2,7 +2,7 @@
 
 write_site puts SITE_CONF in a tree: a server block for an operator's /etc/nginx/sites-enabled/,
 serving the tree's root/ on base_url's port, logging each request in the form
-pxeboot.parse_access_log reads. serving runs a private nginx with the same server block (its own
+pxenode.parse_access_log reads. serving runs a private nginx with the same server block (its own
 main configuration in a temporary directory, no system service touched), logging to the tree's
 ACCESS_LOG as serve.serving does, so whatever reads that log reads either server's.
 """
@@ -14,16 +14,16 @@ import re
 import socket
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from ipaddress import IPv6Address, ip_address
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import urlsplit
 
 from .. import tools
-from ..boot import _free_port
 from ..errors import CommandFailed, PipelineError
-from ..run import start, stop
+from ..qemu import free_port
+from ..run import spawn
 from .pxe import _templates
 from .serve import ACCESS_LOG, SERVED, load_manifest
 
@@ -141,20 +141,17 @@ def serving(tree: Path, port: int = 0, address: str = "127.0.0.1", *, prefix: st
     except ValueError:
         raise PipelineError(f"cannot serve on {address!r}: not an IP address") from None
     tools.require("nginx")
-    port = int(port) or _free_port()
+    port = int(port) or free_port()
     with tempfile.TemporaryDirectory(prefix="pxe-nginx-") as tmp:
         workdir = Path(tmp)
         site = workdir / SITE_CONF
         site.write_text(site_config(root, port, tree / ACCESS_LOG, address=address, prefix=prefix))
         (workdir / "nginx.conf").write_text(_main_config(workdir, site))
         # -e: the error log from the start, before the configuration names it (Debian's is stderr).
-        argv = ["nginx", "-p", f"{workdir}/", "-e", workdir / "error.log", "-c", workdir / "nginx.conf"]
-        proc = start(argv, log=workdir / "nginx.out")
-        try:
+        argv = ["nginx", "-p", f"{workdir}/", "-e", str(workdir / "error.log"), "-c", str(workdir / "nginx.conf")]
+        with spawn(argv, log=workdir / "nginx.out") as proc:
             # Listening on every address: answer on loopback.
             reach = ("127.0.0.1" if host.version == 4 else "::1") if host.is_unspecified else str(host)
-            _wait_until_answering(proc, [str(arg) for arg in argv], workdir / "nginx.pid", reach, port,
+            _wait_until_answering(proc, argv, workdir / "nginx.pid", reach, port,
                                   (workdir / "error.log", workdir / "nginx.out"))
             yield f"http://{f'[{reach}]' if host.version == 6 else reach}:{port}{prefix}"
-        finally:
-            stop(proc)

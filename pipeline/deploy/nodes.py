@@ -18,21 +18,21 @@ import re
 import shlex
 import shutil
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
-from .. import tools
-from ..boot import (OVMF_CODE, OVMF_VARS, UPLINK_SLOT, Datasource, Firmware, QemuMachine, _free_port, accelerator,
-                    cloud_config, config_drive, firmware_argv, new_ssh_key, nocloud_seed, remove_private_keys,
-                    ssh_config)
+from .. import qemu
 from ..errors import PipelineError
 from ..progress import say
-from ..run import run, start
+from ..qemu import GUEST_HOST, Firmware
+from ..run import run
+from ..seed import Datasource, cloud_config, config_drive, nocloud_seed
+from ..testvm import new_ssh_key, remove_private_keys, ssh_config
 from . import inventory as inventories
-from . import nginx, pxe
-from .pxeboot import GUEST_HOST, parse_access_log, plain_console
+from . import nginx, pxe, serve
+from .pxenode import parse_access_log, plain_console
 
 SUBNET_PREFIX = "10.0.2"          # QEMU's user network
 GATEWAY = GUEST_HOST
@@ -116,7 +116,7 @@ class Site:
 
     @property
     def access_log(self) -> Path:
-        return self.tree.directory / pxe.ACCESS_LOG
+        return self.tree.directory / serve.ACCESS_LOG
 
 
 def write_inventory(workdir: Path, role: str, spec_file: Path, base_url: str, public_key: str,
@@ -147,7 +147,7 @@ def serving_site(role: str, spec_file: Path, build_dir: Path, workdir: Path,
     workdir = Path(workdir).resolve()
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
-    port = _free_port()
+    port = qemu.free_port()
     base_url = f"http://{GUEST_HOST}:{port}"
     key = workdir / "id_ed25519"
     try:
@@ -161,14 +161,14 @@ def serving_site(role: str, spec_file: Path, build_dir: Path, workdir: Path,
         with nginx.serving(tree.directory, port):
             yield Site(tree, base_url, workdir, key)
     finally:
-        if (tree.directory / pxe.ACCESS_LOG).is_file():
-            shutil.copyfile(tree.directory / pxe.ACCESS_LOG, workdir / pxe.ACCESS_LOG)
+        if (tree.directory / serve.ACCESS_LOG).is_file():
+            shutil.copyfile(tree.directory / serve.ACCESS_LOG, workdir / serve.ACCESS_LOG)
         shutil.rmtree(tree.directory, ignore_errors=True)
         remove_private_keys(workdir)
 
 
 @dataclass
-class Node(QemuMachine):
+class Node(qemu.Machine):
     """One powered-on node. Use as a context manager: QEMU never outlives it."""
 
     spec: NodeSpec
@@ -214,42 +214,37 @@ class Node(QemuMachine):
     def qemu_argv(self) -> list[str]:
         """The node's disks first in the boot order, its NIC second: a blank disk falls through to the
         network, an installed one boots (as a server set to boot disk, then network)."""
-        accel, cpu = accelerator()
-        argv = ["qemu-system-x86_64", "-name", self.spec.name, "-machine", f"q35,accel={accel}", "-cpu", cpu,
-                "-smp", "2", "-m", str(self.spec.memory_mib), "-nodefaults", "-display", "none",
-                "-monitor", "none", "-serial", f"file:{self.console}", "-pidfile", self.workdir / "qemu.pid",
-                "-device", "virtio-rng-pci",
-                "-netdev", f"user,id=n0,bootfile={self.site.base_url}/boot.ipxe,"
-                           f"hostfwd=tcp:127.0.0.1:{self.port}-{self.spec.address}:22",
-                "-device", f"virtio-net-pci,netdev=n0,mac={self.spec.mac},bootindex=2",
-                # The host image's br-ex takes the NIC at this slot as its uplink (images.toml).
-                "-netdev", "user,id=uplink0,restrict=on",
-                "-device", f"virtio-net-pci,netdev=uplink0,addr={UPLINK_SLOT:#x}"]
+        devices = [*qemu.RNG,
+                   *qemu.user_nic("n0", [f"bootfile={self.site.base_url}/boot.ipxe",
+                                         qemu.ssh_forward(self.port, self.spec.address)],
+                                  [f"mac={self.spec.mac}", "bootindex=2"]),
+                   # The host image's br-ex takes the NIC at this slot as its uplink (images.toml).
+                   *qemu.uplink_nics(1)]
         for index, disk in enumerate(self.spec.disks):
-            argv += ["-drive", f"file={self.disk(disk)},if=none,id=d{index},format=qcow2,discard=unmap"]
+            devices += ["-drive", f"file={self.disk(disk)},if=none,id=d{index},format=qcow2,discard=unmap"]
             if disk.nvme:
-                argv += ["-device", f"nvme,drive=d{index},serial=deploy{index}"]
+                devices += ["-device", f"nvme,drive=d{index},serial=deploy{index}"]
             else:
-                argv += ["-device", f"virtio-blk-pci,drive=d{index}" + (",bootindex=1" if index == 0 else "")]
+                devices += ["-device", f"virtio-blk-pci,drive=d{index}" + (",bootindex=1" if index == 0 else "")]
         if self.spec.seed_disk:
-            argv += self.seed_disk_argv()
-        return argv + firmware_argv(self.spec.firmware, self.workdir)
+            devices += self.seed_disk_argv()
+        return qemu.command(self.spec.name, firmware=self.spec.firmware, memory_mib=self.spec.memory_mib,
+                            console=self.console, workdir=self.workdir, devices=devices, cpus=2,
+                            pidfile=self.workdir / "qemu.pid")
 
     def start(self) -> None:
         """Power on with blank disks."""
-        tools.require("qemu-system-x86_64", "qemu-img")
-        if self.spec.firmware is Firmware.UEFI:
-            tools.require_files(OVMF_CODE, OVMF_VARS)
+        qemu.require(self.spec.firmware, "qemu-img")
         for disk in self.spec.disks:  # blank, as a new machine's
             run(["qemu-img", "create", "-q", "-f", "qcow2", self.disk(disk), f"{disk.size_gib}G"])
         if self.spec.seed_disk:
             self.write_seed_disk()
-        self.port = _free_port()
+        self.port = qemu.free_port()
         self.ssh_config.write_text(ssh_config("node", self.port, "root", self.site.key))
         self.console.unlink(missing_ok=True)
         self.log_offset = self.site.access_log.stat().st_size if self.site.access_log.exists() else 0
         self.started = time.monotonic()
-        self.proc = start(self.qemu_argv(), log=self.workdir / "qemu.log")
+        self.launch(self.qemu_argv(), log=self.workdir / "qemu.log")
         say(f"{self.spec.name}: powered on ({self.spec.firmware}); console: {self.console}")
 
     def console_text(self) -> str:
@@ -322,8 +317,8 @@ class Node(QemuMachine):
         return round(time.monotonic() - self.started, 1)
 
     def _alive(self, when: str) -> None:
-        if self.proc.poll() is not None:
-            raise PipelineError(f"{self.spec.name}: QEMU exited with status {self.proc.returncode} {when}; "
+        if (how := self.ended()) is not None:
+            raise PipelineError(f"{self.spec.name}: QEMU ended ({how}) {when}; "
                                 f"console: {self.console}")
 
 

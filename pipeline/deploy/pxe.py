@@ -50,9 +50,7 @@ from ..paths import DEFAULT_OUTPUT, ROOT
 from ..run import run
 from . import kickstart
 from .inventory import Boot, Inventory, Loader, Node
-# Serving, and the tree's layout, are serve's; pxe.serving and pxe.serve are its too.
-from .serve import (ACCESS_LOG, DEFAULT_OUTPUT_DIR, DNSMASQ_CONF, DNSMASQ_LOG, MANIFEST, SERVED,  # noqa: F401
-                    load_manifest, serve, serving)
+from .serve import ACCESS_LOG, DEFAULT_OUTPUT_DIR, DNSMASQ_CONF, DNSMASQ_LOG, MANIFEST, SERVED, load_manifest, serving
 
 TEMPLATES = ROOT / "kickstarts" / "pxe"
 # Network boot programs, copied from their Debian packages (tools.DEBIAN_PACKAGE_OF_FILE).

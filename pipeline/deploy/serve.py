@@ -13,6 +13,7 @@ accepted. Only regular files inside the root are served: no directory listing, n
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import resource
@@ -21,21 +22,21 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import SimpleHTTPRequestHandler
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Iterator
 from urllib.parse import urlsplit
 
 from .. import tools
 from ..artifacts import read_json
 from ..errors import CommandFailed, PipelineError
 from ..paths import DEFAULT_OUTPUT
-from ..run import start, stop
+from ..run import spawn
 
 DEFAULT_OUTPUT_DIR = DEFAULT_OUTPUT / "pxe"
 SERVED = "root"  # the subdirectory of a tree that HTTP and TFTP serve
@@ -74,7 +75,7 @@ def printable(text: str) -> str:
 
 class _AccessLog:
     """One line per request, to stdout and to ACCESS_LOG beside the root; every field from the
-    network escaped, so a line is always five fields (pxeboot.parse_access_log).
+    network escaped, so a line is always five fields (pxenode.parse_access_log).
 
     The file is opened for each line, so a render that swaps the tree in while we serve is
     logged into from then on.
@@ -95,7 +96,7 @@ class _AccessLog:
 class _Handler(SimpleHTTPRequestHandler):
     """Answers one request whose head the server has read already (HTTP/1.0: one request per connection)."""
 
-    server: _Server
+    server: _Server  # type: ignore[assignment]  # the handler only ever serves a _Server
     server_version, sys_version = "pxe", ""  # no versions for the network to match exploits to
 
     def __init__(self, request, client_address, server, *, head: bytes, directory: str):
@@ -157,7 +158,7 @@ class _Server:
                 if key.fileobj is self.listener:
                     self._accept()
                 else:
-                    self._read(key.fileobj)
+                    self._read(key.fileobj)  # type: ignore[arg-type]  # registered: listener and connections
             now = time.monotonic()
             for conn in [conn for conn, head in self.heads.items() if head.deadline < now]:
                 self._drop(conn)
@@ -222,16 +223,16 @@ class _Server:
             self._drop(conn)
         with self.lock:  # a download under way ends now, not when the node has it all
             for conn in self.answering:
-                try:
+                with contextlib.suppress(OSError):  # the node hung up first
                     conn.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
         self.workers.shutdown(wait=True, cancel_futures=True)
         self.selector.close()
         self.listener.close()
 
 
-def _start_dnsmasq(tree: Path):
+@contextmanager
+def _running_dnsmasq(tree: Path) -> Iterator[None]:
+    """dnsmasq for TFTP and proxy DHCP, for the length of the block, once it did not fail at once."""
     if os.geteuid() != 0:
         raise PipelineError("TFTP and proxy DHCP need root (dnsmasq binds ports 67 and 69): run as root, "
                             "or serve HTTP only (--no-tftp)")
@@ -243,15 +244,15 @@ def _start_dnsmasq(tree: Path):
         raise PipelineError(f"{conf}: tftp-root is {tftp_root}, not {tree / SERVED}: the tree was moved; "
                             "render it again")
     argv = ["dnsmasq", "--no-daemon", f"--conf-file={conf}"]
-    proc = start(argv, log=tree / DNSMASQ_LOG)
-    deadline = time.monotonic() + DNSMASQ_STARTUP
-    while time.monotonic() < deadline:  # a bad interface or a port in use ends it at once
-        if proc.poll() is not None:
-            lines = (tree / DNSMASQ_LOG).read_text(errors="replace").strip().splitlines()
-            last = f": {lines[-1]}" if lines else ""
-            raise CommandFailed(argv, proc.returncode, f"see {tree / DNSMASQ_LOG}{last}")
-        time.sleep(0.05)
-    return proc
+    with spawn(argv, log=tree / DNSMASQ_LOG) as proc:
+        deadline = time.monotonic() + DNSMASQ_STARTUP
+        while time.monotonic() < deadline:  # a bad interface or a port in use ends it at once
+            if proc.poll() is not None:
+                lines = (tree / DNSMASQ_LOG).read_text(errors="replace").strip().splitlines()
+                last = f": {lines[-1]}" if lines else ""
+                raise CommandFailed(argv, proc.returncode, f"see {tree / DNSMASQ_LOG}{last}")
+            time.sleep(0.05)
+        yield
 
 
 @contextmanager
@@ -274,15 +275,13 @@ def serving(tree: Path, address: str = "127.0.0.1", port: int = 0, *, tftp: bool
         raise PipelineError(f"cannot serve HTTP on {address}:{port}: {error.strerror}") from None
     thread = threading.Thread(target=server.serve_forever, name="pxe-http", daemon=True)
     thread.start()
-    dnsmasq = None
     try:
-        if tftp:
-            dnsmasq = _start_dnsmasq(tree)
-        host, bound = server.server_address[:2]
-        yield f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{bound}"
+        with ExitStack() as children:
+            if tftp:
+                children.enter_context(_running_dnsmasq(tree))
+            host, bound = server.server_address[:2]
+            yield f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{bound}"
     finally:
-        if dnsmasq is not None:
-            stop(dnsmasq)
         server.stopping.set()
         thread.join(timeout=10)
         server.shutdown()

@@ -14,11 +14,13 @@ from pathlib import Path
 import pytest
 import testinfra
 
-from pipeline import atomic, boot, build, spec as specs, tools
+from pipeline import atomic, build, spec as specs, testvm, tools
 from pipeline.artifacts import Artifacts, artifacts_for
 from pipeline.deploy.inventory import DEFAULT_INSTALLER
 from pipeline.paths import DEFAULT_CACHE, DEFAULT_OUTPUT, SPEC_FILE
+from pipeline.qemu import Firmware
 from pipeline.run import run
+from pipeline.seed import Datasource
 
 SETTLE_DEADLINE = 300
 # The boot test's verdict on an artifact (build/NAME/boot-test.json), which `inv publish`
@@ -31,7 +33,7 @@ _booted: dict = {"artifacts": None, "firmwares": set(), "final_passed": set()}
 EXPECTED_DENIAL = ("kvmpipe_netagent_t", "shadow_t")
 # Each boot hands the guest its keys as a cloud would: a BIOS boot by a NoCloud seed, a UEFI
 # boot by an OpenStack config drive (the host image boots by UEFI only, so it gets that one).
-DATASOURCE = {"bios": boot.Datasource.NOCLOUD, "uefi": boot.Datasource.CONFIG_DRIVE}
+DATASOURCE = {"bios": Datasource.NOCLOUD, "uefi": Datasource.CONFIG_DRIVE}
 # Users the seed's user-data adds beside the default one: one with a key of its own, and
 # one with a password (unlocked) and no key, which must still not get in over SSH.
 KEY_USER = "probe"
@@ -118,7 +120,7 @@ def pytest_generate_tests(metafunc):
 
 
 def key_user_identity(workdir: Path) -> Path:
-    return workdir / f"{boot.PRIVATE_KEY_PREFIX}{KEY_USER}"  # the VM's stop() removes it with its own
+    return workdir / f"{testvm.PRIVATE_KEY_PREFIX}{KEY_USER}"  # the VM's stop() removes it with its own
 
 
 @pytest.fixture(scope="session")
@@ -127,10 +129,10 @@ def vm(spec, artifacts, firmware):
     workdir = artifacts.directory / f"boot-{firmware}"
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
-    key_user_key = boot.new_ssh_key(key_user_identity(workdir), KEY_USER)
+    key_user_key = testvm.new_ssh_key(key_user_identity(workdir), KEY_USER)
     users = [{"name": KEY_USER, "shell": "/bin/bash", "ssh_authorized_keys": [key_user_key]},
              {"name": PASSWORD_USER, "shell": "/bin/bash", "lock_passwd": False, "passwd": PASSWORD_HASH}]
-    machine = boot.boot_spec(spec, artifacts.qcow2, boot.Firmware(firmware), workdir,
+    machine = testvm.boot_spec(spec, artifacts.qcow2, Firmware(firmware), workdir,
                              datasource=DATASOURCE[firmware], users=users)
     _booted["artifacts"] = artifacts
     _booted["firmwares"].add(firmware)
@@ -176,7 +178,7 @@ def attempt_logins(vm) -> dict[str, subprocess.CompletedProcess]:
     tools.require("sshpass")
     key_user_key = key_user_identity(vm.workdir)
     return {
-        boot.CLOUD_USER: attempt(vm.ssh_argv()),
+        testvm.CLOUD_USER: attempt(vm.ssh_argv()),
         KEY_USER: attempt(vm.ssh_argv(KEY_USER, key_user_key)),
         "root": attempt(vm.ssh_argv("root")),
         # sshpass answers any password prompt: if sshd offered one, this login would succeed.

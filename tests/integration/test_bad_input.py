@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import boot, tools
+from pipeline import testvm, tools
 from pipeline.paths import ROOT
+from pipeline.qemu import Firmware
 
 INVOKE = [sys.executable, "-m", "invoke"]
 
@@ -173,8 +174,8 @@ def test_interrupted_build_leaves_nothing_behind(tmp_path):
 
 def test_boot_that_never_reaches_ssh_reports_deadline_and_console(spec, artifacts, tmp_path):
     """A deadline too short for any boot: the error names it and the console log; no QEMU survives."""
-    with pytest.raises(boot.BootTimeout) as caught:
-        boot.boot(artifacts.qcow2, spec.disk_size, boot.Firmware.BIOS, tmp_path, deadline=5)
+    with pytest.raises(testvm.BootTimeout) as caught:
+        testvm.boot(artifacts.qcow2, spec.disk_size, Firmware.BIOS, tmp_path, deadline=5)
     message = str(caught.value)
     assert "did not reach SSH within 5 s" in message and str(tmp_path / "console.log") in message
     assert subprocess.run(["pgrep", "-f", f"qemu-system.*{tmp_path}"], capture_output=True).returncode == 1

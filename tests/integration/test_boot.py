@@ -10,7 +10,8 @@ import json
 
 import pytest
 
-from pipeline import boot, selinux
+from pipeline import selinux, testvm
+
 
 def test_cloud_init_finished_without_errors(host, settled):
     status = host.run("cloud-init status --long")
@@ -62,7 +63,7 @@ def test_profile_sysctl_is_live(host, settled, sysctl):
 def test_root_filesystem_grew_to_disk(host, root, spec, settled):
     """The VM's disk is larger than the image: the root partition and filesystem must fill it."""
     disk = int(host.check_output("lsblk --bytes --nodeps --noheadings --output SIZE /dev/vda"))
-    assert disk == spec.disk_size + boot.GROWTH
+    assert disk == spec.disk_size + testvm.GROWTH
     device = host.check_output("findmnt --noheadings --output SOURCE /")
     partition = int(host.check_output(f"lsblk --bytes --nodeps --noheadings --output SIZE {device}"))
     # Only the BIOS boot partition and the ESP (130 MiB) and the backup GPT precede or follow it.

@@ -32,9 +32,9 @@ from test_host import test_svirt_disks_carry_svirt_image_t_with_their_guests_cat
 from test_host import test_spec_bridges_exist_with_their_uplinks  # noqa: F401
 from test_host import test_ping_crosses_br_int_between_namespaces  # noqa: F401
 
-from pipeline.boot import Datasource
+from pipeline.seed import Datasource
 from pipeline.deploy import nodes
-from pipeline.deploy.pxeboot import parse_access_log
+from pipeline.deploy.pxenode import parse_access_log
 
 INSTALLED = (nodes.UEFI_NODE, nodes.BIOS_NODE)
 UNSUPPORTED_COMMAND = "firewall --enabled"

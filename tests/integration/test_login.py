@@ -11,8 +11,9 @@ import re
 import pytest
 from conftest import DATASOURCE, KEY_USER, PASSWORD_HASH, PASSWORD_USER
 
-from pipeline import boot
+from pipeline import testvm
 from pipeline.check import selinux_type
+from pipeline.seed import Datasource
 
 # What the policy's file contexts say a home and its SSH files are; sshd_t may read the last two.
 HOME_LABELS = {"": "user_home_dir_t", "/.ssh": "ssh_home_t", "/.ssh/authorized_keys": "ssh_home_t"}
@@ -21,12 +22,12 @@ CLOUD_INIT_WRITES = re.compile(r"/var/lib/cloud(/.*)?|/etc/ssh|/root/\.ssh|/home
 
 
 def test_cloud_init_used_the_boots_datasource(host, firmware, settled):
-    expected = {boot.Datasource.NOCLOUD: "DataSourceNoCloud", boot.Datasource.CONFIG_DRIVE: "DataSourceConfigDrive"}
+    expected = {Datasource.NOCLOUD: "DataSourceNoCloud", Datasource.CONFIG_DRIVE: "DataSourceConfigDrive"}
     status = host.check_output("cloud-init status --long")
     assert expected[DATASOURCE[firmware]] in status, status
 
 
-@pytest.mark.parametrize("user", [boot.CLOUD_USER, KEY_USER])
+@pytest.mark.parametrize("user", [testvm.CLOUD_USER, KEY_USER])
 def test_user_logs_in_by_key(logins, user):
     login = logins[user]
     assert login.returncode == 0 and login.stdout.strip() == user, login.stdout + login.stderr
@@ -36,7 +37,7 @@ def test_default_user_has_sudo(host):
     assert host.check_output("sudo -n id -un") == "root"
 
 
-@pytest.mark.parametrize("user", [boot.CLOUD_USER, KEY_USER])
+@pytest.mark.parametrize("user", [testvm.CLOUD_USER, KEY_USER])
 def test_ssh_files_carry_the_policys_labels(root, settled, user):
     home = root.user(user).home
     for suffix, expected in HOME_LABELS.items():
@@ -53,7 +54,7 @@ def test_cloud_init_labels_only_what_it_wrote(root, settled):
     assert not root.file("/.autorelabel").exists
     log = root.file("/var/log/cloud-init.log").content_string
     restored = set(RESTORED.findall(log))
-    homes = {root.user(user).home for user in (boot.CLOUD_USER, KEY_USER)}
+    homes = {root.user(user).home for user in (testvm.CLOUD_USER, KEY_USER)}
     assert {f"{home}/.ssh" for home in homes} <= restored, sorted(restored)
     assert all(CLOUD_INIT_WRITES.fullmatch(path) for path in restored), sorted(restored)
 
@@ -62,7 +63,7 @@ def test_root_cannot_log_in(logins):
     """cloud-init gives root the seed's key only to say whom to log in as (disable_root)."""
     login = logins["root"]
     assert login.returncode != 0 and login.stdout.strip() != "root", login.stdout + login.stderr
-    assert f'Please login as the user "{boot.CLOUD_USER}"' in login.stdout, login.stdout + login.stderr
+    assert f'Please login as the user "{testvm.CLOUD_USER}"' in login.stdout, login.stdout + login.stderr
 
 
 def test_password_user_cannot_log_in_with_its_password(root, logins):

@@ -9,7 +9,7 @@ from collections import defaultdict
 
 from conftest import KEY_USER, attempt_logins
 
-from pipeline.boot import CLOUD_USER
+from pipeline.testvm import CLOUD_USER
 
 EVENT_ID = re.compile(r"msg=audit\(([\d.]+:\d+)\)")
 # --input-logs: without it ausearch reads stdin whenever stdin is not a terminal,

@@ -8,7 +8,8 @@ import subprocess
 
 import yaml
 
-from pipeline import boot
+from pipeline import seed, testvm
+from pipeline.qemu import Firmware
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHd0ZXN0a2V5dGVzdGtleXRlc3RrZXl0ZXN0a2V5 boot-test"
 USERS = [{"name": "probe", "ssh_authorized_keys": [KEY]},
@@ -26,14 +27,14 @@ def label(image) -> str:
 
 
 def test_user_data_is_cloud_config_that_parses_back_exactly():
-    text = boot.cloud_config({"users": ["default", *USERS]})
+    text = seed.cloud_config({"users": ["default", *USERS]})
     assert text.startswith("#cloud-config\n")
     assert yaml.safe_load(text) == {"users": ["default", *USERS]}
 
 
 def test_nocloud_seed_is_a_cidata_volume_with_meta_and_user_data(tmp_path):
     image = tmp_path / "seed.img"
-    boot.nocloud_seed(image, boot.cloud_config({"users": ["default"], "ssh_authorized_keys": [KEY]}))
+    seed.nocloud_seed(image, seed.cloud_config({"users": ["default"], "ssh_authorized_keys": [KEY]}))
     assert label(image).upper() == "CIDATA"
     meta = yaml.safe_load(read(image, "meta-data"))
     assert meta["instance-id"].startswith("boot-test-")
@@ -42,7 +43,7 @@ def test_nocloud_seed_is_a_cidata_volume_with_meta_and_user_data(tmp_path):
 
 def test_config_drive_is_laid_out_as_nova_writes_it(tmp_path):
     image = tmp_path / "config-drive.img"
-    boot.config_drive(image, KEY, boot.cloud_config({"users": ["default", *USERS]}))
+    seed.config_drive(image, KEY, seed.cloud_config({"users": ["default", *USERS]}))
     assert label(image).lower() == "config-2"
     meta = json.loads(read(image, "openstack/latest/meta_data.json"))
     assert meta["public_keys"] == {"boot-test": KEY}
@@ -56,13 +57,13 @@ def test_config_drive_is_laid_out_as_nova_writes_it(tmp_path):
 def test_a_stopped_vm_keeps_no_private_key(tmp_path):
     """After a boot session (or a failed boot) the workdir keeps what helps debugging, not a secret:
     the seed's key and a user-data user's key (made as the integration fixture makes it)."""
-    vm = boot.VM(image=tmp_path / "image.qcow2", disk_size=2**30, firmware=boot.Firmware.BIOS,
+    vm = testvm.VM(image=tmp_path / "image.qcow2", disk_size=2**30, firmware=Firmware.BIOS,
                  workdir=tmp_path / "boot-bios")
-    seed = vm._seed()
-    user_key = vm.workdir / f"{boot.PRIVATE_KEY_PREFIX}probe"
-    boot.new_ssh_key(user_key, "probe")
+    seed_image = vm._seed()
+    user_key = vm.workdir / f"{testvm.PRIVATE_KEY_PREFIX}probe"
+    testvm.new_ssh_key(user_key, "probe")
     vm.console.write_text("boot log\n")
     vm.stop()
     assert not vm.key.exists() and not user_key.exists()
     assert vm.key.with_suffix(".pub").is_file() and user_key.with_suffix(".pub").is_file()
-    assert seed.is_file() and vm.console.is_file()
+    assert seed_image.is_file() and vm.console.is_file()

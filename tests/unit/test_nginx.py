@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.deploy import nginx, pxe, pxeboot, serve
+from pipeline.deploy import nginx, pxenode, serve
 from pipeline.errors import CommandFailed, PipelineError, ToolMissing
 from tests.unit.test_pxe import get as status
 
@@ -63,7 +63,7 @@ def test_log_format_is_what_parse_access_log_reads(tmp_path):
     formats = re.findall(r"^log_format pxe '([^']*)';$", text, re.MULTILINE)  # top level: inside http {}
     assert len(formats) == 1
     assert [LOG_FIELDS.get(word, word) for word in formats[0].split(" ")] == \
-        [field.name for field in dataclasses.fields(pxeboot.Request)]
+        [field.name for field in dataclasses.fields(pxenode.Request)]
 
 
 @pytest.mark.parametrize(("base_url", "problem"), [
@@ -111,7 +111,7 @@ def tree(tmp_path):
     (root / "boot.ipxe").write_text("#!ipxe\nchain ipxe/01-${netX/mac:hexhyp}.ipxe\n")
     (root / "ipxe" / "01-52-54-00-12-34-01.ipxe").write_text("#!ipxe\nkernel x\n")
     (tree / "pxe.json").write_text("{}\n")
-    (tree / pxe.DNSMASQ_CONF).write_text(f"tftp-root={root}\n")
+    (tree / serve.DNSMASQ_CONF).write_text(f"tftp-root={root}\n")
     (tmp_path / "secret").write_text("not the tree's\n")
     (root / "outside").symlink_to(tmp_path / "secret")
     (root / "manifest").symlink_to(tree / "pxe.json")
@@ -126,12 +126,12 @@ def test_serving_serves_the_tree_and_logs_each_request(tree):
         with urllib.request.urlopen(f"{url}/boot.ipxe", timeout=10) as response:
             assert response.read().startswith(b"#!ipxe")
             assert response.headers["Content-Type"] == "text/plain"
-        asked = {"/ipxe/01-52-54-00-12-34-01.ipxe": 200, "/missing.ipxe": 404, f"/{pxe.DNSMASQ_CONF}": 404,
+        asked = {"/ipxe/01-52-54-00-12-34-01.ipxe": 200, "/missing.ipxe": 404, f"/{serve.DNSMASQ_CONF}": 404,
                  "/pxe.json": 404, "/outside": 403, "/manifest": 403, "/ipxe/": 403, "/": 403}
         assert {path: status(url + path) for path in asked} == asked
     assert len(started) >= 2  # a master and its worker
     assert not started & nginx_pids(), "nginx processes left after serving"
-    logged = pxeboot.parse_access_log((tree / pxe.ACCESS_LOG).read_text())
+    logged = pxenode.parse_access_log((tree / serve.ACCESS_LOG).read_text())
     assert [(request.method, request.path, request.status) for request in logged] == \
         [("GET", "/boot.ipxe", 200)] + [("GET", path, code) for path, code in asked.items()]
     assert {request.client for request in logged} == {"127.0.0.1"}
@@ -142,7 +142,7 @@ def test_serving_at_a_url_path(tree):
     with nginx.serving(tree, prefix="/pxe") as url:
         assert url.endswith("/pxe")
         assert status(f"{url}/boot.ipxe") == 200
-        assert status(f"{url}/{pxe.DNSMASQ_CONF}") == 404
+        assert status(f"{url}/{serve.DNSMASQ_CONF}") == 404
         assert status(f"{url}/outside") == 403
         assert status(url.removesuffix("/pxe") + "/boot.ipxe") == 404
 
@@ -153,29 +153,25 @@ def test_serving_names_nginx_failure(tree):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with pytest.raises(CommandFailed, match="Address already in use"):
-            with nginx.serving(tree, port):
-                pass
+        with pytest.raises(CommandFailed, match="Address already in use"), nginx.serving(tree, port):
+            pass
 
 
 def test_serving_needs_nginx(tree, monkeypatch):
     monkeypatch.setenv("PATH", str(tree))
-    with pytest.raises(ToolMissing, match=r"nginx \(Debian package nginx\)"):
-        with nginx.serving(tree):
-            pass
+    with pytest.raises(ToolMissing, match=r"nginx \(Debian package nginx\)"), nginx.serving(tree):
+        pass
 
 
 def test_serving_refuses_what_is_not_a_tree(tree, tmp_path):
-    with pytest.raises(PipelineError, match="is not a PXE tree"):
-        with nginx.serving(tmp_path / "none"):
-            pass
-    with pytest.raises(PipelineError, match="not an IP address"):
-        with nginx.serving(tree, address="localhost"):
-            pass
+    with pytest.raises(PipelineError, match="is not a PXE tree"), nginx.serving(tmp_path / "none"):
+        pass
+    with pytest.raises(PipelineError, match="not an IP address"), nginx.serving(tree, address="localhost"):
+        pass
     shutil.rmtree(tree / serve.SERVED)
-    with pytest.raises(PipelineError, match=f"cannot serve {tree / serve.SERVED}: not a directory"):
-        with nginx.serving(tree):
-            pass
+    with pytest.raises(PipelineError, match=f"cannot serve {tree / serve.SERVED}: not a directory"), \
+            nginx.serving(tree):
+        pass
 
 
 def test_root_runs_workers_as_root_so_they_pass_private_parents(tmp_path):

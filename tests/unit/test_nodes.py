@@ -1,7 +1,7 @@
 """The deploy site's nodes (pipeline.deploy.nodes) without QEMU: their inventory and how a
 node's report is found in the access log."""
 
-from pipeline.deploy import inventory, nodes, pxe
+from pipeline.deploy import inventory, nodes, pxe, serve
 from pipeline.paths import SPEC_FILE
 
 
@@ -21,7 +21,7 @@ def test_a_report_counts_only_after_this_power_on(tmp_path):
     root.mkdir()
     site = nodes.Site(pxe.Tree(root, ()), "http://10.0.2.2:8080", tmp_path, tmp_path / "key")
     node = nodes.Node(nodes.BIOS_NODE, site)
-    log = root / pxe.ACCESS_LOG
+    log = root / serve.ACCESS_LOG
     log.write_text(f"2026-12-01T08:00:00+00:00 127.0.0.1 GET /status/{nodes.BIOS_NODE.name}/ok 404\n")
     assert node.status() == ("ok", "")
     node.log_offset = log.stat().st_size  # as start() records it: an earlier deploy's report is not this one's

@@ -90,7 +90,7 @@ def tree(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tree):
-    with pxe.serving(tree.directory, echo=False) as url:
+    with serve.serving(tree.directory, echo=False) as url:
         yield url
 
 
@@ -266,7 +266,7 @@ def test_check_passes_against_a_loopback_server(tree, server):
 
 
 def test_serving_logs_every_request_and_stops(fresh, capsys):
-    with pxe.serving(fresh.directory) as url:
+    with serve.serving(fresh.directory) as url:
         assert get(url + "/boot.ipxe") == 200
         assert get(url + "/nowhere.ks") == 404
     out = capsys.readouterr().out.splitlines()
@@ -280,14 +280,14 @@ def test_serving_logs_every_request_and_stops(fresh, capsys):
 def test_serving_needs_a_tree(tmp_path):
     not_a_tree = f"{tmp_path / 'pxe.json'} is missing: {tmp_path} is not a PXE tree: run ./inv pxe.render"
     with pytest.raises(PipelineError, match=not_a_tree):
-        with pxe.serving(tmp_path):
+        with serve.serving(tmp_path):
             pass
 
 
 def test_tftp_needs_root(fresh, monkeypatch):
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(PipelineError, match=r"TFTP and proxy DHCP need root .*\(--no-tftp\)"):
-        with pxe.serving(fresh.directory, tftp=True):
+        with serve.serving(fresh.directory, tftp=True):
             pass
 
 
@@ -408,7 +408,7 @@ def test_a_new_render_replaces_the_tree_under_a_running_server(tmp_path, build, 
     (fresh.root / "stale.txt").write_text("not rendered\n")
     text = (tmp_path / "inventory.toml").read_text()
     (tmp_path / "inventory.toml").write_text(text[:text.index("[node.guest1]")])  # guest1 is gone
-    with pxe.serving(fresh.directory, echo=False) as url:
+    with serve.serving(fresh.directory, echo=False) as url:
         assert get(f"{url}/ipxe/{GUEST1}.ipxe") == 200
         pxe.render_tree(inventory.load(tmp_path / "inventory.toml"), fresh.directory, build_dir=build)
         assert get(f"{url}/ipxe/{GUEST1}.ipxe") == 404
@@ -482,7 +482,7 @@ def test_dnsmasq_serves_the_tree_by_tftp_and_stops(tmp_path, build, monkeypatch)
     loaded = example(tmp_path, base_url="http://127.0.0.1:8080", pxe_table='[site.pxe]\ninterface = "lo"')
     tree = pxe.render_tree(loaded, tmp_path / "pxe", build_dir=build)
     root = tree.root
-    with pxe.serving(tree.directory, tftp=True, echo=False):
+    with serve.serving(tree.directory, tftp=True, echo=False):
         assert tftp_get(f"pxelinux.cfg/{COMPUTE2}") == (root / f"pxelinux.cfg/{COMPUTE2}").read_bytes()
         assert tftp_get("/grub/grub.cfg") == (root / "grub/grub.cfg").read_bytes()  # GRUB sends a leading /
         assert tftp_get("undionly.kpxe") == (root / "undionly.kpxe").read_bytes()

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,14 +20,11 @@ DRIVERS = {
 from pipeline import run
 run.run(["sh", "-c", 'echo $$ > "$0"; exec sleep 600', PIDFILE])
 """,
-    "start": """
+    "spawn": """
 from pipeline import run
-proc = run.start(["sleep", "600"], log=PIDFILE.with_suffix(".log"))
-try:
+with run.spawn(["sleep", "600"], log=PIDFILE.with_suffix(".log")) as proc:
     PIDFILE.write_text(str(proc.pid))
     proc.wait()
-finally:
-    run.stop(proc)
 """,
 }
 
@@ -71,12 +69,9 @@ from pathlib import Path
 from pipeline import run
 
 def test_waits():
-    proc = run.start(["sleep", "600"], log=Path(PIDFILE).with_suffix(".log"))
-    try:
+    with run.spawn(["sleep", "600"], log=Path(PIDFILE).with_suffix(".log")) as proc:
         Path(PIDFILE).write_text(str(proc.pid))
         proc.wait()
-    finally:
-        run.stop(proc)
 """
 
 
@@ -89,7 +84,8 @@ def test_sigterm_during_inv_test_reaches_pytest(tmp_path, whom):
     (tmp_path / "test_inner.py").write_text(f"PIDFILE = {str(pidfile)!r}\n{INNER_TEST}")
     script = (f"import tasks\nfrom invoke import Config, Context\nconfig = Config()\n"
               f"config.load_collection(tasks.namespace.configuration())\n"
-              f"tasks._pytest(Context(config), ['-q', '-p', 'no:cacheprovider', '-p', 'tests.conftest', {str(tmp_path / 'test_inner.py')!r}])")
+              f"tasks._pytest(Context(config), ['-q', '-p', 'no:cacheprovider', '-p', 'tests.conftest', "
+              f"{str(tmp_path / 'test_inner.py')!r}])")
     driver = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdin=subprocess.DEVNULL,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     child = None
@@ -118,3 +114,88 @@ def test_a_failed_command_says_how_it_ended(script, ending):
     with pytest.raises(CommandFailed) as failed:
         gateway.run(["sh", "-c", script])
     assert str(failed.value).startswith(f"command failed {ending}: sh -c ")
+
+
+# --- run.spawn: a long-running child lives exactly as long as its block
+
+# A child that notes SIGTERM in NOTES and goes on, with a grandchild in its group that ignores it:
+# only SIGKILL ends them. Writes "PID GRANDCHILD_PID" to PIDS once both run.
+STUBBORN = """
+import os, signal, subprocess, sys, time
+pids, notes = sys.argv[1:]
+signal.signal(signal.SIGTERM, lambda signum, frame: open(notes, "a").write("TERM\\n"))
+grandchild = subprocess.Popen(["sleep", "600"], preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN))
+open(pids + ".new", "w").write(f"{os.getpid()} {grandchild.pid}")
+os.rename(pids + ".new", pids)
+while True:
+    time.sleep(1)
+"""
+
+
+def _spawned_pids(pids: Path) -> list[int]:
+    _wait_for(pids.is_file, "the child to start")
+    return [int(pid) for pid in pids.read_text().split()]
+
+
+@pytest.fixture
+def pids(tmp_path):
+    """Where STUBBORN writes its pids; whichever outlived a failed test is killed."""
+    pids = tmp_path / "pids"
+    yield pids
+    for pid in _spawned_pids(pids) if pids.is_file() else ():
+        if not _gone(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_spawn_stops_its_child_when_the_block_ends(tmp_path):
+    from pipeline import run as gateway
+
+    with gateway.spawn(["sleep", "600"], log=tmp_path / "sleep.log") as proc:
+        assert gateway.ended(proc) is None
+    assert proc.returncode is not None and _gone(proc.pid)  # stopped and reaped
+
+
+@pytest.mark.parametrize("block_raises", [False, True])
+def test_spawn_kills_a_child_and_its_group_that_ignore_sigterm(tmp_path, pids, block_raises):
+    from pipeline import run as gateway
+
+    notes = tmp_path / "notes"
+    argv = [sys.executable, "-c", STUBBORN, pids, notes]
+    with contextlib.ExitStack() as expected:
+        if block_raises:
+            expected.enter_context(pytest.raises(KeyboardInterrupt))
+        with gateway.spawn(argv, log=tmp_path / "child.log", grace=1) as proc:
+            child, grandchild = _spawned_pids(pids)
+            if block_raises:
+                raise KeyboardInterrupt
+    assert notes.read_text() == "TERM\n"  # asked first, then killed
+    assert gateway.ended(proc) == "killed by SIGKILL"
+    _wait_for(lambda: _gone(child) and _gone(grandchild), "the child and its grandchild to end", deadline=10)
+
+
+@pytest.mark.parametrize("to", ["process", "main thread"])
+def test_a_second_interrupt_waits_until_the_child_is_stopped(tmp_path, pids, to):
+    """Ctrl-C pressed again while a child is being stopped: the stop goes on to SIGKILL and reaps
+    it, and the interrupt comes after. A signal to the process may reach another thread (here the
+    one that sends it); one to the main thread waits there, blocked."""
+    from pipeline import run as gateway
+
+    notes = tmp_path / "notes"
+
+    def interrupt_once_stopping() -> None:
+        _wait_for(notes.is_file, "the child's SIGTERM")
+        if to == "process":
+            os.kill(os.getpid(), signal.SIGINT)
+        else:
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    interrupter = threading.Thread(target=interrupt_once_stopping)
+    with pytest.raises(KeyboardInterrupt), \
+            gateway.spawn([sys.executable, "-c", STUBBORN, pids, notes], log=tmp_path / "child.log", grace=2) as proc:
+        _, grandchild = _spawned_pids(pids)
+        interrupter.start()
+    interrupter.join()
+    assert gateway.ended(proc) == "killed by SIGKILL"  # the interrupt did not cut the stop short
+    _wait_for(lambda: _gone(grandchild), "the grandchild to end", deadline=10)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is back

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.deploy import pxe, pxeboot, serve
+from pipeline.deploy import pxe, pxenode, serve
 from tests.unit.test_pxe import example, fake_build, get
 
 SLOW_CLIENTS = 500
@@ -69,7 +69,7 @@ def closed_by_server(conn: socket.socket, within: float) -> bool:
         return conn.recv(1) == b""
     except ConnectionResetError:
         return True
-    except socket.timeout:
+    except TimeoutError:
         return False
 
 
@@ -97,7 +97,7 @@ def test_control_characters_from_the_network_are_escaped_in_the_log(tree, url):
     assert lines[-2].split()[1:] == ["127.0.0.1", "GET", r'/a\x1b[2J\x07\xc3\xa9b\x5c\x22c', "404"]
     assert lines[-1].split()[1:] == ["127.0.0.1", "-", "-", "400"]
     assert all(char.isprintable() for line in lines for char in line)
-    assert [request.status for request in pxeboot.parse_access_log("\n".join(lines[-2:]))] == [404, 400]
+    assert [request.status for request in pxenode.parse_access_log("\n".join(lines[-2:]))] == [404, 400]
 
 
 @pytest.mark.parametrize(("text", "logged"), [
@@ -150,10 +150,9 @@ def test_a_node_is_served_while_500_slow_clients_hold_connections(tree, files_fo
 
 def test_a_client_that_sends_no_request_is_dropped(tree, monkeypatch):
     monkeypatch.setattr(serve, "HEAD_TIMEOUT", 0.5)
-    with serve.serving(tree.directory, echo=False) as url:
-        with connect(url) as silent, connect(url) as slow:
-            slow.sendall(b"GET /boot.ipxe HTTP/1.0\r\n")  # and never the blank line
-            assert closed_by_server(silent, 5) and closed_by_server(slow, 5)
+    with serve.serving(tree.directory, echo=False) as url, connect(url) as silent, connect(url) as slow:
+        slow.sendall(b"GET /boot.ipxe HTTP/1.0\r\n")  # and never the blank line
+        assert closed_by_server(silent, 5) and closed_by_server(slow, 5)
 
 
 def test_connections_over_the_cap_are_closed_at_once(tree, monkeypatch):
@@ -178,15 +177,14 @@ def test_a_node_that_stops_reading_is_dropped(tree, monkeypatch):
     big = tree.root / "big.img"
     big.write_bytes(b"\0" * 64 * 2**20)  # more than the sockets' buffers hold
     try:
-        with serve.serving(tree.directory, echo=False) as url:
-            with connect(url) as stalled:
-                stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-                stalled.sendall(b"GET /big.img HTTP/1.0\r\n\r\n")
-                assert status(f"{url}/boot.ipxe") is None  # over the cap while the stalled download holds the slot
-                deadline = time.monotonic() + 10
-                while status(f"{url}/boot.ipxe") != 200:
-                    assert time.monotonic() < deadline, "the stalled download was never dropped"
-                    time.sleep(0.2)
+        with serve.serving(tree.directory, echo=False) as url, connect(url) as stalled:
+            stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            stalled.sendall(b"GET /big.img HTTP/1.0\r\n\r\n")
+            assert status(f"{url}/boot.ipxe") is None  # over the cap while the stalled download holds the slot
+            deadline = time.monotonic() + 10
+            while status(f"{url}/boot.ipxe") != 200:
+                assert time.monotonic() < deadline, "the stalled download was never dropped"
+                time.sleep(0.2)
     finally:
         big.unlink()
 

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.deploy import inventory, pxe, pxeboot
-from pipeline.boot import Firmware
-from pipeline.errors import PipelineError
+from pipeline import qemu
+from pipeline.deploy import inventory, pxe, pxenode, serve
 from pipeline.deploy.inventory import Loader
+from pipeline.errors import PipelineError
 from pipeline.paths import SPEC_FILE
+from pipeline.qemu import Firmware
 
 BASE = "http://10.0.2.2:41234"
 BIOS_SCRIPT, UEFI_SCRIPT = "/ipxe/01-52-54-00-7e-00-01.ipxe", "/ipxe/01-52-54-00-7e-00-02.ipxe"
@@ -36,34 +37,34 @@ def log_line(path: str, status: int | str = 200, method: str = "GET") -> str:
 @pytest.fixture
 def tree(tmp_path) -> pxe.Tree:
     """The test inventory's nodes, as a tree would boot them (nothing rendered: no build needed)."""
-    loaded = inventory.load(pxeboot.write_inventory(tmp_path / "inventory.toml", "host-image", SPEC_FILE, BASE))
+    loaded = inventory.load(pxenode.write_inventory(tmp_path / "inventory.toml", "host-image", SPEC_FILE, BASE))
     return pxe.Tree(tmp_path / "tree", tuple(pxe.node_boot(loaded, node) for node in loaded.nodes.values()))
 
 
-def result(requests: list[str], args: tuple[str, ...] = BIOS_ARGS) -> pxeboot.BootResult:
-    return pxeboot.BootResult("pxe-bios", Firmware.BIOS, 13.4, args,
-                              pxeboot.parse_access_log("".join(requests)), Path("console-bios.log"))
+def result(requests: list[str], args: tuple[str, ...] = BIOS_ARGS) -> pxenode.BootResult:
+    return pxenode.BootResult("pxe-bios", Firmware.BIOS, 13.4, args,
+                              pxenode.parse_access_log("".join(requests)), Path("console-bios.log"))
 
 
 def test_the_test_inventory_has_a_node_per_firmware_with_its_own_mac(tree):
     nodes = {boot.node.name: boot.node for boot in tree.boots}
     assert {name: (node.boot, node.boot_mac) for name, node in nodes.items()} == {
         "pxe-bios": ("bios", "52:54:00:7e:00:01"), "pxe-uefi": ("uefi", "52:54:00:7e:00:02")}
-    assert pxeboot.own_files(tree, "pxe-bios") == OWN_FILES
+    assert pxenode.own_files(tree, "pxe-bios") == OWN_FILES
 
 
 def test_parse_access_log():
     text = log_line("/boot.ipxe") + log_line("/nope", 404) + "garbage\n" + log_line("/x", "-", "HEAD")
-    assert pxeboot.parse_access_log(text) == (
-        pxeboot.Request("2026-11-25T10:45:12", "127.0.0.1", "GET", "/boot.ipxe", 200),
-        pxeboot.Request("2026-11-25T10:45:12", "127.0.0.1", "GET", "/nope", 404),
-        pxeboot.Request("2026-11-25T10:45:12", "127.0.0.1", "HEAD", "/x", "-"),
+    assert pxenode.parse_access_log(text) == (
+        pxenode.Request("2026-11-25T10:45:12", "127.0.0.1", "GET", "/boot.ipxe", 200),
+        pxenode.Request("2026-11-25T10:45:12", "127.0.0.1", "GET", "/nope", 404),
+        pxenode.Request("2026-11-25T10:45:12", "127.0.0.1", "HEAD", "/x", "-"),
     )
 
 
 def test_command_line_from_a_uefi_console():
     # iPXE on UEFI puts the kernel's name first; the EFI stub reads initrd=.
-    assert pxeboot.command_line(UEFI_CONSOLE) == (
+    assert pxenode.command_line(UEFI_CONSOLE) == (
         "installer.vmlinuz", "initrd=installer.initrd", f"inst.ks={BASE}/kickstarts/pxe-uefi.ks",
         "console=tty0", "console=ttyS0,115200")
 
@@ -74,23 +75,23 @@ def test_command_line_from_a_uefi_console():
     "[    1.234567] Kernel command line: inst.ks=x\n",  # a later line, not the kernel's first
 ])
 def test_no_command_line_yet(console):
-    assert pxeboot.command_line(console) is None
+    assert pxenode.command_line(console) is None
 
 
 def test_console_tail_drops_escapes_and_blank_lines():
-    assert pxeboot.console_tail("\x1b[2J\x1b[01;01HBdsDxe: x\r\n\r\n\niPXE ok\r\nlast\r\n", 2) == "iPXE ok | last"
-    assert pxeboot.console_tail("") == "(nothing)"
+    assert pxenode.console_tail("\x1b[2J\x1b[01;01HBdsDxe: x\r\n\r\n\niPXE ok\r\nlast\r\n", 2) == "iPXE ok | last"
+    assert pxenode.console_tail("") == "(nothing)"
 
 
 def test_a_boot_that_got_its_own_files_has_no_problems(tree):
-    assert pxeboot.problems(tree, result([log_line(path) for path in OWN_FILES])) == ()
+    assert pxenode.problems(tree, result([log_line(path) for path in OWN_FILES])) == ()
 
 
 def test_problems_name_what_the_boot_got_wrong(tree):
     requests = [log_line("/boot.ipxe"), log_line(UEFI_SCRIPT), log_line(BIOS_SCRIPT, 404),
                 log_line("/installer/installer.vmlinuz")]
     args = (f"inst.ks={BASE}/kickstarts/pxe-uefi.ks", "console=ttyS0")
-    assert pxeboot.problems(tree, result(requests, args)) == (
+    assert pxenode.problems(tree, result(requests, args)) == (
         f"{BIOS_SCRIPT}: status 404",
         "/installer/installer.initrd: not fetched",
         f"fetched node 'pxe-uefi''s {UEFI_SCRIPT[1:]}",
@@ -100,14 +101,14 @@ def test_problems_name_what_the_boot_got_wrong(tree):
 
 
 def test_a_command_line_without_a_kickstart_is_a_problem(tree):
-    found = pxeboot.problems(tree, result([log_line(path) for path in OWN_FILES], ("console=ttyS0",)))
+    found = pxenode.problems(tree, result([log_line(path) for path in OWN_FILES], ("console=ttyS0",)))
     assert found == (f"the kernel command line has inst.ks none, not {BASE}/kickstarts/pxe-bios.ks",)
 
 
 def test_a_site_of_an_image_not_built_says_so_and_leaves_nothing(tmp_path):
-    with pytest.raises(PipelineError, match=r"^role 'host-image': .* run ./inv build host-image$"):
-        with pxeboot.serving_site("host-image", SPEC_FILE, tmp_path / "build", tmp_path / "build/host-image/pxe"):
-            pass
+    with pytest.raises(PipelineError, match=r"^role 'host-image': .* run ./inv build host-image$"), \
+            pxenode.serving_site("host-image", SPEC_FILE, tmp_path / "build", tmp_path / "build/host-image/pxe"):
+        pass
     assert not (tmp_path / "build/host-image/pxe").exists()
 
 
@@ -115,14 +116,14 @@ def test_a_site_of_an_image_not_built_says_so_and_leaves_nothing(tmp_path):
 
 
 @pytest.fixture
-def site(tree, tmp_path, monkeypatch) -> pxeboot.Site:
-    monkeypatch.setattr(pxeboot, "accelerator", lambda: ("tcg", "max"))
+def site(tree, tmp_path, monkeypatch) -> pxenode.Site:
+    monkeypatch.setattr(qemu, "accelerator", lambda: ("tcg", "max"))
     rom = tmp_path / "efi-virtio.rom"
     rom.write_bytes(b"rom")
-    monkeypatch.setattr(pxeboot, "NIC_ROM", str(rom))
+    monkeypatch.setattr(pxenode, "NIC_ROM", str(rom))
     tree.root.mkdir(parents=True)
-    (tree.directory / pxe.ACCESS_LOG).write_text(log_line(UEFI_SCRIPT))  # an earlier boot's: not this one's
-    return pxeboot.Site(tree, BASE, tmp_path / "work")
+    (tree.directory / serve.ACCESS_LOG).write_text(log_line(UEFI_SCRIPT))  # an earlier boot's: not this one's
+    return pxenode.Site(tree, BASE, tmp_path / "work")
 
 
 def fake_qemu(tmp_path: Path, monkeypatch, then: str) -> None:
@@ -148,11 +149,11 @@ def test_boot_returns_at_the_kernel_command_line_with_this_boots_requests(site, 
     line = f"[    0.000000] Command line: initrd=installer.initrd {' '.join(BIOS_ARGS)}\\r\\n"
     fake_qemu(tmp_path, monkeypatch, f"open(console, 'w').write('SeaBIOS\\r\\n{line}')\ntime.sleep(60)")
     site.workdir.mkdir()
-    booted = pxeboot.boot(site, Firmware.BIOS, deadline=20)
+    booted = pxenode.boot(site, Firmware.BIOS, deadline=20)
     assert booted.command_line == ("initrd=installer.initrd", *BIOS_ARGS)
     assert [request.path for request in booted.requests] == OWN_FILES
     assert 0 < booted.seconds < 20 and booted.console == site.workdir / "console-bios.log"
-    assert pxeboot.problems(site.tree, booted) == ()
+    assert pxenode.problems(site.tree, booted) == ()
 
 
 def test_boot_deadline_names_the_requests_and_the_last_console_lines(site, tmp_path, monkeypatch):
@@ -162,40 +163,40 @@ def test_boot_deadline_names_the_requests_and_the_last_console_lines(site, tmp_p
     with pytest.raises(PipelineError, match=r"^pxe-bios \(bios\): no kernel command line on the console within "
                                             r"1 s; requests: /boot.ipxe .*initrd; last console lines: iPXE ok \| "
                                             r"boot: no such file$"):
-        pxeboot.boot(site, Firmware.BIOS, deadline=1)
+        pxenode.boot(site, Firmware.BIOS, deadline=1)
 
 
 def test_boot_notices_that_qemu_exited(site, tmp_path, monkeypatch):
     fake_qemu(tmp_path, monkeypatch, "print('qemu: could not load ROM', file=sys.stderr)\nsys.exit(1)")
     site.workdir.mkdir()
-    with pytest.raises(PipelineError, match=r"^pxe-uefi \(uefi\): QEMU exited with status 1 before the kernel "
+    with pytest.raises(PipelineError, match=r"^pxe-uefi \(uefi\): QEMU ended \(exit 1\) before the kernel "
                                             r"ran; console: \(nothing\); see .*qemu-uefi.log$"):
-        pxeboot.boot(site, Firmware.UEFI, deadline=20)
+        pxenode.boot(site, Firmware.UEFI, deadline=20)
 
 
 def test_qemu_boots_the_nodes_mac_from_the_sites_url(site, tmp_path):
     site.workdir.mkdir()
-    argv = pxeboot.qemu_argv(Firmware.UEFI, "52:54:00:7e:00:02", site, tmp_path / "console.log")
+    argv = pxenode.qemu_argv(Firmware.UEFI, "52:54:00:7e:00:02", site, tmp_path / "console.log")
     assert argv[argv.index("-netdev") + 1] == f"user,id=n0,tftp={site.tree.root},bootfile={BASE}/boot.ipxe"
     assert argv[argv.index("-device") + 1] == "virtio-net-pci,netdev=n0,mac=52:54:00:7e:00:02,bootindex=1"
     assert "-no-reboot" in argv and "-drive" in argv  # a panic ends QEMU; OVMF's flash
-    assert "-drive" not in pxeboot.qemu_argv(Firmware.BIOS, "52:54:00:7e:00:01", site, tmp_path / "console.log")
+    assert "-drive" not in pxenode.qemu_argv(Firmware.BIOS, "52:54:00:7e:00:01", site, tmp_path / "console.log")
 
 
 def test_qemu_boots_pxelinux_or_grub_by_tftp(site, tmp_path):
     site = dataclasses.replace(site, loader=Loader.PXELINUX_GRUB)
     site.workdir.mkdir()
     for firmware, boot_file in ((Firmware.BIOS, "pxelinux.0"), (Firmware.UEFI, "grubnetx64.efi")):
-        argv = pxeboot.qemu_argv(firmware, "52:54:00:7e:00:01", site, tmp_path / "console.log")
+        argv = pxenode.qemu_argv(firmware, "52:54:00:7e:00:01", site, tmp_path / "console.log")
         assert argv[argv.index("-netdev") + 1] == f"user,id=n0,tftp={site.tree.root},bootfile={boot_file}"
 
 
 def test_pxelinux_and_grub_fetch_nothing_over_http_and_show_themselves_on_the_console(tree):
-    assert pxeboot.own_files(tree, "pxe-bios", Loader.PXELINUX_GRUB) == []
-    assert pxeboot.own_console_lines(tree, "pxe-bios", Loader.IPXE) == []
-    assert pxeboot.own_console_lines(tree, "pxe-bios", Loader.PXELINUX_GRUB) == [
+    assert pxenode.own_files(tree, "pxe-bios", Loader.PXELINUX_GRUB) == []
+    assert pxenode.own_console_lines(tree, "pxe-bios", Loader.IPXE) == []
+    assert pxenode.own_console_lines(tree, "pxe-bios", Loader.PXELINUX_GRUB) == [
         "PXELINUX ", "Loading installer/installer.vmlinuz"]
-    assert pxeboot.own_console_lines(tree, "pxe-uefi", Loader.PXELINUX_GRUB) == [
+    assert pxenode.own_console_lines(tree, "pxe-uefi", Loader.PXELINUX_GRUB) == [
         "Welcome to GRUB!", "Installing pxe-uefi (role host-image)"]
 
 
@@ -203,8 +204,8 @@ def test_a_pxelinux_boot_is_proved_by_its_console(tree):
     console = ("PXELINUX 6.04 PXE 20200816 Copyright (C) 1994-2015 H. Peter Anvin et al\n"
                "Loading installer/installer.vmlinuz... ok\nLoading host-image/installer.initrd...ok\n")
     booted = dataclasses.replace(result([]), loader=Loader.PXELINUX_GRUB, console_text=console)
-    assert pxeboot.problems(tree, booted) == ()
+    assert pxenode.problems(tree, booted) == ()
     # The same boot without pxelinux's lines on the console (iPXE booted it, say).
-    assert pxeboot.problems(tree, dataclasses.replace(booted, console_text="iPXE ok\n")) == (
+    assert pxenode.problems(tree, dataclasses.replace(booted, console_text="iPXE ok\n")) == (
         "the console never showed 'PXELINUX '",
         "the console never showed 'Loading installer/installer.vmlinuz'")

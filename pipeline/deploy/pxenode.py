@@ -1,5 +1,5 @@
-"""Boot a node of a PXE tree in QEMU, as it would boot on the site's network, and prove it got its
-own files.
+"""A QEMU node that boots from a PXE tree, as it would boot on the site's network, and the proof
+that it got its own files (the PXE boot test, ./inv pxe.boot-test).
 
 QEMU's user network does DHCP and TFTP (from the tree's served root), and the NIC's ROM is iPXE (Debian
 package ipxe-qemu). The guest reaches the host's 127.0.0.1:PORT at 10.0.2.2:PORT, so the tree's
@@ -13,7 +13,7 @@ its command line on the serial console. By the site's loader:
   is the console: the loader's own lines, and the node's own kickstart URL on the kernel's
   command line (their default configurations boot no installer).
 
-The kernel and initrd are the installer's (pipeline.pxe). What is proved is the chain up to the
+The kernel and initrd are the installer's (pipeline.deploy.pxe). What is proved is the chain up to the
 installer's kernel running with the node's own kickstart URL; the install is pipeline.deploy.nodes'.
 """
 
@@ -23,17 +23,17 @@ import json
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
-from .. import tools
-from ..boot import OVMF_CODE, OVMF_VARS, Firmware, _free_port, accelerator, firmware_argv
+from .. import qemu
 from ..errors import PipelineError, ToolMissing
-from ..run import start, stop
+from ..qemu import GUEST_HOST, Firmware
+from ..run import ended, spawn
 from . import inventory as inventories
-from . import pxe
+from . import pxe, serve
 from .inventory import Boot, Loader
 
 BOOT_DEADLINE = 300  # seconds from QEMU start to the kernel's command line; ~15-25 s under TCG here
@@ -44,7 +44,6 @@ NIC_ROM = "/usr/lib/ipxe/qemu/efi-virtio.rom"  # virtio-net-pci's default ROM: i
 NIC_ROM_PACKAGE = "ipxe-qemu"
 # The two nodes of the test inventory: one per firmware, each the other's "wrong" node.
 NODES = {Firmware.BIOS: ("pxe-bios", "52:54:00:7e:00:01"), Firmware.UEFI: ("pxe-uefi", "52:54:00:7e:00:02")}
-GUEST_HOST = "10.0.2.2"  # the host as QEMU's user network shows it to the guest
 # The kernel's first line that names its command line, after an optional printk time stamp.
 COMMAND_LINE = re.compile(r"^(?:\[\s*\d+\.\d+\]\s*)?Command line: (.*)$", re.MULTILINE)
 ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|[\x00-\x08\x0b-\x1f\x7f]")  # firmware's colours and cursor moves
@@ -52,7 +51,7 @@ ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|[\x00-\x08\x0b-\x1f\x7f]")  # firm
 
 @dataclass(frozen=True)
 class Request:
-    """One line of the server's access log (pxe._AccessLog): time client method path status."""
+    """One line of the server's access log (serve._AccessLog, or nginx's): time client method path status."""
 
     time: str
     client: str
@@ -67,8 +66,8 @@ def parse_access_log(text: str) -> tuple[Request, ...]:
     for line in text.splitlines():
         words = line.split()
         if len(words) == 5:
-            status = words[4]
-            requests.append(Request(*words[:4], int(status) if status.isdigit() else status))
+            when, client, method, path, status = words
+            requests.append(Request(when, client, method, path, int(status) if status.isdigit() else status))
     return tuple(requests)
 
 
@@ -165,7 +164,7 @@ def _node_boot(tree: pxe.Tree, node: str) -> pxe.NodeBoot:
 def write_inventory(path: Path, role: str, spec_file: Path, base_url: str, loader: Loader = Loader.IPXE) -> Path:
     """A two-node inventory of the role: one BIOS node and one UEFI node, by DHCP, fetching from
     the host as QEMU's guests see it, booted by the loader."""
-    lines = ["# The PXE boot test's inventory (pipeline/deploy/pxeboot.py): thrown away after the test.",
+    lines = ["# The PXE boot test's inventory (pipeline/deploy/pxenode.py): thrown away after the test.",
              f"spec_file = {json.dumps(str(Path(spec_file).resolve()))}", "", "[site]",
              f"base_url = {json.dumps(base_url)}", "", "[site.pxe]", f"loader = {json.dumps(str(loader))}"]
     for firmware, (name, mac) in NODES.items():  # JSON strings are TOML strings
@@ -192,7 +191,7 @@ def serving_site(role: str, spec_file: Path, build_dir: Path, workdir: Path,
     workdir = Path(workdir).resolve()
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
-    port = _free_port()  # free now; the tree must name it before the server can take it
+    port = qemu.free_port()  # free now; the tree must name it before the server can take it
     base_url = f"http://{GUEST_HOST}:{port}"
     try:
         inventory = inventories.load(write_inventory(workdir / "inventory.toml", role, spec_file, base_url, loader))
@@ -202,11 +201,11 @@ def serving_site(role: str, spec_file: Path, build_dir: Path, workdir: Path,
         shutil.rmtree(workdir, ignore_errors=True)
         raise
     try:
-        with pxe.serving(tree.directory, "127.0.0.1", port, echo=False):
+        with serve.serving(tree.directory, "127.0.0.1", port, echo=False):
             yield Site(tree, base_url, workdir, loader)
     finally:
-        if (tree.directory / pxe.ACCESS_LOG).is_file():
-            shutil.copyfile(tree.directory / pxe.ACCESS_LOG, workdir / pxe.ACCESS_LOG)
+        if (tree.directory / serve.ACCESS_LOG).is_file():
+            shutil.copyfile(tree.directory / serve.ACCESS_LOG, workdir / serve.ACCESS_LOG)
         shutil.rmtree(tree.directory, ignore_errors=True)
 
 
@@ -220,19 +219,13 @@ def qemu_argv(firmware: Firmware, mac: str, site: Site, console: Path) -> list[s
         boot_file = f"{site.base_url}/boot.ipxe"
     else:
         boot_file = pxe.BOOT_PROGRAM[site.loader][firmware is Firmware.UEFI]
-    accel, cpu = accelerator()
-    argv = ["qemu-system-x86_64", "-name", f"pxe-boot-{firmware}", "-machine", f"q35,accel={accel}", "-cpu", cpu,
-            "-m", str(MEMORY_MIB), "-nodefaults", "-display", "none", "-monitor", "none", "-no-reboot",
-            "-serial", f"file:{console}",
-            "-netdev", f"user,id=n0,tftp={site.tree.root},bootfile={boot_file}",
-            "-device", f"virtio-net-pci,netdev=n0,mac={mac},bootindex=1"]
-    return argv + firmware_argv(firmware, site.workdir)
+    nic = qemu.user_nic("n0", [f"tftp={site.tree.root}", f"bootfile={boot_file}"], [f"mac={mac}", "bootindex=1"])
+    return qemu.command(f"pxe-boot-{firmware}", firmware=firmware, memory_mib=MEMORY_MIB, console=console,
+                        workdir=site.workdir, devices=nic, reboot=False)
 
 
 def _require(firmware: Firmware) -> None:
-    tools.require("qemu-system-x86_64")
-    if firmware is Firmware.UEFI:
-        tools.require_files(OVMF_CODE, OVMF_VARS)
+    qemu.require(firmware)
     if not Path(NIC_ROM).is_file():
         raise ToolMissing(f"missing host file: {NIC_ROM} (QEMU's iPXE ROM); install with: "
                           f"apt-get install {NIC_ROM_PACKAGE}")
@@ -249,15 +242,14 @@ def boot(site: Site, firmware: Firmware, deadline: float = BOOT_DEADLINE) -> Boo
                             "the kernel's command line would not reach the serial console")
     console, qemu_log = site.workdir / f"console-{firmware}.log", site.workdir / f"qemu-{firmware}.log"
     console.unlink(missing_ok=True)
-    access_log = site.tree.directory / pxe.ACCESS_LOG
+    access_log = site.tree.directory / serve.ACCESS_LOG
     logged = access_log.stat().st_size if access_log.exists() else 0  # this boot's requests come after
     argv = qemu_argv(firmware, mac, site, console)
     started = time.monotonic()
-    proc = start(argv, log=qemu_log)
-    try:
+    with spawn(argv, log=qemu_log) as proc:
         while (args := command_line(_read(console))) is None:
-            if proc.poll() is not None:
-                raise PipelineError(f"{name} ({firmware}): QEMU exited with status {proc.returncode} before the "
+            if (how := ended(proc)) is not None:
+                raise PipelineError(f"{name} ({firmware}): QEMU ended ({how}) before the "
                                     f"kernel ran; console: {console_tail(_read(console))}; see {qemu_log}")
             if time.monotonic() - started > deadline:
                 requests = " ".join(r.path for r in parse_access_log(_read(access_log, logged))) or "none"
@@ -265,8 +257,6 @@ def boot(site: Site, firmware: Firmware, deadline: float = BOOT_DEADLINE) -> Boo
                                     f"requests: {requests}; last console lines: {console_tail(_read(console))}")
             time.sleep(POLL)
         seconds = round(time.monotonic() - started, 1)
-    finally:
-        stop(proc)
     return BootResult(name, firmware, seconds, args, parse_access_log(_read(access_log, logged)), console,
                       site.loader, plain_console(_read(console)))
 
@@ -283,8 +273,8 @@ def _read(path: Path, offset: int = 0) -> str:
 # --- the whole test, for ./inv pxe.boot-test
 
 
-def boot_test(role: str, spec_file: Path, build_dir: Path, firmwares: list[Firmware],
-              deadline: float = BOOT_DEADLINE, loader: Loader = Loader.IPXE) -> list[tuple[BootResult, tuple[str, ...]]]:
+def boot_test(role: str, spec_file: Path, build_dir: Path, firmwares: list[Firmware], deadline: float = BOOT_DEADLINE,
+              loader: Loader = Loader.IPXE) -> list[tuple[BootResult, tuple[str, ...]]]:
     """Boot the test inventory's node of each firmware, one after the other, from a throw-away tree
     of the built role; each boot with what it got wrong (problems). Logs stay in build/ROLE/pxe-boot/."""
     with serving_site(role, spec_file, build_dir, Path(build_dir) / role / "pxe-boot", loader) as site:
@@ -295,6 +285,6 @@ def boot_test(role: str, spec_file: Path, build_dir: Path, firmwares: list[Firmw
 def summary(result: BootResult) -> list[str]:
     """What a boot fetched and how long its kernel took to run, for people."""
     urls = " ".join(kickstart_urls(result.command_line)) or "none"
-    return [f"{result.node} ({result.firmware}, {result.loader}): kernel running {result.seconds} s after QEMU start, inst.ks: "
-            f"{urls} (console: {result.console})",
+    return [(f"{result.node} ({result.firmware}, {result.loader}): kernel running {result.seconds} s after QEMU "
+             f"start, inst.ks: {urls} (console: {result.console})"),
             *(f"  {request.method} {request.path} {request.status}" for request in result.requests)]

@@ -1,0 +1,208 @@
+"""A built disk image booted as a throw-away VM, for the boot tests and the benchmark: a qcow2
+overlay over the image, a seed that gives the image's default cloud user a fresh SSH key as a
+cloud would (pipeline.seed: NoCloud, or an OpenStack config drive), SSH on a forwarded loopback
+port, and the guest agent on a socket. The QEMU command is pipeline.qemu's.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import qemu, tools
+from .errors import PipelineError
+from .progress import say
+from .qemu import Firmware
+from .run import run
+from .seed import Datasource, cloud_config, config_drive, nocloud_seed
+from .spec import ImageSpec
+
+SSH_DEADLINE = 420          # TCG boots reach SSH in 60-120 s; leave room for a loaded machine
+GROWTH = 2**30              # the overlay is this much larger than the image, so growth is visible
+HOST_MEMORY_MIB = 3072      # a KVM host image runs throw-away guests of its own in the boot test
+# The default user of Debian's cloud-init (/etc/cloud/cloud.cfg): a cloud user logs in as it, not as root.
+CLOUD_USER = "debian"
+PRIVATE_KEY_PREFIX = "id_"  # a VM's private keys in its workdir: id_NAME (and the public halves, id_NAME.pub)
+
+
+class BootTimeout(PipelineError):
+    pass
+
+
+def remove_private_keys(directory: Path) -> None:
+    """Remove the private keys new_ssh_key made in directory (id_NAME), keeping their public halves."""
+    for key in Path(directory).glob(f"{PRIVATE_KEY_PREFIX}*"):
+        if key.suffix != ".pub":
+            key.unlink(missing_ok=True)
+
+
+def new_ssh_key(path: Path, comment: str) -> str:
+    """A fresh passwordless ed25519 key pair at PATH (and PATH.pub); returns the public key."""
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", path])
+    return path.with_suffix(".pub").read_text().strip()
+
+
+def ssh_config(alias: str, port: int, user: str, key: Path) -> str:
+    """An ssh_config whose host ALIAS is a VM's SSH port forwarded to loopback: KEY only, and no
+    host key kept (each boot has new ones)."""
+    return f"""\
+Host {alias}
+  HostName 127.0.0.1
+  Port {port}
+  User {user}
+  IdentityFile {key}
+  IdentitiesOnly yes
+  StrictHostKeyChecking no
+  UserKnownHostsFile /dev/null
+  LogLevel ERROR
+  ConnectTimeout 10
+  ServerAliveInterval 10
+"""
+
+
+@dataclass
+class VM(qemu.Machine):
+    """A running guest. Use as a context manager, so the QEMU process never outlives it."""
+
+    image: Path          # the artifact: only ever a read-only backing file
+    disk_size: int
+    firmware: Firmware
+    workdir: Path
+    memory_mib: int = 2048
+    cpus: int = 2
+    uplink_nics: int = 0    # NICs with no network behind them, for OVS bridges to own
+    datasource: Datasource = Datasource.NOCLOUD
+    users: list[dict] = field(default_factory=list)  # user-data users beside the default one
+
+    def __post_init__(self):
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.console = self.workdir / "console.log"
+        self.key = self.workdir / f"{PRIVATE_KEY_PREFIX}ed25519"
+        self.ssh_config = self.workdir / "ssh_config"
+        self.qga_socket = self.workdir / "qga.sock"
+        self.port = 0
+        self.proc = None
+        self.boot_seconds: float | None = None
+
+    # --- set-up
+
+    def _overlay(self) -> Path:
+        overlay = self.workdir / "overlay.qcow2"
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", self.image, "-F", "qcow2", overlay,
+             str(self.disk_size + GROWTH)])
+        return overlay
+
+    def _seed(self) -> Path:
+        """The seed volume: a fresh key for the default user, and user-data with self.users."""
+        public_key = new_ssh_key(self.key, "boot-test")
+        user_data = {"users": ["default", *self.users]}
+        seed = self.workdir / "seed.img"
+        if self.datasource is Datasource.CONFIG_DRIVE:
+            config_drive(seed, public_key, cloud_config(user_data))
+        else:
+            nocloud_seed(seed, cloud_config({**user_data, "ssh_authorized_keys": [public_key]}))
+        return seed
+
+    def ssh_config_for(self, user: str, key: Path) -> Path:
+        """An ssh_config whose host `guest` is this VM, logged into as USER with KEY only."""
+        config = self.ssh_config if (user, key) == (CLOUD_USER, self.key) else self.workdir / f"ssh_config-{user}"
+        config.write_text(ssh_config("guest", self.port, user, key))
+        return config
+
+    def ssh_argv(self, user: str = CLOUD_USER, key: Path | None = None, *options: str) -> list[str | Path]:
+        """ssh into this VM as USER with KEY (default: the seed's key), up to the remote command."""
+        key = key or self.key
+        config = self.ssh_config if (user, key) == (CLOUD_USER, self.key) else self.ssh_config_for(user, key)
+        return ["ssh", "-F", config, *options, "guest", "--"]
+
+    def _write_ssh_config(self) -> None:
+        self.ssh_config_for(CLOUD_USER, self.key)
+
+    def qemu_argv(self, overlay: Path, seed: Path) -> list[str]:
+        devices = ["-drive", f"file={overlay},if=virtio,format=qcow2,discard=unmap",
+                   "-drive", f"file={seed},if=virtio,format=raw,readonly=on",
+                   *qemu.user_nic("net0", [qemu.ssh_forward(self.port)]),
+                   "-device", "virtio-serial-pci",
+                   "-chardev", f"socket,id=qga0,path={self.qga_socket},server=on,wait=off",
+                   "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+                   *qemu.RNG, *qemu.uplink_nics(self.uplink_nics)]
+        return qemu.command(f"boot-test-{self.firmware}", firmware=self.firmware, memory_mib=self.memory_mib,
+                            console=self.console, workdir=self.workdir, devices=devices, cpus=self.cpus,
+                            pidfile=self.workdir / "qemu.pid")
+
+    # --- life cycle
+
+    def stop(self) -> None:
+        """Stop QEMU, then remove the private keys made for this VM (new_ssh_key's, in its workdir):
+        with the VM gone they open nothing, and a kept workdir (a failed run's console log, seed
+        and public keys, for debugging) must not hold a secret."""
+        super().stop()
+        remove_private_keys(self.workdir)
+
+    def start(self) -> None:
+        qemu.require(self.firmware, *tools.BOOT_TOOLS)
+        overlay, seed = self._overlay(), self._seed()
+        self.port = qemu.free_port()
+        self._write_ssh_config()
+        self.started = time.monotonic()
+        self.launch(self.qemu_argv(overlay, seed), log=self.workdir / "qemu.log")
+
+    def wait_for_ssh(self, deadline: float = SSH_DEADLINE) -> float:
+        """Seconds from QEMU start until `ssh guest true` succeeds; BootTimeout after deadline."""
+        while time.monotonic() - self.started < deadline:
+            if (how := self.ended()) is not None:
+                raise BootTimeout(f"QEMU ended ({how}) before SSH was up; "
+                                  f"see {self.workdir / 'qemu.log'} and console log {self.console}")
+            if self.ssh(["true"], check=False, timeout=30).returncode == 0:
+                self.boot_seconds = round(time.monotonic() - self.started, 1)
+                return self.boot_seconds
+            time.sleep(3)
+        raise BootTimeout(f"{self.firmware} boot of {self.image.name} did not reach SSH within {deadline} s; "
+                          f"console log: {self.console}")
+
+    def ssh(self, command: list[str], *, check: bool = True, timeout: float = 120):
+        # ssh hands the remote shell one string: quote, or arguments split again.
+        return run([*self.ssh_argv(), shlex.join(command)], capture=True, check=check, timeout=timeout)
+
+    def guest_agent(self, command: str, timeout: float = 30) -> dict:
+        """Send one QEMU guest agent command over its socket and return the reply."""
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(self.qga_socket))
+            sock.sendall(json.dumps({"execute": command}).encode() + b"\n")
+            reply = b""
+            while not reply.endswith(b"\n"):
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                reply += chunk
+        return json.loads(reply)
+
+
+
+def boot(image: Path, disk_size: int, firmware: Firmware, workdir: Path, deadline: float = SSH_DEADLINE,
+         **options) -> VM:
+    """Start a VM and wait for SSH; on any failure the VM is stopped before raising."""
+    vm = VM(image=image, disk_size=disk_size, firmware=firmware, workdir=workdir, **options)
+    vm.start()
+    try:
+        say(f"booting {image.name} by {firmware} (console log: {vm.console})")
+        vm.wait_for_ssh(deadline)
+    except BaseException:
+        vm.stop()
+        raise
+    return vm
+
+
+def boot_spec(spec: ImageSpec, image: Path, firmware: Firmware, workdir: Path, deadline: float = SSH_DEADLINE,
+              **options) -> VM:
+    """boot() sized for what the spec builds: a KVM host gets memory for guests of its
+    own and one NIC per bridge uplink. OPTIONS go to VM (datasource, users)."""
+    uplinks = sum(1 for bridge in spec.bridges if bridge.uplink)
+    memory = HOST_MEMORY_MIB if spec.is_kvm_host else VM.memory_mib
+    return boot(image, spec.disk_size, firmware, workdir, deadline, memory_mib=memory, uplink_nics=uplinks,
+                **options)
