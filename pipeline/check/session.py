@@ -20,7 +20,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from .. import boot
+from .. import qemu
 from ..errors import PipelineError, ToolMissing
 from ..progress import Timings, say, step
 from ..spec import ImageSpec
@@ -148,7 +148,7 @@ def _handle(guestfs: Any, qcow2: Path) -> Any:
     # Where /dev/kvm exists but nested KVM hangs guests, TCG; the user's settings win.
     if "LIBGUESTFS_BACKEND" not in os.environ:
         g.set_backend("direct")
-    if "LIBGUESTFS_BACKEND_SETTINGS" not in os.environ and not boot.kvm_works():
+    if "LIBGUESTFS_BACKEND_SETTINGS" not in os.environ and not qemu.kvm_works():
         g.set_backend_settings(["force_tcg"])
     g.add_drive_opts(str(qcow2), format="qcow2", readonly=1)
     return g
