@@ -14,8 +14,9 @@ from pathlib import Path
 from invoke import Collection, Exit, Local, task
 
 from pipeline import spec as specs
+from pipeline import workflow
 from pipeline.errors import PipelineError
-from pipeline.paths import BOOT_TESTS, DEFAULT_CACHE, DEFAULT_OUTPUT, ROOT, SPEC_FILE
+from pipeline.paths import DEFAULT_CACHE, DEFAULT_OUTPUT, ROOT, SPEC_FILE
 from pipeline.run import interrupt_on_termination
 
 # A cancelled job (SIGTERM, SIGHUP) cleans up as Ctrl-C does (see InterruptingLocal for ./inv test).
@@ -91,49 +92,40 @@ def build(c, image, spec_file=None, output_dir=str(DEFAULT_OUTPUT), cache_dir=st
     inputs (spec, elements, profiles, policy, pipeline) are unchanged since a build that passed
     its check is up to date: nothing is done (--force rebuilds).
     """
-    from pipeline import build as builder
-
-    spec = _spec(image, spec_file)
-    _, timings = builder.build(spec, Path(output_dir), Path(cache_dir), force=force)
-    if timings.seconds and not skip_check and not spec.is_netboot:  # a netboot image has no disk to check
-        _run_check(spec, Path(output_dir))
-
-
-def _run_check(spec, output_dir: Path) -> None:
-    from pipeline.check import check_image
-
-    report = check_image(spec, output_dir)
-    if not report.passed:
-        raise Exit(f"error: offline check of {spec.name} failed: see {report.json_path}", code=1)
+    workflow.build(_spec(image, spec_file), Path(output_dir), Path(cache_dir), force=force, check_after=not skip_check)
 
 
 @task(positional=["image"], help=COMMON_HELP)
 @user_errors
 def check(c, image, spec_file=None, output_dir=str(DEFAULT_OUTPUT)):
     """Check a built image offline with libguestfs (read-only); prints a table and writes JSON."""
-    _run_check(_disk_image(_spec(image, spec_file), "check"), Path(output_dir))
+    workflow.check(_disk_image(_spec(image, spec_file), "check"), Path(output_dir))
 
 
 @task(positional=["image"], help={**COMMON_HELP, "firmware": "bios, uefi or both (default both)"})
 @user_errors
 def boot_test(c, image, spec_file=None, output_dir=str(DEFAULT_OUTPUT), firmware="both"):
     """Boot a throw-away overlay of the image in QEMU and run the testinfra tests over SSH
-    (the host tests too for a KVM host image), ending with a check for SELinux denials."""
-    args = ["-m", "image", *BOOT_TESTS, "--use-built", f"--image={_disk_image(_spec(image, spec_file), 'boot').name}",
-            f"--firmware={firmware}", f"--output-dir={output_dir}"]
-    if spec_file:
-        args.append(f"--spec-file={spec_file}")
-    _pytest(c, args)
+    (the host tests too for a KVM host image), ending with a check for SELinux denials.
+
+    Writes the verdict that ./inv publish requires, build/NAME/boot-test.json: passed only if
+    every test passed and the denial check passed on every firmware booted. pytest's output
+    also goes to build/NAME/logs/boot-test-TIME.log. Exits 1 if the boot test failed."""
+    spec = _disk_image(_spec(image, spec_file), "boot")
+    tested = workflow.boot_test(spec, Path(output_dir), firmware)
+    if not tested.passed:
+        raise PipelineError(f"boot test of {spec.name} failed: see {tested.log}")
 
 
-def _pytest(c, args: list[str], warn: bool = False) -> bool:
-    """Run pytest; True if it passed. Without warn, a failure stops the task (invoke's UnexpectedExit)."""
+def _pytest(c, args: list[str]) -> None:
+    """Run pytest; a failure stops the task (invoke's UnexpectedExit)."""
     import shlex
 
-    return c.run(shlex.join([sys.executable, "-m", "pytest", *args]), pty=False, warn=warn).ok
+    c.run(shlex.join([sys.executable, "-m", "pytest", *args]), pty=False)
 
 
-@task(positional=["image"], help={**COMMON_HELP, "image": "image name; with --rebuilds also `all`", "runs": "runs; medians are reported",
+@task(positional=["image"], help={**COMMON_HELP, "image": "image name; with --rebuilds also `all`",
+                                 "runs": "runs; medians are reported",
                                  "rebuilds": "measure rebuilds instead: cold, no change, after an element change, "
                                              "and publish time, for every image",
                                  "publish-runs": "with --rebuilds: runs that also boot-test and publish (default 1)"})
@@ -185,7 +177,8 @@ def lint(c, path=None):
 # deploy and publish sessions then find built) and published. Each entry is one pytest session (so one
 # build and one boot per firmware); files run in the order given: test_build.py's last
 # test sees the artifact after the boots. The rebuild and publish sessions come after
-# the session that booted the image, since publishing needs its boot-test verdict.
+# the session that booted the image, since publishing needs its boot-test verdict: a session
+# that boots runs as the boot test does (pipeline.workflow.boot_test), which writes that verdict.
 INTEGRATION = ROOT / "tests" / "integration"
 IMAGE_TEST_RUNS = (
     ("guest-image", "both", ["test_artifacts.py", "test_bad_input.py", "test_boot.py", "test_login.py",
@@ -200,6 +193,7 @@ IMAGE_TEST_RUNS = (
 
 @task(help={"unit": "run only the unit tests (seconds; no root, no network)",
             "image": "run the image tests of this image only"})
+@user_errors
 def test(c, unit=False, image=None):
     """Run the unit tests, then the image tests: build, offline check and boot tests of each
     image (guest-image by BIOS and UEFI, host-image by UEFI), the bad-input cases, a rebuild
@@ -210,9 +204,13 @@ def test(c, unit=False, image=None):
         return
     for name, firmware, files in IMAGE_TEST_RUNS:
         if image in (None, name):
-            # A session that boots builds the image; the later ones use that build.
-            options = [f"--firmware={firmware}"] if firmware else ["--use-built"]
-            _pytest(c, ["-m", "image", *(str(INTEGRATION / f) for f in files), f"--image={name}", *options])
+            tests = [str(INTEGRATION / f) for f in files]
+            if firmware:  # a session that boots builds the image; the later ones use that build
+                tested = workflow.boot_test(_spec(name, None), DEFAULT_OUTPUT, firmware, tests=tests, use_built=False)
+                if not tested.passed:
+                    raise PipelineError(f"image tests of {name} failed: see {tested.log}")
+            else:
+                _pytest(c, ["-m", "image", *tests, f"--image={name}", "--use-built"])
 
 
 @task(positional=["a", "b"], help={
@@ -283,8 +281,8 @@ PXE_ROOT = DEFAULT_OUTPUT / "pxe"
     "inventory": "the node inventory (see kickstarts/inventory.example.toml; [site.pxe] in kickstarts/README.md)",
     "output-dir": f"the tree's root (default {DEFAULT_OUTPUT.name}/pxe/); it is replaced whole",
     "target": "installer version for pykickstart: RHEL9 (default), RHEL10, F42 or F43",
-    "build-dir": f"where the roles' liveimg tarballs are: a build directory (default "
-                 f"{DEFAULT_OUTPUT.name}/) or a publish target (each role's latest version, verified with --verify-key)",
+    "build-dir": f"where the roles' liveimg tarballs are: a build directory (default {DEFAULT_OUTPUT.name}/) "
+                 "or a publish target (each role's latest version, verified with --verify-key)",
     "verify-key": VERIFY_KEY_HELP,
     "installer-dir": f"the build directory of the installer ([site] installer, default `installer`; "
                      f"default {DEFAULT_OUTPUT.name}/)"})
@@ -354,14 +352,11 @@ def pxe_boot_test(c, image, spec_file=None, build_dir=str(DEFAULT_OUTPUT), firmw
     boots is the installer (./inv build installer): this proves the chain up to it, not an install
     (tests/integration/test_deploy.py proves that)."""
     from pipeline.deploy import pxenode
-    from pipeline.qemu import Firmware
     from pipeline.deploy.inventory import Loader
 
-    if firmware not in ("both", *Firmware):
-        raise Exit(f"error: --firmware is bios, uefi or both, not {firmware!r}", code=1)
+    firmwares = workflow.firmwares(firmware)
     if loader not in tuple(Loader):
         raise Exit(f"error: --loader is {' or '.join(Loader)}, not {loader!r}", code=1)
-    firmwares = list(Firmware) if firmware == "both" else [Firmware(firmware)]
     role = _spec(image, spec_file).name
     results = pxenode.boot_test(role, Path(spec_file) if spec_file else SPEC_FILE, Path(build_dir), firmwares,
                                 loader=Loader(loader))
@@ -466,34 +461,9 @@ def ci(c, spec_file=None, output_dir=str(DEFAULT_OUTPUT), cache_dir=str(DEFAULT_
     """What CI runs: for every image of the spec file, in order, build it (skipped when up to date),
     check it offline, boot-test it (skipped when it passed on this very artifact) and publish it.
     Stops at the first failure; an image is published only after all of its steps passed."""
-    from pipeline import build as builder
-    from pipeline import publish as publisher
-    from pipeline.artifacts import BOOT_TEST, artifacts_for
-    from pipeline.progress import say, step
-
-    publisher.require_key(key, Path(gnupg_home) if gnupg_home else None)  # fail before hours of work
-    loaded = specs.load(Path(spec_file) if spec_file else SPEC_FILE)
-    for spec in loaded.images.values():
-        with step(f"ci: {spec.name}"):
-            _, timings = builder.build(spec, Path(output_dir), Path(cache_dir), force=force)
-            if spec.is_netboot:
-                say(f"{spec.name} is a netboot image (the installer): proven by the deploy test, not published")
-                continue
-            if timings.seconds:
-                _run_check(spec, Path(output_dir))
-            art = artifacts_for(spec, Path(output_dir))
-            if art.passed(BOOT_TEST):
-                say(f"boot test already passed on this {art.qcow2.name}")
-            else:
-                firmware = "uefi" if spec.is_kvm_host else "both"
-                args = ["-m", "image", *BOOT_TESTS, "--use-built", f"--image={spec.name}",
-                        f"--firmware={firmware}", f"--output-dir={output_dir}", f"--spec-file={spec.source}"]
-                if not _pytest(c, args, warn=True):
-                    raise Exit(f"error: boot test of {spec.name} failed: not published", code=1)
-            result = publisher.publish(art.directory, spec.name, target, key=key,
-                                       gnupg_home=Path(gnupg_home) if gnupg_home else None,
-                                       retention=int(retention), ssh_options=ssh_option or [])
-            print(result.location)
+    workflow.ci(Path(spec_file) if spec_file else SPEC_FILE, Path(output_dir), Path(cache_dir), target=target, key=key,
+                gnupg_home=Path(gnupg_home) if gnupg_home else None, retention=int(retention),
+                ssh_options=ssh_option or [], force=force)
 
 
 namespace.add_task(ci)

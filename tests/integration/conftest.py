@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import testinfra
 
-from pipeline import atomic, build, spec as specs, testvm, tools
+from pipeline import build, spec as specs, testvm, tools
 from pipeline.artifacts import Artifacts, artifacts_for
 from pipeline.deploy.inventory import DEFAULT_INSTALLER
 from pipeline.paths import DEFAULT_CACHE, DEFAULT_OUTPUT, SPEC_FILE
@@ -23,11 +23,6 @@ from pipeline.run import run
 from pipeline.seed import Datasource
 
 SETTLE_DEADLINE = 300
-# The boot test's verdict on an artifact (build/NAME/boot-test.json), which `inv publish`
-# requires: written at the end of a session that booted the image, passed only if every
-# test passed and the final denial check ran and passed on every firmware booted.
-FINAL_CHECK = "test_no_avc_denials_since_boot"
-_booted: dict = {"artifacts": None, "firmwares": set(), "final_passed": set()}
 # (source domain, target type) of the one denial test_host.py causes on purpose:
 # the confined network agent reading /etc/shadow. test_zz_final.py allows exactly it.
 EXPECTED_DENIAL = ("kvmpipe_netagent_t", "shadow_t")
@@ -134,8 +129,6 @@ def vm(spec, artifacts, firmware):
              {"name": PASSWORD_USER, "shell": "/bin/bash", "lock_passwd": False, "passwd": PASSWORD_HASH}]
     machine = testvm.boot_spec(spec, artifacts.qcow2, Firmware(firmware), workdir,
                              datasource=DATASOURCE[firmware], users=users)
-    _booted["artifacts"] = artifacts
-    _booted["firmwares"].add(firmware)
     print(f"\n{firmware}: SSH ready after {machine.boot_seconds} s; console log {machine.console}")
     yield machine
     machine.stop()
@@ -198,20 +191,3 @@ def logins(vm, settled) -> dict[str, subprocess.CompletedProcess]:
 @pytest.fixture(scope="session")
 def expected_denial() -> tuple[str, str]:
     return EXPECTED_DENIAL
-
-
-def pytest_runtest_logreport(report):
-    if report.when == "call" and report.passed and f"::{FINAL_CHECK}[" in report.nodeid:
-        _booted["final_passed"].add(report.nodeid.rsplit("[", 1)[1].rstrip("]"))
-
-
-def pytest_sessionfinish(session, exitstatus):
-    art = _booted["artifacts"]
-    if art is None:
-        return
-    firmwares = sorted(_booted["firmwares"])
-    passed = exitstatus == 0 and session.testsfailed == 0 and set(firmwares) <= _booted["final_passed"]
-    atomic.write_json(art.boot_report, {
-        "image": art.name, "passed": passed, "qcow2_sha256": art.read_info()["qcow2_sha256"],
-        "firmwares": firmwares, "tests": session.testscollected, "failed": session.testsfailed,
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})

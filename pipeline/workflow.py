@@ -1,0 +1,171 @@
+"""The pipeline's sequences over its steps (kiwi's tasks over a core): build then check, the boot
+test and the verdict it writes, and what CI runs. tasks.py parses arguments and calls these.
+
+The boot test's verdict, build/NAME/boot-test.json, is what `./inv publish` requires. It is
+written here, from the boot tests' JUnit XML and pytest's exit status: passed only if every
+test passed and the final SELinux-denial check (FINAL_CHECK, in tests/integration/test_zz_final.py)
+ran and passed on every firmware asked for.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ElementTree
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import atomic
+from .artifacts import BOOT_TEST, artifacts_for
+from .errors import PipelineError
+from .paths import BOOT_TESTS, ROOT
+from .progress import say, step
+from .qemu import Firmware
+from .run import run
+from .spec import ImageSpec
+
+FINAL_CHECK = "test_no_avc_denials_since_boot"
+_FINAL_CHECK_CASE = re.compile(rf"{FINAL_CHECK}\[(?P<firmware>[a-z]+)\]")
+FIRMWARE_CHOICES = ("both", *Firmware)
+
+
+def firmwares(choice: str) -> list[Firmware]:
+    """The firmwares that --firmware names: bios, uefi, or both."""
+    if choice not in FIRMWARE_CHOICES:
+        raise PipelineError(f"--firmware is bios, uefi or both, not {choice!r}")
+    return list(Firmware) if choice == "both" else [Firmware(choice)]
+
+
+def check(spec: ImageSpec, output_dir: Path) -> None:
+    """The offline check of a built image; a PipelineError naming its report if it fails."""
+    from .check import check_image  # libguestfs: loaded only by what checks
+
+    report = check_image(spec, output_dir)
+    if not report.passed:
+        raise PipelineError(f"offline check of {spec.name} failed: see {report.json_path}")
+
+
+def build(spec: ImageSpec, output_dir: Path, cache_dir: Path, *, force: bool = False, check_after: bool = True) -> bool:
+    """Build the image unless it is up to date, then check it offline if it was built (a netboot
+    image has no disk to check). True if it was built."""
+    from . import build as builder
+
+    built = builder.build(spec, output_dir, cache_dir, force=force).built
+    if built and check_after and not spec.is_netboot:
+        check(spec, output_dir)
+    return built
+
+
+@dataclass(frozen=True)
+class TestOutcome:
+    """What one pytest session's JUnit XML says."""
+
+    tests: int
+    failed: int  # failed or errored (setup or teardown included)
+    final_check_passed: frozenset[str]  # the firmwares FINAL_CHECK passed on
+
+
+def read_junit(path: Path) -> TestOutcome | None:
+    """The outcome in pytest's JUnit XML; None when there is none to read (pytest crashed or was
+    stopped before it wrote the file, or left it half-written)."""
+    try:
+        root = ElementTree.parse(path).getroot()
+    except (FileNotFoundError, ElementTree.ParseError):
+        return None
+    cases = list(root.iter("testcase"))
+
+    def passed(case: ElementTree.Element) -> bool:
+        return not any(case.find(outcome) is not None for outcome in ("failure", "error", "skipped"))
+
+    failed = sum(1 for case in cases if case.find("failure") is not None or case.find("error") is not None)
+    final = frozenset(match["firmware"] for case in cases
+                      if (match := _FINAL_CHECK_CASE.fullmatch(case.get("name", ""))) and passed(case))
+    return TestOutcome(tests=len(cases), failed=failed, final_check_passed=final)
+
+
+def verdict(image: str, qcow2_sha256: str | None, asked: Sequence[Firmware], outcome: TestOutcome | None,
+            returncode: int) -> dict[str, Any]:
+    """The boot test's verdict (boot-test.json): passed only if pytest exited 0, no test failed,
+    and FINAL_CHECK passed on every firmware asked for."""
+    report = outcome or TestOutcome(tests=0, failed=0, final_check_passed=frozenset())
+    passed = (outcome is not None and returncode == 0 and report.failed == 0
+              and {str(f) for f in asked} <= report.final_check_passed)
+    return {"image": image, "passed": passed, "qcow2_sha256": qcow2_sha256,
+            "firmwares": sorted(str(f) for f in asked), "tests": report.tests, "failed": report.failed,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+@dataclass(frozen=True)
+class BootTestRun:
+    verdict: dict[str, Any]  # as written to boot-test.json
+    log: Path  # pytest's output
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict["passed"] is True
+
+
+def boot_test(spec: ImageSpec, output_dir: Path, firmware: str = "both", *, tests: Sequence[str] = BOOT_TESTS,
+              use_built: bool = True) -> BootTestRun:
+    """Run the boot tests (pytest, tests/integration) on the image, by each firmware asked for,
+    then write their verdict to build/NAME/boot-test.json and return it with the log. The tests ending with
+    test_zz_final.py (FINAL_CHECK) is what makes a session a boot test: `./inv test` runs its
+    boot sessions, which also build the image (use_built=False) and run more tests, through here.
+    pytest's output goes to the terminal and to build/NAME/logs/boot-test-TIME.log."""
+    asked = firmwares(firmware)
+    art = artifacts_for(spec, output_dir)
+    if use_built:
+        art.read_info()  # a clear error, before any boot, if it was never built
+    art.logs.mkdir(parents=True, exist_ok=True)
+    log = art.logs / f"boot-test-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    with tempfile.TemporaryDirectory(prefix="boot-test-") as scratch:
+        junit = Path(scratch) / "junit.xml"
+        argv = [sys.executable, "-m", "pytest", "-m", "image", *tests, *(["--use-built"] if use_built else []),
+                f"--image={spec.name}", f"--firmware={firmware}", f"--output-dir={output_dir}",
+                f"--spec-file={spec.source}", f"--junitxml={junit}"]
+        with step(f"boot test of {spec.name} ({', '.join(asked)})"):
+            say(f"pytest's output is also in {log}")
+            # pytest is our own test session: it sees the environment ./inv was given (the cache
+            # and libguestfs settings), and its commands go through this gateway's clean one.
+            environment = {key: value for key, value in os.environ.items() if key != "PATH"}
+            result = run(argv, cwd=ROOT, env=environment, log=log, on_line=print, check=False)
+        outcome = read_junit(junit)
+    if not art.info.is_file():  # the session was to build the image, and stopped before it had
+        raise PipelineError(f"{spec.name} was not built: see {log}")
+    # Read after the session: a session that built the image judged that build's qcow2.
+    judged = verdict(spec.name, art.read_info().get("qcow2_sha256"), asked, outcome, result.returncode)
+    atomic.write_json(art.boot_report, judged)
+    say(f"boot test of {spec.name}: {'passed' if judged['passed'] else 'failed'} "
+        f"({judged['failed']} of {judged['tests']} tests failed); verdict in {art.boot_report}")
+    return BootTestRun(judged, log)
+
+
+def ci(spec_file: Path, output_dir: Path, cache_dir: Path, *, target: str, key: str | None,
+       gnupg_home: Path | None, retention: int, ssh_options: Sequence[str], force: bool = False) -> None:
+    """What CI runs: for every image of the spec file, in order, build it (skipped when up to date),
+    check it offline, boot-test it (skipped when it passed on this very artifact) and publish it,
+    printing where each went. Stops at the first failure; an image is published only after all of
+    its steps passed. A netboot image (the installer) is built only: the deploy test proves it."""
+    from . import publish as publisher
+    from . import spec as specs
+
+    publisher.require_key(key, gnupg_home)  # fail before hours of work
+    for spec in specs.load(spec_file).images.values():
+        with step(f"ci: {spec.name}"):
+            build(spec, output_dir, cache_dir, force=force)
+            if spec.is_netboot:
+                say(f"{spec.name} is a netboot image (the installer): proven by the deploy test, not published")
+                continue
+            art = artifacts_for(spec, output_dir)
+            if art.passed(BOOT_TEST):
+                say(f"boot test already passed on this {art.qcow2.name}")
+            elif not boot_test(spec, output_dir, "uefi" if spec.is_kvm_host else "both").passed:
+                raise PipelineError(f"boot test of {spec.name} failed: not published")
+            result = publisher.publish(art.directory, spec.name, target, key=key, gnupg_home=gnupg_home,
+                                       retention=retention, ssh_options=list(ssh_options))
+            print(result.location)

@@ -1,0 +1,270 @@
+"""pipeline.workflow: the boot test's verdict, judged from pytest's JUnit XML and exit status
+(the gateway faked: it writes the XML a real session would), and `inv ci`'s order, skipping and
+stopping at the first failure (each step faked where it begins)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+from xml.sax.saxutils import quoteattr
+
+import pytest
+from invoke import Context, Exit
+
+import tasks
+from pipeline import build, check, publish, workflow
+from pipeline import spec as specs
+from pipeline.artifacts import BOOT_TEST, artifacts_for
+from pipeline.check.report import CheckResult, Report
+from pipeline.errors import PipelineError
+from pipeline.paths import BOOT_TESTS, ROOT, SPEC_FILE
+from pipeline.progress import Timings
+
+QCOW2_SHA256 = "ab" * 32
+FINAL = workflow.FINAL_CHECK
+
+
+def junit(cases: list[tuple[str, str]]) -> str:
+    """pytest's JUnit XML for these (test name, outcome) pairs; outcome: passed, failure, error, skipped."""
+    body = "".join(f'<testcase classname="tests.integration.test_x" name={quoteattr(name)} time="1.0">'
+                   + ("" if outcome == "passed" else f'<{outcome} message="no"/>') + "</testcase>"
+                   for name, outcome in cases)
+    return f'<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest">{body}</testsuite></testsuites>'
+
+
+ALL_PASSED_BOTH = [("test_ssh_ready[bios]", "passed"), ("test_ssh_ready[uefi]", "passed"),
+                   (f"{FINAL}[bios]", "passed"), (f"{FINAL}[uefi]", "passed")]
+
+
+def built(spec: specs.ImageSpec, output_dir: Path) -> None:
+    art = artifacts_for(spec, output_dir)
+    art.directory.mkdir(parents=True, exist_ok=True)
+    art.info.write_text(json.dumps({"qcow2_sha256": QCOW2_SHA256}))
+
+
+@pytest.fixture
+def guest(tmp_path) -> specs.ImageSpec:
+    spec = specs.load(SPEC_FILE).get("guest-image")
+    built(spec, tmp_path)
+    return spec
+
+
+class Session:
+    """The gateway faked as a pytest session: writes `xml` (unless None) to --junitxml, prints a
+    line, and ends with `returncode`."""
+
+    def __init__(self, xml: str | None, returncode: int):
+        self.xml, self.returncode, self.calls = xml, returncode, []
+
+    def run(self, argv, **kw):
+        self.calls.append((argv, kw))
+        if self.xml is not None:
+            report = next(arg for arg in argv if arg.startswith("--junitxml="))
+            Path(report.split("=", 1)[1]).write_text(self.xml)
+        kw["on_line"]("tests/integration/test_boot.py ....")
+        return subprocess.CompletedProcess(argv, self.returncode, "", "")
+
+
+def boot_test(monkeypatch, spec, output_dir, xml, returncode=0, firmware="both", **kw):
+    session = Session(xml, returncode)
+    monkeypatch.setattr(workflow, "run", session.run)
+    return workflow.boot_test(spec, output_dir, firmware, **kw), session
+
+
+def written(spec, output_dir) -> dict:
+    return json.loads(artifacts_for(spec, output_dir).boot_report.read_text())
+
+
+def test_all_passed_on_every_firmware_is_a_verdict_publish_accepts(monkeypatch, guest, tmp_path):
+    tested, session = boot_test(monkeypatch, guest, tmp_path, junit(ALL_PASSED_BOTH))
+    verdict = written(guest, tmp_path)
+    assert tested.passed and verdict == tested.verdict
+    assert {key: verdict[key] for key in ("image", "passed", "qcow2_sha256", "firmwares", "tests", "failed")} == {
+        "image": "guest-image", "passed": True, "qcow2_sha256": QCOW2_SHA256, "firmwares": ["bios", "uefi"],
+        "tests": 4, "failed": 0}
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", verdict["finished"])
+    assert artifacts_for(guest, tmp_path).passed(BOOT_TEST)  # the rule publish applies
+    argv, kw = session.calls[0]
+    assert argv[1:] == ["-m", "pytest", "-m", "image", *BOOT_TESTS, "--use-built", "--image=guest-image",
+                        "--firmware=both", f"--output-dir={tmp_path}", f"--spec-file={guest.source}", argv[-1]]
+    assert kw["cwd"] == ROOT and kw["check"] is False
+    assert kw["log"] == tested.log and tested.log.parent == artifacts_for(guest, tmp_path).logs
+    assert not Path(argv[-1].split("=", 1)[1]).exists()  # the XML was temporary
+
+
+@pytest.mark.parametrize("outcome", ["failure", "error"])
+def test_one_failed_test_fails_the_verdict(monkeypatch, guest, tmp_path, outcome):
+    cases = [("test_ssh_ready[bios]", outcome), *ALL_PASSED_BOTH[1:]]
+    tested, _ = boot_test(monkeypatch, guest, tmp_path, junit(cases), returncode=1)
+    assert not tested.passed
+    assert written(guest, tmp_path) | {"finished": None} == {
+        "image": "guest-image", "passed": False, "qcow2_sha256": QCOW2_SHA256, "firmwares": ["bios", "uefi"],
+        "tests": 4, "failed": 1, "finished": None}
+    assert not artifacts_for(guest, tmp_path).passed(BOOT_TEST)
+
+
+@pytest.mark.parametrize("final_uefi", [None, "skipped"], ids=["missing", "skipped"])
+def test_final_check_not_passed_on_one_firmware_fails_the_verdict(monkeypatch, guest, tmp_path, final_uefi):
+    """pytest exits 0 when the denial check was never collected (or skipped) for one firmware:
+    the verdict still fails."""
+    cases = ALL_PASSED_BOTH[:3] + ([(f"{FINAL}[uefi]", final_uefi)] if final_uefi else [])
+    tested, _ = boot_test(monkeypatch, guest, tmp_path, junit(cases), returncode=0)
+    verdict = written(guest, tmp_path)
+    assert not tested.passed and verdict["passed"] is False and verdict["failed"] == 0
+
+
+def test_final_check_of_the_one_firmware_asked_is_enough(monkeypatch, guest, tmp_path):
+    cases = [("test_ssh_ready[uefi]", "passed"), (f"{FINAL}[uefi]", "passed")]
+    tested, _ = boot_test(monkeypatch, guest, tmp_path, junit(cases), firmware="uefi")
+    assert tested.passed and written(guest, tmp_path)["firmwares"] == ["uefi"]
+
+
+@pytest.mark.parametrize("xml, returncode", [(None, -9), ("<testsuites><testsuite", 2), (junit(ALL_PASSED_BOTH), 2)],
+                         ids=["no XML", "half-written XML", "non-zero exit"])
+def test_crashed_or_interrupted_pytest_fails_the_verdict(monkeypatch, guest, tmp_path, xml, returncode):
+    tested, _ = boot_test(monkeypatch, guest, tmp_path, xml, returncode=returncode)
+    verdict = written(guest, tmp_path)
+    assert not tested.passed and verdict["passed"] is False and verdict["qcow2_sha256"] == QCOW2_SHA256
+    if xml is None or xml.endswith("<testsuite"):
+        assert (verdict["tests"], verdict["failed"]) == (0, 0)
+
+
+def test_a_verdict_from_before_is_replaced_by_a_failing_one(monkeypatch, guest, tmp_path):
+    boot_test(monkeypatch, guest, tmp_path, junit(ALL_PASSED_BOTH))
+    boot_test(monkeypatch, guest, tmp_path, None, returncode=1)
+    assert not artifacts_for(guest, tmp_path).passed(BOOT_TEST)
+
+
+def test_an_image_never_built_is_refused_before_any_boot(monkeypatch, tmp_path):
+    spec = specs.load(SPEC_FILE).get("host-image")
+    with pytest.raises(PipelineError, match=r"host-image has not been built: run \./inv build host-image"):
+        boot_test(monkeypatch, spec, tmp_path, junit(ALL_PASSED_BOTH))
+    assert not artifacts_for(spec, tmp_path).boot_report.exists()
+
+
+def test_a_session_that_was_to_build_and_did_not_writes_no_verdict(monkeypatch, tmp_path):
+    """`./inv test`'s boot sessions build the image themselves (use_built=False)."""
+    spec = specs.load(SPEC_FILE).get("host-image")
+    with pytest.raises(PipelineError, match=r"host-image was not built: see .*/logs/boot-test-"):
+        boot_test(monkeypatch, spec, tmp_path, None, returncode=1, tests=["tests/integration/test_boot.py"],
+                  use_built=False)
+    assert not artifacts_for(spec, tmp_path).boot_report.exists()
+
+
+def test_image_test_session_builds_and_runs_its_own_files(monkeypatch, guest, tmp_path):
+    tested, session = boot_test(monkeypatch, guest, tmp_path, junit(ALL_PASSED_BOTH),
+                                tests=["a/test_build.py", "a/test_zz_final.py"], use_built=False)
+    argv, _ = session.calls[0]
+    assert tested.passed and "--use-built" not in argv
+    assert argv[5:7] == ["a/test_build.py", "a/test_zz_final.py"]
+
+
+def test_boot_test_task_fails_naming_the_log(monkeypatch, guest, tmp_path):
+    monkeypatch.setattr(workflow, "run", Session(junit([(f"{FINAL}[bios]", "failure")]), 1).run)
+    log = r".*/guest-image/logs/boot-test-.+\.log"
+    with pytest.raises(Exit, match=f"error: boot test of guest-image failed: see {log}"):
+        tasks.boot_test(Context(), "guest-image", output_dir=str(tmp_path), firmware="bios")
+
+
+@pytest.mark.parametrize("choice", ["BIOS", "efi", "", "both "])
+def test_unknown_firmware_is_refused(choice):
+    with pytest.raises(PipelineError, match=f"--firmware is bios, uefi or both, not {re.escape(repr(choice))}"):
+        workflow.firmwares(choice)
+
+
+def test_the_final_check_is_the_last_boot_tests_denial_check():
+    """The verdict looks for FINAL_CHECK by name: a rename there must fail here, not pass every verdict by."""
+    final = Path(BOOT_TESTS[-1])
+    assert final.name == "test_zz_final.py"
+    assert re.search(rf"^def {FINAL}\(", final.read_text(), re.MULTILINE)
+
+
+# --- inv ci
+
+
+@pytest.fixture
+def steps(monkeypatch, tmp_path):
+    """Every step of ci faked where it begins, recorded in order; the boot test runs for real
+    over a faked pytest session."""
+    done: list[tuple[str, str]] = []
+    fail: set[tuple[str, str]] = set()
+
+    def fake_build(spec, output_dir, cache_dir, force=False):
+        done.append(("build", spec.name))
+        if ("build", spec.name) in fail:
+            raise PipelineError(f"{spec.name}: mirror unreachable")
+        built(spec, output_dir)
+        return build.BuildResult(artifacts_for(spec, output_dir), built=True, timings=Timings({"tree": 1.0}))
+
+    def fake_check(spec, output_dir):
+        done.append(("check", spec.name))
+        art = artifacts_for(spec, output_dir)
+        passed = ("check", spec.name) not in fail
+        return Report(spec.name, art.qcow2, art.check_report, [CheckResult("fstab", passed, "")])
+
+    def fake_pytest(argv, **kw):
+        image = next(arg for arg in argv if arg.startswith("--image=")).split("=", 1)[1]
+        done.append(("boot", image))
+        outcome = "failure" if ("boot", image) in fail else "passed"
+        return Session(junit([(f"{FINAL}[bios]", outcome), (f"{FINAL}[uefi]", outcome)]),
+                       int(outcome != "passed")).run(argv, **kw)
+
+    monkeypatch.setattr(publish, "require_key", lambda key, home=None: done.append(("key", key)) or "FPR")
+    monkeypatch.setattr(build, "build", fake_build)
+    monkeypatch.setattr(check, "check_image", fake_check)
+    monkeypatch.setattr(workflow, "run", fake_pytest)
+    monkeypatch.setattr(publish, "publish", lambda directory, name, target, **kw: done.append(("publish", name))
+                        or publish.Published(name, "20261125-00000000", str(target), True, ()))
+    return done, fail
+
+
+def ci(tmp_path, key="ops@example.org", **kw):
+    tasks.ci(Context(), key=key, output_dir=str(tmp_path), **kw)
+
+
+def test_every_image_is_built_checked_booted_and_published_in_order(steps, tmp_path):
+    done, _ = steps
+    ci(tmp_path)
+    assert done == [("key", "ops@example.org"),
+                    ("build", "host-image"), ("check", "host-image"), ("boot", "host-image"), ("publish", "host-image"),
+                    ("build", "guest-image"), ("check", "guest-image"), ("boot", "guest-image"),
+                    ("publish", "guest-image"),
+                    ("build", "installer")]  # a netboot image: nothing to check, boot or publish
+    assert written(specs.load(SPEC_FILE).get("host-image"), tmp_path)["firmwares"] == ["uefi"]
+
+
+def test_boot_test_that_passed_on_this_artifact_is_not_run_again(steps, monkeypatch, tmp_path):
+    done, _ = steps
+    ci(tmp_path)
+    done.clear()
+    def up_to_date(spec, output_dir, cache_dir, force=False):
+        done.append(("build", spec.name))
+        return build.BuildResult(artifacts_for(spec, output_dir), built=False)
+
+    monkeypatch.setattr(build, "build", up_to_date)
+    ci(tmp_path)
+    assert ("boot", "host-image") not in done and ("check", "host-image") not in done
+    assert ("publish", "host-image") in done and ("publish", "guest-image") in done
+
+
+@pytest.mark.parametrize("failing, message", [
+    (("build", "host-image"), "host-image: mirror unreachable"),
+    (("check", "host-image"), "offline check of host-image failed: see .*/host-image/check.json"),
+    (("boot", "host-image"), "boot test of host-image failed: not published"),
+])
+def test_first_failure_stops_everything_after_it(steps, tmp_path, failing, message):
+    done, fail = steps
+    fail.add(failing)
+    with pytest.raises(Exit, match=f"^error: {message}$"):
+        ci(tmp_path)
+    assert done[-1] == failing  # nothing after it: not this image's publish, not the next image's build
+
+
+def test_missing_key_fails_before_any_build(monkeypatch, tmp_path):
+    called = []
+    monkeypatch.setattr(build, "build", lambda *a, **k: called.append(a))
+    with pytest.raises(Exit, match="no signing key given"):
+        tasks.ci(Context(), key=None, gnupg_home=str(tmp_path / "empty"), output_dir=str(tmp_path))
+    assert called == []
