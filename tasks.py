@@ -183,7 +183,7 @@ INTEGRATION = ROOT / "tests" / "integration"
 IMAGE_TEST_RUNS = (
     ("guest-image", "both", ["test_artifacts.py", "test_bad_input.py", "test_boot.py", "test_login.py",
                              "test_build.py", "test_zz_final.py"]),
-    ("guest-image", None, ["test_rebuild.py"]),
+    ("guest-image", None, ["test_rebuild.py", "test_interrupt.py"]),
     ("host-image", "uefi", ["test_artifacts.py", "test_boot.py", "test_login.py", "test_build.py",
                             "test_host.py", "test_pxe_boot.py", "test_zz_final.py"]),
     ("host-image", None, ["test_deploy.py"]),

@@ -75,7 +75,8 @@ def one_run(spec: ImageSpec, scratch: Path, index: int) -> dict:
         out = scratch / f"out-{index}"
         started = time.monotonic()
         with step(f"run {index}: pipeline build (cold)"):
-            art, timings = build.build(spec, out, Path(cache))
+            built = build.build(spec, out, Path(cache))
+        art, timings = built.artifacts, built.timings
         result["build_s"] = round(time.monotonic() - started, 1)
     result["stages_s"] = timings.seconds
     result["peak_memory_mib"] = round(memory.peak / 2**20)
@@ -203,7 +204,7 @@ def changed_elements(spec: ImageSpec, scratch: Path) -> ImageSpec:
 
 def _timed_build(spec: ImageSpec, out: Path, cache: Path, force: bool = False) -> tuple[artifacts.Artifacts, float]:
     started = time.monotonic()
-    art, _ = build.build(spec, out, cache, force=force)
+    art = build.build(spec, out, cache, force=force).artifacts
     return art, round(time.monotonic() - started, 1)
 
 

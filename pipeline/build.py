@@ -180,7 +180,7 @@ def build_tree(ctx: BuildContext) -> None:
             ctx.from_layer = ctx.layer.prepare()
             say(f"package layer {ctx.layer.directory.name}: "
                 f"{'starting from it' if ctx.from_layer else 'none yet, this build saves one'}")
-        argv = [tools.venv_tool("disk-image-create"), "-n", "-a", "amd64", "-t", "tar",
+        argv: list[str | Path] = [tools.venv_tool("disk-image-create"), "-n", "-a", "amd64", "-t", "tar",
                 "-o", ctx.tar.with_suffix(""), *inputs.dib_elements(ctx.spec, pipeline_elements=bool(ctx.layer))]
         if ctx.spec.packages:
             argv += ["-p", ",".join(ctx.spec.packages)]

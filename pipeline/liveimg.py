@@ -12,6 +12,7 @@ same tree gives the same archive.
 from __future__ import annotations
 
 import tarfile
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,7 +48,7 @@ class Contents:
     labels: dict[str, str] = field(default_factory=dict)  # path -> context, for the paths asked
 
 
-def read(path: Path, wanted: set[str] = frozenset()) -> Contents:
+def read(path: Path, wanted: AbstractSet[str] = frozenset()) -> Contents:
     """Stream through the archive once: count entries, find unlabeled ones and kernels,
     and collect the labels of `wanted` paths (absolute, as in the image)."""
     contents = Contents()

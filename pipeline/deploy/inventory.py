@@ -10,11 +10,12 @@ from __future__ import annotations
 import ipaddress
 import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .. import spec as specs
 from ..errors import InventoryError
@@ -174,7 +175,7 @@ def _macs(value: Any, _ctx) -> tuple[str, ...]:
 
 def _disk(value: Any, _ctx) -> str:
     path_like = isinstance(value, str) and DISK_PATH.fullmatch(value) and not {".", ".."} & set(value.split("/"))
-    if not (path_like or isinstance(value, str) and DISK_NAME.fullmatch(value)):
+    if not (path_like or (isinstance(value, str) and DISK_NAME.fullmatch(value))):
         raise ValueError(f"{value!r} is not a block device name (sda, nvme0n1) or a path under /dev "
                          "(/dev/disk/by-id/...)")
     return value

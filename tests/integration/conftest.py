@@ -70,8 +70,7 @@ def artifacts(pytestconfig, spec, output_dir) -> Artifacts:
         art = artifacts_for(spec, output_dir)
         art.read_info()  # a clear error if it was never built
         return art
-    art, _ = build.build(spec, output_dir, DEFAULT_CACHE)
-    return art
+    return build.build(spec, output_dir, DEFAULT_CACHE).artifacts
 
 
 @pytest.fixture(scope="session")
@@ -79,8 +78,7 @@ def installer(pytestconfig, output_dir) -> Artifacts:
     """The installer (the netboot image the PXE tree boots): built here unless up to date, by the
     first session that network-boots a node; later sessions find it built."""
     loaded = specs.load(Path(pytestconfig.getoption("spec_file")))
-    art, _ = build.build(loaded.get(DEFAULT_INSTALLER), output_dir, DEFAULT_CACHE)
-    return art
+    return build.build(loaded.get(DEFAULT_INSTALLER), output_dir, DEFAULT_CACHE).artifacts
 
 
 @pytest.fixture(scope="session")

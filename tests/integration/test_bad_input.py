@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -138,38 +136,6 @@ def test_policy_module_that_does_not_compile_is_refused_with_file_and_line(tmp_p
     _, line = build_probe(tmp_path, body)
     assert line.startswith(f"error: {selinux_dir / 'site_agent.te'}: SELinux policy module does not compile: "), line
     assert "line 3" in line, line
-
-
-def _ctrl_c_as_in_a_terminal() -> None:
-    """SIGINT as a terminal's Ctrl-C finds it: a test run started in the background (as CI
-    runners may) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def test_interrupted_build_leaves_nothing_behind(tmp_path):
-    """Ctrl-C while DIB runs (its chroot mounts are up): no work dir, mount, loop device or image."""
-    out = tmp_path / "out"
-    path = spec_file(tmp_path, GOOD_IMAGE)
-    proc = subprocess.Popen([*INVOKE, "build", "probe", "--spec-file", str(path), "--output-dir", str(out)],
-                            cwd=ROOT, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=_ctrl_c_as_in_a_terminal)
-    deadline = time.monotonic() + 300
-    seen = ""
-    for line in proc.stderr:  # wait until DIB is installing packages inside its chroot
-        seen += line
-        if "dib: install.d" in line or "dib: pre-install.d" in line or time.monotonic() > deadline:
-            break
-    assert "dib:" in seen, seen
-    os.killpg(proc.pid, signal.SIGINT)
-    _, rest = proc.communicate(timeout=180)
-    assert proc.returncode != 0
-    assert "interrupted" in rest, seen + rest
-    assert "image: " not in rest, f"the build finished after Ctrl-C:\n{seen}--- Ctrl-C here ---\n{rest}"
-    assert_nothing_built(out)
-    loops = subprocess.run(["losetup", "--list", "--noheadings", "--output", "BACK-FILE"],
-                           capture_output=True, text=True).stdout
-    assert str(out) not in loops
-    assert subprocess.run(["pgrep", "-f", f"dib_build.*{out}"], capture_output=True).returncode == 1
 
 
 def test_boot_that_never_reaches_ssh_reports_deadline_and_console(spec, artifacts, tmp_path):
