@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import atomic, locking
+from .artifacts import read_json
+from .errors import PipelineError
 from .inputs import PIPELINE_ELEMENTS, Element, dib_version, resolved_elements, tree_digest
 from .manifest import sha256
 from .spec import ImageSpec
@@ -86,10 +88,10 @@ class PackageLayer:
     def complete(self) -> bool:
         """Saved by a build that succeeded, less than MAX_AGE ago, and its files unchanged since."""
         try:
-            record = json.loads((self.directory / RECORD).read_text())
+            record = read_json(self.directory / RECORD, "no layer saved")
             return (time.time() - record["created"] < MAX_AGE
                     and all(record["sha256"][path.name] == sha256(path) for path in self.files))
-        except (OSError, ValueError, KeyError, TypeError):
+        except (PipelineError, OSError, KeyError, TypeError):  # a layer that is unusable is rebuilt
             return False
 
     @property

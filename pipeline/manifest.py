@@ -27,6 +27,7 @@ from typing import Any
 
 from debian import copyright as debian_copyright
 
+from .artifacts import MANIFEST, read_json
 from .errors import PipelineError
 
 EMBEDDED = "usr/share/kvm-image-pipeline/manifest.json"  # under the image's root
@@ -250,11 +251,10 @@ def format_difference(diff: Difference, a: str, b: str, shown: int = 20) -> str:
 
 def _build_record(directory: Path) -> tuple[dict[str, str], dict[str, tuple[str, ...]]]:
     """A build's (or a published version's) packages from manifest.json, files from *.files.tsv."""
-    try:
-        packages = json.loads((directory / "manifest.json").read_text())["packages"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise PipelineError(f"{directory}: no readable manifest.json with packages ({error}): "
-                            "not a build directory or a published version") from None
+    manifest = read_json(directory / MANIFEST, "not a build directory or a published version")
+    packages = manifest.get("packages")
+    if not isinstance(packages, dict):
+        raise PipelineError(f"{directory / MANIFEST}: no \"packages\" object: not a build's manifest")
     lists = sorted(directory.glob("*.files.tsv"))
     if len(lists) != 1:
         raise PipelineError(f"{directory}: expected one *.files.tsv (the build's file list), found {len(lists)}")

@@ -185,7 +185,7 @@ class Validator:
             parser.readKickstartFromString(text)
 
 
-def _rejection(error: Exception, origins: list[tuple[int, int, Path]]) -> str:
+def rejection(error: Exception, origins: list[tuple[int, int, Path]]) -> str:
     message = " ".join(str(getattr(error, "message", None) or error).split())
     lineno = getattr(error, "lineno", None)
     if lineno is None and (found := LINE.search(message)):  # warnings carry it only in the text
@@ -250,7 +250,7 @@ def render_all(inventory: Inventory, output_dir: Path = DEFAULT_OUTPUT_DIR, targ
             validator.check(text)
         except (KickstartError, KickstartWarning) as error:
             raise InventoryError(inventory.path, node.name, None, f"pykickstart ({target}) rejects its kickstart: "
-                                 f"{_rejection(error, origins)}") from None
+                                 f"{rejection(error, origins)}") from None
         texts[f"{node.name}.ks"] = text
     return _publish(texts, Path(output_dir))
 

@@ -24,7 +24,7 @@ from .. import tools
 from ..errors import CommandFailed, PipelineError
 from ..qemu import free_port
 from ..run import spawn
-from .pxe import _templates
+from .pxe import templates
 from .serve import ACCESS_LOG, SERVED, load_manifest
 
 SITE_CONF = "nginx-site.conf"
@@ -62,7 +62,7 @@ def site_config(root: Path, listen_port: int, access_log: Path, *, address: str 
         of = f" (of base_url {base_url})" if base_url else ""
         raise PipelineError(f"cannot serve with nginx at the URL path {prefix!r}{of}: only /NAME/NAME parts "
                             "of A-Z a-z 0-9 . _ ~ -")
-    return _templates().get_template(f"{SITE_CONF}.j2").render(
+    return templates().get_template(f"{SITE_CONF}.j2").render(
         root=_safe_path(root, "tree's path"), listen=listen, access_log=_safe_path(access_log, "access log's path"),
         prefix=prefix, base_url=base_url)
 

@@ -150,7 +150,7 @@ def node_boot(inventory: Inventory, node: Node) -> NodeBoot:
 
 
 @functools.cache
-def _templates() -> jinja2.Environment:
+def templates() -> jinja2.Environment:
     """The PXE tree's templates, with pipeline.escape's filters: each value is written for its format."""
     from ..escape import FILTERS
 
@@ -288,17 +288,17 @@ def _write_configs(work: Path, directory: Path, inventory: Inventory, boots: tup
                    server: IPv4Address | None) -> None:
     """The nodes' boot configurations into work's root, the servers' beside it; directory is
     where work will be moved, and what the servers' configurations name."""
-    env = _templates()
+    env = templates()
     common = {"inventory": inventory.path, "base_url": inventory.site.base_url}
     served, root = Tree(work, boots).root, Tree(directory, boots).root
     _write(served, "boot.ipxe", env.get_template("boot.ipxe.j2").render(common))
     _write(served, "grub/grub.cfg", env.get_template("grub.cfg.j2").render(common, boot=None))
     _write(served, "pxelinux.cfg/default", env.get_template("pxelinux.cfg.j2").render(common, boot=None))
-    templates = {"ipxe": "node.ipxe.j2", "grub": "grub.cfg.j2", "pxelinux": "pxelinux.cfg.j2"}
+    node_templates = {"ipxe": "node.ipxe.j2", "grub": "grub.cfg.j2", "pxelinux": "pxelinux.cfg.j2"}
     for boot in boots:
         for kind, name in boot.files.items():
-            if kind in templates:
-                _write(served, name, env.get_template(templates[kind]).render(common, boot=boot))
+            if kind in node_templates:
+                _write(served, name, env.get_template(node_templates[kind]).render(common, boot=boot))
     pxe = inventory.site.pxe
     bios, efi = BOOT_PROGRAM[pxe.loader]
     _write(work, DNSMASQ_CONF, env.get_template("dnsmasq.conf.j2").render(
@@ -498,7 +498,7 @@ class _Checker:
             self.validator.check(text)
         except (KickstartError, KickstartWarning) as rejected:
             self.problem(name, file, f"pykickstart ({self.target}) rejects it: "
-                                     f"{kickstart._rejection(rejected, [])}")
+                                     f"{kickstart.rejection(rejected, [])}")
         lines = text.splitlines()
         liveimg = [line for line in lines if line.split()[:1] == ["liveimg"]]
         if not liveimg:

@@ -113,7 +113,7 @@ def boot_of(example, **changes) -> pxe.NodeBoot:
 
 
 def render(name: str, **values) -> str:
-    return pxe._templates().get_template(name).render(inventory=Path("inventory.toml"), **values)
+    return pxe.templates().get_template(name).render(inventory=Path("inventory.toml"), **values)
 
 
 def test_grub_template_keeps_each_argument_one_word(example):
