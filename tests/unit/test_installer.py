@@ -137,7 +137,8 @@ def test_partitioning_writes_only_the_listed_disks_with_a_real_cache(rendered, c
     wipes = [argv[-1] for argv in commands if argv[0] == "wipefs"]
     assert wipes.index("/dev/sdb1") < wipes.index("/dev/sdb") < len(wipes) - 1 - wipes[::-1].index("/dev/sdb1")
     assert commands[0] == ["vgchange", "--activate", "n"]  # an earlier install's VGs let go of the disks
-    layout = next(argv for argv in commands if argv[0] == "sgdisk" and argv[-1] == "/dev/sda" and "--new=1:0:+600M" in argv)
+    layout = next(argv for argv in commands
+                  if argv[0] == "sgdisk" and argv[-1] == "/dev/sda" and "--new=1:0:+600M" in argv)
     assert "--typecode=1:EF00" in layout and "--new=3:0:0" in layout  # the PV grows, last
     origin = next(argv for argv in commands if argv[:2] == ["lvcreate", "--yes"] and "images" in argv)
     assert origin[-1] == "/dev/sdb1" and "100%PVS" in origin  # not on the SSD
@@ -168,7 +169,8 @@ def test_network_file_matches_the_nic_by_mac():
 
 
 def test_grub_arguments_are_quoted_for_the_shell_that_sources_them():
-    assert installer.grub_defaults("a='b' $(reboot)").splitlines()[1] == "GRUB_CMDLINE_LINUX='a='\"'\"'b'\"'\"' $(reboot)'"
+    assert installer.grub_defaults("a='b' $(reboot)").splitlines()[1] == (
+        "GRUB_CMDLINE_LINUX='a='\"'\"'b'\"'\"' $(reboot)'")
 
 
 def test_outcome_is_reported_to_the_kickstart_server():

@@ -189,8 +189,8 @@ def test_host_names(tmp_path, header, name, field, problem):
 
 
 DUPLICATES = [
-    (node("N1", macs='macs = ["52:54:00:00:00:02"]'), "N1", "hostname", "n1 belongs to node 'n1' already "
-     "(host names ignore case)"),
+    (node("N1", macs='macs = ["52:54:00:00:00:02"]'), "N1", "hostname",
+     "n1 belongs to node 'n1' already (host names ignore case)"),
     (node("n2", macs='macs = ["52:54:00:00:00:03", "52:54:00:00:00:01"]'), "n2", "macs",
      "52:54:00:00:00:01 belongs to node 'n1' already"),
     (node("n2", macs='macs = ["52:54:00:00:00:0A"]'), "n2", "macs", "52:54:00:00:00:0a belongs to node 'n1'"),

@@ -191,8 +191,8 @@ def test_artifacts_come_from_build_info(example, tmp_path):
 
 @pytest.mark.parametrize("info, problem", [
     (None, "role 'guest-image': {info} is missing: guest-image has not been built: run ./inv build guest-image"),
-    ({"image": "guest-image"}, "role 'guest-image': {info} records no sha256 of guest-image.tar.gz: "
-                               "rebuild with ./inv build guest-image"),
+    ({"image": "guest-image"}, ("role 'guest-image': {info} records no sha256 of guest-image.tar.gz: "
+                                "rebuild with ./inv build guest-image")),
     ("[]", "role 'guest-image': {info}: not a JSON object"),
 ])
 def test_missing_artifact_names_the_role_and_file(example, tmp_path, info, problem):

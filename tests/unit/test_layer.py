@@ -71,7 +71,8 @@ def test_a_second_build_waits_for_the_first_and_uses_its_layer(saved, tmp_path):
     waiter = f"""
 from pathlib import Path
 from pipeline import layer
-package_layer = layer.PackageLayer(Path({str(saved.directory)!r}), Path({str(saved.base)!r}), Path({str(saved.tarball)!r}))
+package_layer = layer.PackageLayer(Path({str(saved.directory)!r}), Path({str(saved.base)!r}),
+                                   Path({str(saved.tarball)!r}))
 print("waiting", flush=True)
 with package_layer.locked():
     print(package_layer.prepare())

@@ -27,5 +27,6 @@ def test_a_report_counts_only_after_this_power_on(tmp_path):
     node.log_offset = log.stat().st_size  # as start() records it: an earlier deploy's report is not this one's
     assert node.status() is None
     with open(log, "a") as appended:
-        appended.write(f"2026-12-01T08:05:00+00:00 127.0.0.1 GET /status/{nodes.BIOS_NODE.name}/fail?reason=a%20b 404\n")
+        appended.write(f"2026-12-01T08:05:00+00:00 127.0.0.1 GET /status/{nodes.BIOS_NODE.name}/fail?reason=a%20b"
+                       " 404\n")
     assert node.status() == ("fail", "a%20b")

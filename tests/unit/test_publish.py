@@ -204,7 +204,7 @@ def test_sbom_is_reproducible(build_dir):
 
 
 def test_invalid_sbom_is_refused():
-    with pytest.raises(PipelineError, match="not valid CycloneDX 1.6"):
+    with pytest.raises(PipelineError, match=r"not valid CycloneDX 1\.6"):
         validate_sbom(json.dumps({"bomFormat": "CycloneDX", "specVersion": "1.6", "components": "none"}))
 
 
@@ -554,9 +554,8 @@ def test_remote_lock_failures_are_one_line(monkeypatch, out, err, code, problem)
     monkeypatch.setattr(remote, "hold", lambda argv: argvs.append(argv) or FakeHolder(out, err, code))
     monkeypatch.setattr(remote, "release", lambda holder: None)
     target = publish.parse_target("ssh://root@127.0.0.1:2222/srv", NAME)
-    with pytest.raises(PipelineError, match=problem):
-        with target.session():
-            pytest.fail("the session must not start without the lock")
+    with pytest.raises(PipelineError, match=problem), target.session():
+        pytest.fail("the session must not start without the lock")
     assert argvs[0][-1].startswith("sh -c ") and argvs[0][-1].endswith("/srv/img .publish.lock")
 
 
@@ -572,7 +571,7 @@ def test_remote_lock_is_held_for_the_session_and_released(monkeypatch):
 # --- what the build records is what publish verifies
 
 
-def test_a_builds_own_build_info_records_every_published_file(ctx, tmp_path):
+def test_a_builds_own_build_info_records_every_published_file(ctx, tmp_path):  # noqa: F811 (ctx: test_build's fixture)
     assembled(ctx)
     (ctx.work / ctx.artifacts.qcow2.name).write_text("qcow2")
     build.move_into_place(ctx)
@@ -586,7 +585,7 @@ def test_a_builds_own_build_info_records_every_published_file(ctx, tmp_path):
         verify_build(art.directory, art.name)
 
 
-def test_artifacts_names_every_file_the_build_records_and_publish_copies(ctx, target, signer):
+def test_artifacts_names_every_file_the_build_records_and_publish_copies(ctx, target, signer):  # noqa: F811 (fixture)
     """pipeline.artifacts is the one place a build's file names are: a file added to the build or to
     publish alone fails here."""
     assembled(ctx)
@@ -782,7 +781,7 @@ def test_remote_host_that_does_not_answer_is_given_up_in_one_line(tmp_path, fake
     started = time.monotonic()
     with pytest.raises(PipelineError, match=r"^somehost: ssh sh did not finish within 1 s: the host or the network"):
         target.listing()
-    with pytest.raises(PipelineError, match=r"^somehost: taking \.publish\.lock did not finish within 1 s"):
-        with target.session():
-            pytest.fail("no lock was taken")
+    with (pytest.raises(PipelineError, match=r"^somehost: taking \.publish\.lock did not finish within 1 s"),
+          target.session()):
+        pytest.fail("no lock was taken")
     assert time.monotonic() - started < 15

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import tools
-from pipeline.deploy import inventory, kickstart, pxe, serve
+from pipeline.deploy import inventory, pxe, serve
 from pipeline.errors import InventoryError, PipelineError, ToolMissing
 from pipeline.paths import ROOT
 from pipeline.run import run
@@ -279,16 +279,15 @@ def test_serving_logs_every_request_and_stops(fresh, capsys):
 
 def test_serving_needs_a_tree(tmp_path):
     not_a_tree = f"{tmp_path / 'pxe.json'} is missing: {tmp_path} is not a PXE tree: run ./inv pxe.render"
-    with pytest.raises(PipelineError, match=not_a_tree):
-        with serve.serving(tmp_path):
-            pass
+    with pytest.raises(PipelineError, match=not_a_tree), serve.serving(tmp_path):
+        pass
 
 
 def test_tftp_needs_root(fresh, monkeypatch):
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    with pytest.raises(PipelineError, match=r"TFTP and proxy DHCP need root .*\(--no-tftp\)"):
-        with serve.serving(fresh.directory, tftp=True):
-            pass
+    with (pytest.raises(PipelineError, match=r"TFTP and proxy DHCP need root .*\(--no-tftp\)"),
+          serve.serving(fresh.directory, tftp=True)):
+        pass
 
 
 def problems(tree: pxe.Tree) -> list[str]:
@@ -351,15 +350,15 @@ def test_check_validates_the_served_kickstarts(fresh):
     ks = fresh.root / "kickstarts/compute2.ks"
     ks.write_text(ks.read_text() + "bogus --x\n")
     lines = ks.read_text().count("\n")
-    assert problems(fresh) == [f"node 'compute2': kickstarts/compute2.ks: pykickstart (RHEL9) rejects it: "
-                               f"line {lines}: Unknown command: bogus"]
+    assert problems(fresh) == [(f"node 'compute2': kickstarts/compute2.ks: pykickstart (RHEL9) rejects it: "
+                                f"line {lines}: Unknown command: bogus")]
 
 
 def test_check_wants_each_node_on_its_own_kickstart(fresh):
     script = fresh.root / f"ipxe/{GUEST1}.ipxe"
     script.write_text(script.read_text().replace("kickstarts/guest1.ks", "kickstarts/compute1.ks"))
-    assert problems(fresh) == [f"node 'guest1': ipxe/{GUEST1}.ipxe: inst.ks is {SITE}/kickstarts/compute1.ks, "
-                               f"not the node's own kickstart {SITE}/kickstarts/guest1.ks"]
+    assert problems(fresh) == [(f"node 'guest1': ipxe/{GUEST1}.ipxe: inst.ks is {SITE}/kickstarts/compute1.ks, "
+                                f"not the node's own kickstart {SITE}/kickstarts/guest1.ks")]
 
 
 # --- nothing half-written
@@ -375,8 +374,8 @@ FAILURES = [
     ("a snippet pykickstart rejects", lambda tmp, build: snippet(tmp, "bogus --x\n"), None,
      "node 'compute1': pykickstart (RHEL9) rejects its kickstart: line"),
     ("a missing kernel", lambda tmp, build: example(tmp), "installer/installer.vmlinuz",
-     "installer image 'installer': {build}/installer/installer.vmlinuz not found, so the PXE tree cannot offer it: "
-     "run ./inv build installer"),
+     ("installer image 'installer': {build}/installer/installer.vmlinuz not found, so the PXE tree cannot offer it: "
+      "run ./inv build installer")),
     ("a missing liveimg", lambda tmp, build: example(tmp), "guest-image/guest-image.tar.gz",
      "role 'guest-image': {build}/guest-image/guest-image.tar.gz not found"),
     ("no build-info.json", lambda tmp, build: example(tmp), "guest-image/build-info.json",
