@@ -52,17 +52,21 @@ def install_modules(tree: Path) -> None:
         source = tree / "usr/lib/grub" / platform
         if not source.is_dir():
             raise RuntimeError(f"{source} is missing: the image lacks GRUB for {platform}")
-        shutil.copytree(source, tree / "boot/grub" / platform, dirs_exist_ok=True)
+        # monolithic/ holds prebuilt EFI loaders (15 MiB) that only grub-install reads, from
+        # /usr/lib/grub; our loaders are made by make_core_images and load modules from here.
+        shutil.copytree(source, tree / "boot/grub" / platform, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("monolithic"))
 
 
 def write_config(tree: Path, kernel: Kernel, root_uuid: str, cmdline: list[str]) -> None:
     """grub.cfg for the first boot, and /etc/default/grub so that a later update-grub in
     the running machine keeps the same kernel arguments and serial console."""
     args = " ".join(cmdline)
+    # Timeout 0: there is one entry, so no menu to wait a second on at every boot.
     (tree / "boot/grub/grub.cfg").write_text(f"""\
 # Written by the image pipeline; update-grub in the running machine replaces it.
 set default=0
-set timeout=1
+set timeout=0
 if serial --unit=0 --speed=115200; then
   terminal_input console serial
   terminal_output console serial
@@ -77,7 +81,7 @@ menuentry 'Debian GNU/Linux' {{
     (tree / "etc/default/grub.d/50-image-pipeline.cfg").write_text(f"""\
 # Written by the image pipeline from the image spec.
 GRUB_CMDLINE_LINUX="{args}"
-GRUB_TIMEOUT=1
+GRUB_TIMEOUT=0
 GRUB_TERMINAL="console serial"
 GRUB_SERIAL_COMMAND="serial --unit=0 --speed=115200"
 """)

@@ -52,3 +52,23 @@ def test_grub_config_carries_uuid_and_arguments(tmp_path):
     assert "linux /boot/vmlinuz-6.1.0-1-amd64 root=UUID=1234-uuid ro security=selinux console=ttyS0,115200" in cfg
     defaults = (tmp_path / "etc/default/grub.d/50-image-pipeline.cfg").read_text()
     assert 'GRUB_CMDLINE_LINUX="security=selinux console=ttyS0,115200"' in defaults
+
+
+def test_grub_waits_for_no_menu(tmp_path):
+    (tmp_path / "boot/grub").mkdir(parents=True)
+    kernel = bootloader.Kernel("6.1.0-1-amd64", tmp_path / "boot/vmlinuz-6.1.0-1-amd64",
+                               tmp_path / "boot/initrd.img-6.1.0-1-amd64")
+    bootloader.write_config(tmp_path, kernel, "1234-uuid", [])
+    assert "set timeout=0\n" in (tmp_path / "boot/grub/grub.cfg").read_text()
+    assert "GRUB_TIMEOUT=0\n" in (tmp_path / "etc/default/grub.d/50-image-pipeline.cfg").read_text()
+
+
+def test_modules_are_copied_without_the_prebuilt_loaders(tmp_path):
+    for platform in bootloader.PLATFORMS:
+        (tmp_path / "usr/lib/grub" / platform / "monolithic").mkdir(parents=True)
+        (tmp_path / "usr/lib/grub" / platform / "normal.mod").write_bytes(b"mod")
+        (tmp_path / "usr/lib/grub" / platform / "monolithic/grubx64.efi").write_bytes(b"efi")
+    bootloader.install_modules(tmp_path)
+    for platform in bootloader.PLATFORMS:
+        assert (tmp_path / "boot/grub" / platform / "normal.mod").read_bytes() == b"mod"
+        assert not (tmp_path / "boot/grub" / platform / "monolithic").exists()
