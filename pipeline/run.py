@@ -97,6 +97,9 @@ def run(argv: Argv, *, env: dict[str, str] | None = None, cwd: Path | str | None
     """
     command = [str(arg) for arg in argv]
     _debug(command)
+    group = getattr(_worker, "group", None)  # set in a thread of concurrently()
+    if group and group.stopping:
+        raise CommandFailed(command, -signal.SIGTERM, "not started: a concurrent step failed")
     log_file = open(log, "ab") if log else None  # noqa: SIM115 (closed in the finally below)
     stdout: int | IO[bytes]
     stderr: int | IO[bytes]
@@ -109,6 +112,8 @@ def run(argv: Argv, *, env: dict[str, str] | None = None, cwd: Path | str | None
         proc = subprocess.Popen(command, env=clean_env(env), cwd=cwd, stdout=stdout, stderr=stderr,
                                 stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
                                 start_new_session=True)
+        if group:
+            group.add(proc)
         try:
             if on_line and log_file:
                 for raw in proc.stdout or ():  # a pipe here
@@ -124,6 +129,9 @@ def run(argv: Argv, *, env: dict[str, str] | None = None, cwd: Path | str | None
         except BaseException:  # KeyboardInterrupt included
             _stop_group(proc)
             raise
+        finally:
+            if group:
+                group.discard(proc)
     finally:
         if log_file:
             log_file.close()
@@ -135,6 +143,74 @@ def run(argv: Argv, *, env: dict[str, str] | None = None, cwd: Path | str | None
             detail = f"see {log}" + (f": {detail}" if detail else "")
         raise CommandFailed(command, proc.returncode, detail)
     return subprocess.CompletedProcess(command, proc.returncode, out_text, err_text)
+
+
+class _Group:
+    """The children of concurrently()'s calls, so that when one call fails the others' are stopped
+    and none start."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.children: set[subprocess.Popen] = set()
+        self.stopping = False
+
+    def add(self, proc: subprocess.Popen) -> None:
+        with self.lock:
+            self.children.add(proc)
+            stopping = self.stopping
+        if stopping:  # stop() came between the check in run() and the start: stop it here
+            _stop_group(proc)
+
+    def discard(self, proc: subprocess.Popen) -> None:
+        with self.lock:
+            self.children.discard(proc)
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopping = True
+            children = list(self.children)
+        for proc in children:
+            _stop_group(proc)
+
+
+_worker = threading.local()
+
+
+def concurrently(*calls: Callable[[], None]) -> None:
+    """Run the calls in threads at once and wait for all of them. The first to raise ends it all:
+    the other calls' children are stopped (SIGTERM, then SIGKILL) and they start no more, then its
+    exception is raised; an interrupt stops them the same way. A call's Python code is not
+    interrupted: it finishes, or fails at its next command."""
+    group = _Group()
+    errors: list[BaseException] = []
+    finished = threading.Semaphore(0)
+
+    def work(call: Callable[[], None]) -> None:
+        _worker.group = group
+        try:
+            call()
+        except BaseException as error:  # handed to the main thread
+            errors.append(error)
+        finally:
+            finished.release()
+
+    threads = [threading.Thread(target=work, args=(call,), name=getattr(call, "__name__", "call"))
+               for call in calls]
+    try:
+        for thread in threads:
+            thread.start()
+        for _ in threads:
+            finished.acquire()
+            if errors:
+                break
+    finally:  # on the first error, an interrupt, or when all are done
+        if errors or any(thread.is_alive() for thread in threads):
+            group.stop()
+        for thread in threads:
+            if thread.ident is not None:
+                thread.join()
+    if errors:
+        raise errors[0]  # the first; the others' came from being stopped
 
 
 @contextmanager

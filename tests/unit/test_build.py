@@ -2,7 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,7 @@ import pytest
 from pipeline import build, locking
 from pipeline import spec as specs
 from pipeline.artifacts import artifacts_for
+from pipeline.paths import ROOT
 
 
 @pytest.fixture
@@ -223,3 +227,105 @@ def test_a_build_sweeps_the_work_directories_of_dead_builds_only(tmp_path, other
     assert [argv[-1] for argv in table.calls if argv[0] == "umount"] == [f"{dead}/tmp/dib mnt"]
     assert all(work.is_dir() for work in (alive, own, tmp_path / ".work-notapid"))
     assert capsys.readouterr().err == f"removing {dead}: left by build process {ended.pid}, which is gone\n"
+
+
+# --- the outputs, made side by side (real processes through the real gateway)
+
+
+def _command(*argv):
+    """A step that runs one command through the gateway."""
+    return lambda ctx: build.run(list(argv), timeout=120)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def test_the_outputs_are_made_at_once_each_step_timed(ctx, tmp_path):
+    """The first lane waits for a file only the second lane makes: one after the other, it could not end."""
+    flag = tmp_path / "second lane ran"
+    step = build.side_by_side(
+        (("waits", _command("sh", "-c", 'until [ -e "$0" ]; do sleep 0.05; done', flag)), ("then", _command("true"))),
+        (("makes", _command("touch", flag)),))
+    step(ctx)
+    assert set(ctx.timings.seconds) == {"waits", "then", "makes"}
+
+
+def test_a_failing_output_fails_the_build_and_stops_the_others(ctx, tmp_path):
+    pidfile = tmp_path / "pid"
+    after = tmp_path / "after"
+    step = build.side_by_side(
+        (("long", _command("sh", "-c", 'echo $$ > "$0"; exec sleep 600', pidfile)),
+         ("after", _command("touch", after))),
+        (("fails", _command("sh", "-c", 'until [ -s "$0" ]; do sleep 0.05; done; echo "no space left" >&2; exit 3',
+                            pidfile)),))
+    started = time.monotonic()
+    with pytest.raises(build.PipelineError) as failed:
+        step(ctx)
+    assert time.monotonic() - started < 60, "the long step was waited for, not stopped"
+    # The failing step's own one-line error, not the stopped one's.
+    assert "(exit 3)" in str(failed.value) and str(failed.value).endswith(": no space left")
+    assert not _alive(int(pidfile.read_text()))
+    assert not after.exists(), "a stopped lane starts nothing more"
+    assert set(ctx.timings.seconds) == set()
+
+
+def test_an_interrupt_stops_every_output(tmp_path):
+    """SIGTERM to a build making its outputs (./inv turns it into KeyboardInterrupt) stops all of them."""
+    pids = [tmp_path / "1", tmp_path / "2"]
+    script = f"""
+from pipeline import run
+run.interrupt_on_termination()
+run.concurrently(*(lambda pid=pid: run.run(["sh", "-c", 'echo $$ > "$0"; exec sleep 600', pid])
+                   for pid in {[str(p) for p in pids]!r}))
+"""
+    driver = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not all(p.is_file() and p.read_text().strip() for p in pids):
+            assert time.monotonic() < deadline and driver.poll() is None, "the children did not start"
+            time.sleep(0.05)
+        driver.send_signal(signal.SIGTERM)
+        assert driver.wait(timeout=60) != 0
+        deadline = time.monotonic() + 15
+        while any(_alive(int(p.read_text())) for p in pids):
+            assert time.monotonic() < deadline, "a child outlived the interrupted build"
+            time.sleep(0.05)
+    finally:
+        driver.kill()
+        driver.wait()
+
+
+def test_the_package_layers_time_inside_dib_is_read_from_its_profile(ctx):
+    timings = build.Timings()
+    report = build._phase_reporter(timings)
+    for line in ("2026-12-01 14:18:57.526 | dib-run-parts 08-debootstrap                               38.985",
+                 "2026-12-01 14:18:57.530 | dib-run-parts 08-package-layer                              2.104",
+                 "2026-12-01 14:20:41.533 | dib-run-parts 02-package-layer-save                         2.615",
+                 "2026-12-01 14:20:41.540 | + echo 'dib-run-parts 02-package-layer-save 9.000 '"):
+        report(line)
+    assert timings.seconds == {"in tree: 08-package-layer": 2.104, "in tree: 02-package-layer-save": 2.615}
+
+
+@pytest.mark.parametrize("available_mib, in_memory", [(8192, True), (1500, False)])
+def test_the_tree_is_unpacked_into_memory_when_there_is_room(ctx, monkeypatch, available_mib, in_memory):
+    ctx.tar.parent.mkdir()
+    with open(ctx.tar, "wb") as tar:
+        tar.truncate(300 * 2**20)  # a 300 MiB tree
+    monkeypatch.setattr(build, "meminfo", lambda key: available_mib * 2**20)
+    calls = []
+    monkeypatch.setattr(build, "run", lambda argv, **kw: calls.append([str(a) for a in argv]))
+    build.unpack_tree(ctx)
+    mounts = [argv for argv in calls if argv[0] == "mount"]
+    assert mounts == ([["mount", "-t", "tmpfs", "-o", "mode=0755,size=856m", "tmpfs", str(ctx.tree)]]
+                      if in_memory else [])
+    assert calls[-1][:2] == ["tar", "--extract"] and not ctx.tar.exists()
+
+
+def test_meminfo_reads_bytes(tmp_path):
+    table = tmp_path / "meminfo"
+    table.write_text("MemTotal:       24576000 kB\nMemAvailable:   20000000 kB\n")
+    assert build.meminfo("MemAvailable", table) == 20000000 * 1024
