@@ -128,7 +128,7 @@ class PackageLayer:
         return {
             "DIB_IMAGE_CACHE": str(self.directory),
             "DIB_DEBIAN_USE_DEBOOTSTRAP_CACHE": "1",  # the layer, or debootstrap's base when there is one
-            "DIB_DEBOOTSTRAP_CACHE": "1",  # no base yet: debootstrap's tree is kept (then moved to self.base)
+            # (no base yet: root.d/08-package-layer keeps debootstrap's tree as the base)
             "DIB_PACKAGE_LAYER_SAVE": "1" if saving else "",
             "DIB_PACKAGE_LAYER_BASE": str(self.base),
         }
