@@ -7,19 +7,20 @@ new file format in parsers.py, where it is tested on strings.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import posixpath
 import re
 import stat
 import struct
 import tarfile
-from collections import defaultdict
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
 
-from .. import liveimg, manifest, selinux
+from .. import manifest, selinux
 from ..manifest import parse_dpkg_status
+from ..progress import Timings, step
 from ..selinux import element_closure
 from ..spec import ImageSpec
 from .elements import enabled_units, required_packages
@@ -30,9 +31,9 @@ from .parsers import (
     FileEntry,
     Ifupdown,
     as_text,
-    by_directory,
     cloud_datasources,
     fstab_uuid,
+    label_sample,
     parse_env_file,
     parse_fstab,
     parse_ifupdown,
@@ -88,11 +89,15 @@ LABELS: tuple[tuple[str, str | None], ...] = (
     ("/proc", None),
 )
 UNLABELED_BY_POLICY = {path for path, expected in LABELS if expected is None}
+# The key files whose labels the liveimg tarball must share with the disk (the mountpoints
+# are not in it: the build makes them when it assembles the disk).
+LIVEIMG_LABELED = tuple(path for path, _ in (*LABELS, *HOST_LABELS)
+                        if path not in ("/proc", "/sys", "/dev", "/run", "/boot/efi"))
 TUNED_DAEMON = ("/usr/sbin/tuned", "/usr/bin/tuned")
 TUNED_DAEMON_TYPE = "tuned_exec_t"
-# Directories sampled for files with no label at all: (directory, recursive). About
-# 1.5 s under TCG: a find, and one lxattrlist per directory that holds files; a find
-# of /var/lib alone would cost 1.4 s more.
+# Directories sampled for files with no label at all: (directory, recursive), picked out of
+# the file list the other checks read. About 1 s under TCG: one lxattrlist per directory
+# (libguestfs takes the names of one directory a call); all of /var/lib would cost 1.4 s more.
 LABEL_SAMPLE = (("/etc", True), ("/usr/bin", False), ("/usr/sbin", False), ("/var/lib", False))
 SHOWN = 10  # names listed in a failure's detail
 # Names a shell or an interactive tool leaves its history under, in any home directory.
@@ -278,7 +283,7 @@ def check_grub_modules(guest: Guest) -> Verdict:
 
 
 def check_bios_boot(guest: Guest) -> Verdict:
-    mbr = guest.g.pread_device(DEVICE, SECTOR, 0)
+    mbr = guest.head[:SECTOR]
     problems = []
     if mbr[510:512] != b"\x55\xaa":
         problems.append(f"MBR ends with {mbr[510:512].hex()}, not 55aa")
@@ -366,24 +371,10 @@ def check_labels(guest: Guest) -> Verdict:
     return (problems, f"{len(table)} key files carry refpolicy's types")
 
 
-def _sample_names(g: Any) -> dict[str, list[str]]:
-    """Directory -> names in it, for every file in LABEL_SAMPLE (and the directories)."""
-    groups: dict[str, list[str]] = defaultdict(list)
-    for top, recursive in LABEL_SAMPLE:
-        parent, name = posixpath.split(top)
-        groups[parent].append(name)
-        if recursive:
-            for directory, names in by_directory(top, g.find(top)).items():
-                groups[directory] += names
-        else:
-            groups[top] += g.ls(top)
-    return groups
-
-
 def check_unlabeled(guest: Guest) -> Verdict:
     missing = []
     count = 0
-    for directory, names in _sample_names(guest.g).items():
+    for directory, names in label_sample((e.path for e in guest.files), LABEL_SAMPLE).items():
         count += len(names)
         missing += [posixpath.join(directory, name)
                     for name in unlabeled_names(names, guest.g.lxattrlist(directory, names))]
@@ -559,12 +550,11 @@ def check_liveimg(guest: Guest) -> Verdict:
     """The liveimg tarball, read as Anaconda lists it: every entry labeled, the same labels
     as the disk on key files, the image's kernel in boot/."""
     path = guest.directory / guest.info["liveimg"]
-    if not path.is_file():
+    if guest.tarball is None:
         return [f"{path} missing"], ""
-    paths = [p for p, _ in (*LABELS, *HOST_LABELS)
-             if p not in ("/proc", "/sys", "/dev", "/run", "/boot/efi") and guest.g.exists(p)]
+    paths = [p for p in LIVEIMG_LABELED if guest.g.exists(p)]
     try:
-        contents = liveimg.read(path, set(paths))
+        contents = guest.tarball.result()
     except (OSError, EOFError, tarfile.TarError) as error:
         return [f"{path.name}: not a readable gzip tarball: {error}"], ""
     problems = []
@@ -623,19 +613,26 @@ CHECKS = (
 
 
 def _run(check: Check, guest: Guest) -> CheckResult:
+    started = time.monotonic()
     try:
-        return _result(check.name, check.run(guest))
+        result = _result(check.name, check.run(guest))
     except CheckFailed as error:
-        return CheckResult(check.name, False, str(error))
+        result = CheckResult(check.name, False, str(error))
     except RuntimeError as error:  # from libguestfs: a missing file, an unreadable device
-        return CheckResult(check.name, False, f"error: {first_line(error)}")
+        result = CheckResult(check.name, False, f"error: {first_line(error)}")
+    return replace(result, seconds=round(time.monotonic() - started, 2))
 
 
-def run_checks(guest: Guest) -> list[CheckResult]:
+def run_checks(guest: Guest, timings: Timings | None = None) -> list[CheckResult]:
     wanted = [c for c in CHECKS if c.applies(guest.spec)]
     results = {}
     # The checks that read the disk's raw blocks still run when the root does not mount.
     unmounted = mount(guest, guest.root, "/")
+    if not unmounted:
+        # Several checks read the file list, the one walk of the whole tree: timed on its own, so
+        # each check's time is its own. If it fails, each check that reads it says why.
+        with contextlib.suppress(RuntimeError), step("check: list files", timings):
+            guest.files  # noqa: B018 (a cached property)
     for check in wanted:
         if check.needs_esp:
             continue

@@ -15,7 +15,7 @@ import struct
 import uuid
 import zlib
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -233,6 +233,20 @@ def by_directory(top: str, found: list[str]) -> dict[str, list[str]]:
     for relative in found:
         directory, name = posixpath.split(posixpath.join(top, relative.lstrip("/")))
         groups[directory].append(name)
+    return groups
+
+
+def label_sample(paths: Iterable[str], sample: Sequence[tuple[str, bool]]) -> dict[str, list[str]]:
+    """Directory -> names, for what `sample` picks out of a listing of the whole filesystem: each
+    (TOP, recursive) picks TOP itself and every path below it (recursive) or directly in it."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for top, _ in sample:
+        parent, name = posixpath.split(top)
+        groups[parent].append(name)
+    for path in paths:
+        directory, name = posixpath.split(path)
+        if any(directory == top or (recursive and directory.startswith(top + "/")) for top, recursive in sample):
+            groups[directory].append(name)
     return groups
 
 

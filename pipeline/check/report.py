@@ -15,6 +15,7 @@ class CheckResult:
     name: str
     passed: bool
     detail: str
+    seconds: float = 0.0  # how long it took, the appliance already up: where a check's time goes
 
 
 @dataclass
@@ -41,8 +42,8 @@ class Report:
 
 def format_table(results: list[CheckResult]) -> str:
     width = max([len("check"), *(len(r.name) for r in results)])
-    lines = [f"{'check':<{width}}  {'':4}  detail"]
-    lines += [f"{r.name:<{width}}  {'PASS' if r.passed else 'FAIL'}  {r.detail}" for r in results]
+    lines = [f"{'check':<{width}}  {'':4}  {'s':>4}  detail"]
+    lines += [f"{r.name:<{width}}  {'PASS' if r.passed else 'FAIL'}  {r.seconds:4.1f}  {r.detail}" for r in results]
     return "\n".join(lines)
 
 

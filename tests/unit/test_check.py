@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import check, spec
+from pipeline.check import checks
 from pipeline.check import report as reports
 from pipeline.check.checks import SHOWN, bridge_problems, leftover_problems, world_writable
 from pipeline.check.parsers import FileEntry, parse_ifupdown
@@ -84,17 +85,33 @@ def test_json_written_atomically(tmp_path):
     reports.write_json(report)
     saved = json.loads(report.json_path.read_text())
     assert saved["passed"] is False
-    assert saved["checks"][1] == {"name": "tuned", "passed": False, "detail": "inactive"}
+    assert saved["checks"][1] == {"name": "tuned", "passed": False, "detail": "inactive", "seconds": 0.0}
     assert saved["timings"] == {"check: launch appliance": 18.2}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["check.json"]
 
 
-def test_table_has_a_row_per_check():
-    table = reports.format_table([CheckResult("os", True, "debian 12"), CheckResult("selinux labels", False, "x")])
+def test_table_has_a_row_per_check_with_its_time():
+    table = reports.format_table([CheckResult("os", True, "debian 12", 0.04),
+                                  CheckResult("selinux labels", False, "x", 12.345)])
     lines = table.splitlines()
-    assert lines[0].startswith("check")
-    assert lines[1].split() == ["os", "PASS", "debian", "12"]
-    assert lines[2].split()[2] == "FAIL"
+    assert lines[0].split() == ["check", "s", "detail"]
+    assert lines[1].split() == ["os", "PASS", "0.0", "debian", "12"]
+    assert lines[2].split()[2:] == ["FAIL", "12.3", "x"]
+
+
+def _libguestfs_fails(guest):
+    raise RuntimeError("pread: No such file\nmore")
+
+
+@pytest.mark.parametrize("run, passed, detail", [
+    (lambda guest: ([], "fine"), True, "fine"),
+    (lambda guest: (["broken"], ""), False, "broken"),
+    (_libguestfs_fails, False, "error: pread: No such file"),
+])
+def test_each_check_is_timed_whatever_its_verdict(monkeypatch, run, passed, detail):
+    clock = iter([100.0, 101.25])
+    monkeypatch.setattr(checks.time, "monotonic", lambda: next(clock))
+    assert checks._run(checks.Check("x", run), None) == CheckResult("x", passed, detail, 1.25)
 
 
 def test_missing_bindings_name_the_debian_packages(monkeypatch):

@@ -16,6 +16,7 @@ from pipeline.check.parsers import (
     cloud_datasources,
     fstab_uuid,
     grub_linux_args,
+    label_sample,
     parse_env_file,
     parse_fstab,
     parse_gpt,
@@ -329,6 +330,15 @@ def test_unlabeled_names_from_lxattrlist():
 def test_unlabeled_names_short_answer():
     with pytest.raises(ValueError):
         unlabeled_names(["a", "b"], [{"attrname": "", "attrval": b"0\0"}])
+
+
+def test_label_sample_picks_tops_recursively_or_not():
+    paths = ["/etc", "/etc/passwd", "/etc/ssh", "/etc/ssh/sshd_config", "/etcetera/x", "/usr", "/usr/bin",
+             "/usr/bin/ls", "/usr/bin/x", "/usr/bin/x/y", "/var", "/var/lib", "/var/lib/dpkg",
+             "/var/lib/dpkg/status", "/tmp/z"]
+    sample = label_sample(paths, (("/etc", True), ("/usr/bin", False), ("/var/lib", False)))
+    assert sample == {"/": ["etc"], "/usr": ["bin"], "/var": ["lib"], "/etc": ["passwd", "ssh"],
+                      "/etc/ssh": ["sshd_config"], "/usr/bin": ["ls", "x"], "/var/lib": ["dpkg"]}
 
 
 def test_find_answers_are_grouped_by_directory():
