@@ -15,7 +15,7 @@ import stat
 import struct
 import tarfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 from .. import manifest, selinux
@@ -357,6 +357,16 @@ def check_selinux_config(guest: Guest) -> Verdict:
     return (problems, f"SELINUX={mode}, SELINUXTYPE=default, security=selinux")
 
 
+def label_problems(guest: Guest, table: Iterable[tuple[str, str | None]]) -> list[str]:
+    """Each path of the table whose SELinux type is not the one expected (None: no label)."""
+    problems = []
+    for path, expected in table:
+        found = selinux_type(guest.label(path))
+        if found != expected:
+            problems.append(f"{path}: {found or 'unlabeled'}, expected {expected or 'unlabeled (<<none>>)'}")
+    return problems
+
+
 def check_labels(guest: Guest) -> Verdict:
     """Runs before the ESP is mounted, so /boot/efi is the root filesystem's mountpoint."""
     table = list(LABELS)
@@ -364,10 +374,7 @@ def check_labels(guest: Guest) -> Verdict:
     problems = [] if daemon else [f"no tuned daemon at {' or '.join(TUNED_DAEMON)}"]
     if daemon:
         table.append((daemon, TUNED_DAEMON_TYPE))
-    for path, expected in table:
-        found = selinux_type(guest.label(path))
-        if found != expected:
-            problems.append(f"{path}: {found or 'unlabeled'}, expected {expected or 'unlabeled (<<none>>)'}")
+    problems += label_problems(guest, table)
     return (problems, f"{len(table)} key files carry refpolicy's types")
 
 
@@ -497,11 +504,7 @@ def check_enabled_units(guest: Guest) -> Verdict:
 
 
 def check_host_labels(guest: Guest) -> Verdict:
-    problems = []
-    for path, expected in HOST_LABELS:
-        found = selinux_type(guest.label(path))
-        if found != expected:
-            problems.append(f"{path}: {found or 'unlabeled'}, expected {expected}")
+    problems = label_problems(guest, HOST_LABELS)
     return (problems, f"libvirtd, qemu, OVS and the network agent: {len(HOST_LABELS)} labels as expected")
 
 
