@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pykickstart
 
-from . import bootloader, disk, inputs, layer, liveimg, manifest, netboot, profiles, selinux, tools
+from . import archive, bootloader, disk, inputs, layer, liveimg, manifest, netboot, profiles, selinux, tools
 from .artifacts import CHECK, Artifacts, artifacts_for
 from .errors import PipelineError
 from .inputs import PIPELINE_SOURCES
@@ -122,7 +122,7 @@ def profile_chain(spec: ImageSpec, cache_dir: Path) -> list[Path]:
     the directories of ours and the user's that it loads (tuned's built-ins ship with it)."""
     if not spec.tuned_profile:  # a netboot image runs no tuned
         return []
-    reference = profiles.reference(cache_dir)
+    reference = profiles.reference(archive.for_spec(spec, cache_dir), cache_dir)  # the image's release's tuned
     loaded = profiles.resolve(spec.tuned_profile, list(spec.profile_dirs), reference)
     builtin = set(reference.profiles.values())
     return [conf.parent for conf in loaded if conf not in builtin]

@@ -4,7 +4,8 @@ tuned itself never refuses a bad profile loudly: an unknown plugin is logged and
 skipped, an include loop is silently cut, and a profile that does not parse
 leaves the machine untuned. So we read the profile with tuned's own rules and
 its own reference data (built-in profiles, plugins), taken from the tuned .deb
-the image installs, and refuse it here with the file and line.
+the image installs (its release's, from its mirror: pipeline/archive.py), and
+refuse it here with the file and line.
 
 The rules mirrored are those of tuned 2.20.0's tuned/profiles/loader.py,
 locator.py, unit.py and variables.py; each is cited where it is used.
@@ -22,12 +23,15 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .archive import ReleaseArchive
 from .errors import CommandFailed, PipelineError
 from .paths import DEFAULT_CACHE
 from .run import run
 
 PACKAGE = "tuned"
-PROFILES_DIR = Path("usr/lib/tuned")  # consts.LOAD_DIRECTORIES[0], inside the .deb
+# Inside the .deb: tuned's built-in profiles. consts.SYSTEM_PROFILES_DIR since tuned 2.23
+# (trixie), consts.LOAD_DIRECTORIES[0] before (bookworm's 2.20).
+PROFILES_DIRS = (Path("usr/lib/tuned/profiles"), Path("usr/lib/tuned"))
 PLUGINS_DIR = Path("usr/lib/python3/dist-packages/tuned/plugins")
 MAIN = "main"  # consts.PLUGIN_MAIN_UNIT_NAME: profile options, not a plugin
 VARIABLES = "variables"  # loader.py:60-62 takes this unit out before plugins are made
@@ -61,43 +65,34 @@ class TunedReference:
 # --- reference data, from the tuned .deb (never installed: its daemon would retune the host)
 
 
-def _tool(argv: list[str | Path], what: str, **kwargs) -> str:
+def _tool(argv: list[str | Path], what: str) -> str:
     try:
-        # LC_ALL=C: we parse apt's output, which is translated otherwise.
-        return run(argv, capture=True, env={"LC_ALL": "C"}, **kwargs).stdout
+        return run(argv, capture=True).stdout
     except FileNotFoundError:
-        raise PipelineError(f"{what}: {argv[0]} not found; reading tuned's reference data needs a Debian host "
-                            "(apt, dpkg)") from None
+        raise PipelineError(f"{what}: {argv[0]} not found (Debian package dpkg)") from None
     except CommandFailed as error:
         raise PipelineError(f"{what}: {error}") from None
 
 
-def _apt_version() -> str:
-    out = _tool(["apt-cache", "policy", PACKAGE], f"cannot ask apt which {PACKAGE} version it has")
-    match = re.search(r"^\s*Candidate:\s*(\S+)", out, re.MULTILINE)
-    if not match or match[1] == "(none)":
-        raise PipelineError(f"apt-cache policy {PACKAGE}: apt knows no candidate version of {PACKAGE} "
-                            "(is Debian's main archive in the apt sources, and has apt-get update run?)")
-    return match[1]
-
-
 def _read_reference(version: str, root: Path) -> TunedReference:
-    profiles = {conf.parent.name: conf for conf in sorted((root / PROFILES_DIR).glob("*/tuned.conf"))}
+    profiles_dir = next((d for d in PROFILES_DIRS if (root / d).is_dir()), PROFILES_DIRS[-1])
+    profiles = {conf.parent.name: conf for conf in sorted((root / profiles_dir).glob("*/tuned.conf"))}
     plugins = frozenset(p.stem.removeprefix("plugin_") for p in (root / PLUGINS_DIR).glob("plugin_*.py"))
     if not profiles or not plugins:
-        raise PipelineError(f"{root}: no built-in profiles in {PROFILES_DIR} or no plugins in {PLUGINS_DIR}; "
+        raise PipelineError(f"{root}: no built-in profiles in {profiles_dir} or no plugins in {PLUGINS_DIR}; "
                             f"has the {PACKAGE} package's layout changed? (remove {root} to extract it again)")
     return TunedReference(version=version, profiles=profiles, plugins=plugins)
 
 
-def reference(cache_dir: Path = DEFAULT_CACHE, version: str | None = None) -> TunedReference:
-    """tuned's built-in profiles and plugins, from the .deb that apt would install.
+def reference(archive: ReleaseArchive, cache_dir: Path = DEFAULT_CACHE, version: str | None = None) -> TunedReference:
+    """tuned's built-in profiles and plugins, from the .deb an image of the archive's release installs.
 
-    version defaults to apt's candidate (this host is Debian 12, like the image).
-    The package is extracted once into cache_dir/tuned-VERSION; later calls only
-    ask apt-cache (no network) and read that directory.
+    version defaults to that release's candidate, asked of its own package index (not the
+    build host's apt: a Debian 12 host would name bookworm's tuned for a trixie image).
+    The package is extracted once into cache_dir/tuned-VERSION; later calls read that
+    directory, and need no network while the release's index is fresh.
     """
-    version = version or _apt_version()
+    version = version or archive.candidate(PACKAGE)
     root = Path(cache_dir) / f"{PACKAGE}-{version}"
     if root.is_dir():
         return _read_reference(version, root)
@@ -106,16 +101,11 @@ def reference(cache_dir: Path = DEFAULT_CACHE, version: str | None = None) -> Tu
     # that exists is always complete, even after an interrupt or a concurrent run.
     work = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
     try:
-        _tool(["apt-get", "download", f"{PACKAGE}={version}"], f"cannot download {PACKAGE} {version} "
-              "with apt-get download (no network, or the archive no longer has that version?)",
-              cwd=work, timeout=600)
-        debs = list(work.glob(f"{PACKAGE}_*.deb"))
-        if len(debs) != 1:
-            raise PipelineError(f"apt-get download {PACKAGE}={version} left {len(debs)} .deb files in {work}")
-        found = _tool(["dpkg-deb", "-f", debs[0], "Version"], f"cannot read {debs[0].name}").strip()
+        deb = archive.download(PACKAGE, version, work)
+        found = _tool(["dpkg-deb", "-f", deb, "Version"], f"cannot read {deb.name}").strip()
         if found != version:
-            raise PipelineError(f"{debs[0].name}: is {PACKAGE} {found}, not the {version} apt-cache named")
-        _tool(["dpkg-deb", "-x", debs[0], work / "root"], f"cannot extract {debs[0].name}")
+            raise PipelineError(f"{deb.name}: is {PACKAGE} {found}, not the {version} apt-cache named")
+        _tool(["dpkg-deb", "-x", deb, work / "root"], f"cannot extract {deb.name}")
         try:
             (work / "root").rename(root)
         except OSError:

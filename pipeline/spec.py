@@ -22,6 +22,9 @@ from .profiles import SAFE_NAME
 from .selinux import element_closure
 
 DISTRO_ELEMENT = {"debian": "debian-minimal"}
+# The Debian releases our elements and policy modules are proven on, with their major version
+# (/etc/os-release's VERSION_ID). Another release is refused rather than half working.
+DEBIAN_RELEASES = {"bookworm": "12", "trixie": "13"}
 # The element that makes a KVM host: libvirt, and OVS bridges from `bridges`.
 HOST_ELEMENT = "kvm-host"
 # Every pattern here validates a whole value: use fullmatch (match with `$` lets a trailing newline through).
@@ -183,7 +186,10 @@ def _distro(value: Any, _ctx) -> str:
 
 def _release(value: Any, _ctx) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"[a-z]+", value):
-        raise ValueError(f"release must be a code name such as 'bookworm', not {value!r}")
+        raise ValueError(f"release must be a code name such as 'trixie', not {value!r}")
+    if value not in DEBIAN_RELEASES:
+        supported = ", ".join(f"{name} (Debian {major})" for name, major in DEBIAN_RELEASES.items())
+        raise ValueError(f"unsupported release {value!r}; supported: {supported}")
     return value
 
 

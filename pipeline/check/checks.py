@@ -22,7 +22,7 @@ from .. import manifest, selinux
 from ..manifest import parse_dpkg_status
 from ..progress import Timings, step
 from ..selinux import element_closure
-from ..spec import ImageSpec
+from ..spec import DEBIAN_RELEASES, ImageSpec
 from .elements import enabled_units, required_packages
 from .parsers import (
     GPT_BIOS_BOOT,
@@ -65,7 +65,6 @@ HOST_LABELS: tuple[tuple[str, str], ...] = (
 UNIT_DIRS = ("/etc/systemd/system", "/usr/lib/systemd/system", "/lib/systemd/system")
 OVS_INTERFACES = "/etc/network/interfaces.d/ovs-bridges"
 POLICY_MODULES = "/var/lib/selinux/default/active/modules/400"  # semodule's default priority
-DEBIAN_MAJOR = {"buster": "10", "bullseye": "11", "bookworm": "12", "trixie": "13"}
 DATASOURCES = ("NoCloud", "ConfigDrive", "OpenStack")
 
 # Expected SELinux types, as Debian's refpolicy file_contexts give them and setfiles
@@ -200,7 +199,7 @@ def check_os(guest: Guest) -> Verdict:
     problems = []
     if release.get("ID") != spec.distro:
         problems.append(f"ID={release.get('ID')!r}, expected {spec.distro!r}")
-    expected_major = DEBIAN_MAJOR.get(spec.release)
+    expected_major = DEBIAN_RELEASES.get(spec.release)
     if expected_major and release.get("VERSION_ID", "").split(".")[0] != expected_major:
         problems.append(f"VERSION_ID={release.get('VERSION_ID')!r}, expected {expected_major} for {spec.release}")
     if release.get("VERSION_CODENAME") != spec.release:
@@ -328,8 +327,10 @@ def check_tuned(guest: Guest) -> Verdict:
     mode = (guest.text_if_readable("/etc/tuned/profile_mode") or "").strip() or None
     if mode != "manual":
         problems.append(f"/etc/tuned/profile_mode is {mode!r}, expected 'manual'")
-    if not g.is_file(f"/etc/tuned/{profile}/tuned.conf"):
-        problems.append(f"/etc/tuned/{profile}/tuned.conf missing")
+    # tuned 2.23 (trixie) reads the administrator's profiles from /etc/tuned/profiles, 2.20 from /etc/tuned.
+    ours = "/etc/tuned/profiles" if g.is_dir("/usr/lib/tuned/profiles") else "/etc/tuned"
+    if not g.is_file(f"{ours}/{profile}/tuned.conf"):
+        problems.append(f"{ours}/{profile}/tuned.conf missing")
     link = "/etc/systemd/system/multi-user.target.wants/tuned.service"
     # realpath resolves inside the guest's root, so the unit's absolute target is found there.
     if not g.is_symlink(link):

@@ -1,25 +1,38 @@
-"""tuned profiles are checked against the real tuned .deb; each bad one is refused by file and line.
+"""tuned profiles are checked against the real tuned .deb of the image's release; each bad one
+is refused by file and line.
 
-The reference data comes from `apt-get download tuned` the first time (then from
-the cache): without it these tests fail, on purpose, rather than skip.
+The reference data comes from each release's own package index and `apt-get download tuned`
+the first time (then from the cache, which ./inv fills at set-up): without it these tests
+fail, on purpose, rather than skip. Every profile test runs against both releases' tuned.
 """
 
+import os
+import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 
-from pipeline import profiles
+from pipeline import archive, profiles
 from pipeline.errors import CommandFailed, PipelineError
 from pipeline.paths import DEFAULT_CACHE, PROFILES
+from pipeline.spec import Mirrors
 
-VERSION = "2.20.0-1"  # Debian 12's tuned, as in the image
+# Each release's tuned, as in its image. trixie's (2.23+) moved the built-in profiles to
+# usr/lib/tuned/profiles and added plugins.
+TUNED = {"bookworm": "2.20.0-1", "trixie": "2.25.1-1"}
+MIRRORS = Mirrors()
 
 
-@pytest.fixture(scope="module")
-def ref() -> profiles.TunedReference:
-    return profiles.reference(DEFAULT_CACHE)
+def release_archive(release: str, cache_dir: Path = DEFAULT_CACHE) -> archive.ReleaseArchive:
+    return archive.release_archive(release, MIRRORS.debian, MIRRORS.security, cache_dir)
+
+
+@pytest.fixture(scope="module", params=sorted(TUNED))
+def ref(request) -> profiles.TunedReference:
+    return profiles.reference(release_archive(request.param))
 
 
 def profile(root: Path, name: str, text: str) -> Path:
@@ -38,39 +51,125 @@ def refused(name: str, dirs: list[Path], ref) -> str:
     return message
 
 
-def test_reference_comes_from_the_tuned_deb(ref):
-    assert ref.version == VERSION
-    root = DEFAULT_CACHE / f"tuned-{VERSION}"
-    assert ref.profiles["virtual-guest"] == root / "usr/lib/tuned/virtual-guest/tuned.conf"
-    assert len(ref.profiles) == 37 and "recommend.d" not in ref.profiles
-    assert len(ref.plugins) == 21
+@pytest.mark.parametrize("release, builtin, count, plugins", [
+    ("bookworm", "usr/lib/tuned", 37, 21),
+    # trixie's own tuned, whatever the build host has: 2.23 moved the built-in profiles.
+    ("trixie", "usr/lib/tuned/profiles", 39, 24),
+])
+def test_reference_comes_from_the_releases_tuned_deb(release, builtin, count, plugins):
+    ref = profiles.reference(release_archive(release))
+    assert ref.version == TUNED[release]
+    root = DEFAULT_CACHE / f"tuned-{ref.version}"
+    assert ref.profiles["virtual-guest"] == root / builtin / "virtual-guest/tuned.conf"
+    assert len(ref.profiles) == count and not {"recommend.d", "functions"} & set(ref.profiles)
+    assert len(ref.plugins) == plugins
     assert {"sysctl", "vm", "disk", "bootloader", "script", "scsi_host"} <= ref.plugins
     assert "variables" not in ref.plugins  # a loader section, not a plugin
+
+
+def test_trixie_has_plugins_bookworm_lacks():
+    new = profiles.reference(release_archive("trixie")).plugins
+    assert new - profiles.reference(release_archive("bookworm")).plugins == {"acpi", "irq", "uncore"}
+
+
+def test_a_plugin_is_known_only_to_the_release_that_has_it(tmp_path):
+    # tuned 2.21 added the irq plugin: fine for a trixie image, an error for a bookworm one.
+    conf = profile(tmp_path, "p", "[main]\ninclude=virtual-guest\n[irq]\ndefault_irq_smp_affinity=ignore\n")
+    profiles.validate_profile("p", [tmp_path], profiles.reference(release_archive("trixie")))
+    message = refused("p", [tmp_path], profiles.reference(release_archive("bookworm")))
+    assert message.startswith(f"{conf}:3: section [irq] is no tuned {TUNED['bookworm']} plugin ")
 
 
 def test_reference_is_extracted_once(ref, monkeypatch):
     calls = []
     real_run = profiles.run
+    monkeypatch.setattr(archive, "run", lambda argv, **kw: calls.append(argv) or real_run(argv, **kw))
     monkeypatch.setattr(profiles, "run", lambda argv, **kw: calls.append(argv) or real_run(argv, **kw))
-    assert profiles.reference(DEFAULT_CACHE) == ref
-    assert calls == [["apt-cache", "policy", "tuned"]]
+    release = next(r for r, v in TUNED.items() if v == ref.version)
+    assert profiles.reference(release_archive(release)) == ref
+    # The fresh index is read, not fetched again; the cached extraction is used as it is.
+    assert [argv[0] for argv in calls] == ["apt-cache"] and calls[0][-2:] == ["policy", "tuned"]
 
 
-def test_apt_failure_is_a_pipeline_error(tmp_path, monkeypatch):
+def fake_apt(monkeypatch, calls: list, returncode: int = 0, stderr: str = "", stdout: str = ""):
+    """apt as pipeline/run.py would run it, answering every command the same way."""
     def fake_run(argv, **kw):
-        raise CommandFailed(argv, 100, "E: Failed to fetch tuned_2.20.0-1_all.deb")
+        calls.append([str(a) for a in argv])
+        if returncode and kw.get("check", True):
+            raise CommandFailed(argv, returncode, stderr.strip().splitlines()[-1])
+        return subprocess.CompletedProcess(argv, returncode, stdout, stderr)
+    monkeypatch.setattr(archive, "run", fake_run)
     monkeypatch.setattr(profiles, "run", fake_run)
+
+
+def test_index_is_private_to_the_release_and_its_mirrors(tmp_path, monkeypatch):
+    calls: list = []
+    fake_apt(monkeypatch, calls, stdout="tuned:\n  Installed: (none)\n  Candidate: 2.25.1-1\n")
+    mine = archive.release_archive("trixie", "https://mirror.example/debian", "https://mirror.example/sec", tmp_path)
+    assert mine.candidate("tuned") == "2.25.1-1"
+    assert mine.root.parent == tmp_path / "apt-index" and mine.root.name.startswith("trixie-")
+    assert mine.root != release_archive("trixie", tmp_path).root  # other mirrors, another index
+    assert (mine.root / "sources.list").read_text() == (
+        "deb https://mirror.example/debian trixie main\n"
+        "deb https://mirror.example/debian trixie-updates main\n"
+        "deb https://mirror.example/sec trixie-security main\n")
+    update, policy = calls
+    assert update[0] == "apt-get" and update[-3:] == ["-q", "--error-on=any", "update"]
+    assert policy[0] == "apt-cache" and policy[-2:] == ["policy", "tuned"]
+    for argv in calls:  # none of the host's sources, pins or installed packages
+        options = dict(o.split("=", 1) for o in argv[2:-2:2] if "=" in o)
+        assert options["Dir::Etc::SourceList"] == str(mine.root / "sources.list")
+        assert options["Dir::Etc::SourceParts"] == options["Dir::Etc::PreferencesParts"] == "/dev/null"
+        assert options["Dir::State::Lists"] == str(mine.root / "lists")
+        assert options["Dir::State::status"] == str(mine.root / "status")
+    assert (mine.root / "status").read_text() == ""
+
+
+def test_a_stale_index_is_fetched_again(tmp_path, monkeypatch):
+    calls: list = []
+    fake_apt(monkeypatch, calls)
+    mine = release_archive("trixie", tmp_path)
+    mine.update()
+    mine.update()
+    assert len(calls) == 1
+    old = time.time() - archive.MAX_AGE - 1
+    os.utime(mine.root / "updated", (old, old))
+    mine.update()
+    assert len(calls) == 2
+
+
+def test_unreachable_mirror_is_one_line_naming_the_url(tmp_path, monkeypatch):
+    # Real apt against a port where nothing listens: refused at once, no network needed.
+    monkeypatch.setattr(archive, "RETRIES", 0)  # apt's retries back off for seconds
+    dead = archive.release_archive("trixie", "http://127.0.0.1:9/debian", "http://127.0.0.1:9/security", tmp_path)
     with pytest.raises(PipelineError) as caught:
-        profiles.reference(tmp_path, version=VERSION)
-    assert str(caught.value).startswith(f"cannot download tuned {VERSION} with apt-get download ")
-    assert "apt-get download tuned=2.20.0-1: E: Failed to fetch" in str(caught.value)
-    assert list(tmp_path.iterdir()) == []  # no half-extracted cache left behind
+        profiles.reference(dead, tmp_path)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith("cannot read Debian trixie's package index: mirror unreachable: http://127.0.0.1:9/")
+    assert "/dists/trixie" in message
+    assert not (dead.root / "updated").exists()  # the next build tries again
+    assert [p.name for p in tmp_path.iterdir()] == ["apt-index"]  # no tuned extraction begun
 
 
-def test_apt_without_candidate(tmp_path, monkeypatch):
-    monkeypatch.setattr(profiles, "run", lambda argv, **kw: type("R", (), {"stdout": "tuned:\n  Candidate: (none)\n"}))
-    with pytest.raises(PipelineError, match=r"^apt-cache policy tuned: apt knows no candidate version of tuned"):
-        profiles.reference(tmp_path)
+def test_download_failure_is_a_pipeline_error(tmp_path, monkeypatch):
+    version = TUNED["bookworm"]
+    mine = release_archive("bookworm", tmp_path)
+    mine.root.mkdir(parents=True)
+    (mine.root / "updated").touch()  # a fresh index: only the download runs
+    calls: list = []
+    fake_apt(monkeypatch, calls, returncode=100, stderr=f"E: Failed to fetch tuned_{version}_all.deb\n")
+    with pytest.raises(PipelineError) as caught:
+        profiles.reference(mine, tmp_path, version=version)
+    assert str(caught.value).startswith(f"cannot download tuned {version} of Debian bookworm from {MIRRORS.debian}: ")
+    assert f"download tuned={version}: E: Failed to fetch" in str(caught.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["apt-index"]  # no half-extracted cache left behind
+
+
+def test_release_without_tuned(tmp_path, monkeypatch):
+    fake_apt(monkeypatch, [], stdout="tuned:\n  Installed: (none)\n  Candidate: (none)\n")
+    with pytest.raises(PipelineError, match=r"^Debian trixie has no package tuned in http://deb.debian.org/debian "):
+        profiles.reference(release_archive("trixie", tmp_path), tmp_path)
 
 
 def test_our_kvm_guest_profile_validates(ref):
@@ -110,7 +209,7 @@ def test_unknown_include(tmp_path, ref):
         """)
     assert refused("p", [tmp_path], ref) == (
         f"{conf}:3: include=virtual-gust: unknown profile: no virtual-gust/tuned.conf in {tmp_path}, "
-        f"and tuned {VERSION} has no built-in profile 'virtual-gust' (did you mean 'virtual-guest'?)")
+        f"and tuned {ref.version} has no built-in profile 'virtual-gust' (did you mean 'virtual-guest'?)")
 
 
 def test_include_names_are_split_on_comma_not_space(tmp_path, ref):
@@ -174,9 +273,9 @@ def test_unknown_plugin_section(tmp_path, ref):
         vm.swappiness=${swappiness}
         """)
     message = refused("p", [tmp_path], ref)
-    assert message.startswith(f"{conf}:6: section [sysctls] is no tuned {VERSION} plugin "
-                              "(set type=PLUGIN for a named instance); known plugins: audio, bootloader, ")
-    assert message.endswith(", usb, video, vm")
+    assert message.startswith(f"{conf}:6: section [sysctls] is no tuned {ref.version} plugin "
+                              "(set type=PLUGIN for a named instance); known plugins: ")
+    assert message.endswith(f"known plugins: {', '.join(sorted(ref.plugins))}")
 
 
 def test_type_names_unknown_plugin(tmp_path, ref):
@@ -191,14 +290,14 @@ def test_type_names_unknown_plugin(tmp_path, ref):
         type = disks   # the last value wins (strict=False), so this line is the one
         """)
     message = refused("p", [tmp_path], ref)
-    assert message.startswith(f"{conf}:6: [data_disk] type=disks names no tuned {VERSION} plugin; "
-                              "known plugins: audio, ")
+    assert message.startswith(f"{conf}:6: [data_disk] type=disks names no tuned {ref.version} plugin; "
+                              "known plugins: ")
 
 
 def test_unknown_plugin_in_an_included_profile(tmp_path, ref):
     profile(tmp_path, "a", "[main]\ninclude=b\n")
     conf = profile(tmp_path, "b", "[main]\n[cpus]\ngovernor=performance\n")
-    assert refused("a", [tmp_path], ref).startswith(f"{conf}:2: section [cpus] is no tuned {VERSION} plugin ")
+    assert refused("a", [tmp_path], ref).startswith(f"{conf}:2: section [cpus] is no tuned {ref.version} plugin ")
 
 
 def test_include_with_a_variable(tmp_path, ref):
@@ -211,7 +310,7 @@ def test_include_with_a_variable(tmp_path, ref):
 def test_missing_profile(tmp_path, ref):
     assert refused("nope", [tmp_path, PROFILES], ref) == (
         f"tuned profile 'nope' not found: no nope/tuned.conf in {tmp_path}, {PROFILES}, "
-        f"and tuned {VERSION} has no built-in profile 'nope'")
+        f"and tuned {ref.version} has no built-in profile 'nope'")
 
 
 @pytest.mark.parametrize("name", ["a b", "virtual-host\n", "../x"])
@@ -231,7 +330,8 @@ EDGE_CASES = [
 def tuned_modules(ref, monkeypatch):
     """tuned's own Python package, from the .deb: importing it runs nothing."""
     monkeypatch.setattr(sys, "dont_write_bytecode", True)  # keep the cache as dpkg-deb left it
-    monkeypatch.syspath_prepend(str(ref.profiles["balanced"].parents[2] / "python3/dist-packages"))
+    lib = next(p for p in ref.profiles["balanced"].parents if p.name == "lib")  # usr/lib in the .deb
+    monkeypatch.syspath_prepend(str(lib / "python3/dist-packages"))
     yield
     for name in [m for m in sys.modules if m == "tuned" or m.startswith("tuned.")]:
         del sys.modules[name]

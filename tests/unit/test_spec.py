@@ -58,6 +58,7 @@ BAD = [
     ('mirrors = { debian = "ftp:/nowhere" }', "mirrors", "not an http"),
     ('mirrors = { fedora = "http://x" }', "mirrors", "unknown mirror"),
     ('release = 12', "release", "code name"),
+    ('release = "bullseye"', "release", "unsupported release 'bullseye'; supported: bookworm (Debian 12), trixie"),
     ('bridges = [{ name = "br-int" }]', "bridges", "needs the kvm-host element"),
     ('tuned_profile = "../profiles/kvm-guest"', "tuned_profile", "invalid tuned profile name"),
     # A trailing newline passed `re.match(...$)`: each pattern must match the whole value.
