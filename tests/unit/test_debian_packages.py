@@ -1,4 +1,5 @@
-"""debian-packages.txt works on a Debian 12 and on a Debian 13 build host.
+"""debian-packages.txt works on a Debian 12 and on a Debian 13 build host, and every package an
+image installs is in that image's release.
 
 Each release's package index is read the way pipeline/archive.py reads an image's (apt with a
 private state, fetched once a day into the cache): every name that ./inv installs must be a real
@@ -10,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from pipeline import archive, tools
-from pipeline.paths import DEFAULT_CACHE, ROOT
+from pipeline import spec as specs
+from pipeline.check.elements import required_packages
+from pipeline.paths import DEFAULT_CACHE, ROOT, SPEC_FILE
 from pipeline.run import run
 from pipeline.spec import Mirrors
 
@@ -65,3 +68,12 @@ def test_host_files_are_in_their_packages(release):
                     for line in run(["dpkg-deb", "-c", deb], capture=True).stdout.splitlines()}
         missing += [f"{package} {version}: {path}" for path in paths if path not in contents]
     assert missing == []
+
+
+@pytest.mark.parametrize("image", sorted(specs.load(SPEC_FILE).images))
+def test_every_image_package_exists_in_its_release(image):
+    # The elements' package-installs.yaml and the spec's packages, for the spec's own release
+    # and mirrors: a name gone from trixie fails here, not minutes into DIB.
+    spec = specs.load(SPEC_FILE).get(image)
+    names = archive.for_spec(spec).package_names()
+    assert [name for name in required_packages(spec) if name not in names] == []
