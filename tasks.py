@@ -472,3 +472,121 @@ def ci(c, spec_file=None, output_dir=str(DEFAULT_OUTPUT), cache_dir=str(DEFAULT_
 
 
 namespace.add_task(ci)
+
+
+# --- everyday use: ./inv vm, ./inv ssh, ./inv shell, ./inv status (pipeline/devvm.py, pipeline/status.py)
+
+
+def _built_disk(image: str, spec_file: str | None, output_dir: str, what: str):
+    from pipeline.artifacts import artifacts_for
+
+    spec = _disk_image(_spec(image, spec_file), what)
+    return spec, artifacts_for(spec, Path(output_dir))
+
+
+@task(positional=["image"], auto_shortflags=False, help={
+    **COMMON_HELP,
+    "image": "image name from the spec file; with --stop also `all` (every VM of --output-dir)",
+    "firmware": "bios (SeaBIOS, the default) or uefi (OVMF)",
+    "key": "the SSH public key the default user gets (default: the first of ~/.ssh/id_ed25519.pub, "
+           "~/.ssh/id_ecdsa.pub, ~/.ssh/id_rsa.pub); ./inv ssh logs in with its private half (or an agent's)",
+    "port": "the loopback port forwarded to the VM's SSH (default: a free one); a port in use is refused",
+    "detach": "boot in the background: return once SSH answers, printing how to log in; "
+              "./inv vm --stop IMAGE powers it off",
+    "stop": "power off the image's VM (started with --detach, or attached in another terminal) and remove "
+            "its overlay, seed and state directory"})
+@user_errors
+def vm(c, image, spec_file=None, output_dir=str(DEFAULT_OUTPUT), firmware="bios", key=None, port=None,
+       detach=False, stop=False):
+    """Boot a throw-away copy of a built image in QEMU and log into it with your own SSH key.
+
+    The VM runs on a qcow2 overlay (the artifact is never written) with a NoCloud seed that gives
+    the image's default cloud user (debian) your public key; SSH is forwarded from 127.0.0.1:PORT;
+    KVM where it really works, TCG otherwise. Attached (the default), the serial console is this
+    terminal: Ctrl-A x or Ctrl-C powers the VM off and removes the overlay and seed. With --detach
+    it keeps running (its state in build/IMAGE/vm/) until ./inv vm --stop IMAGE; ./inv ssh IMAGE logs in.
+    """
+    from pipeline import devvm
+    from pipeline.qemu import Firmware
+
+    if stop:
+        if image == "all":
+            stopped = devvm.stop_all(Path(output_dir))
+            print(f"stopped: {', '.join(stopped)}" if stopped else f"no VM running in {output_dir}")
+            return
+        spec, art = _built_disk(image, spec_file, output_dir, "stop")
+        print(f"{spec.name}: powered off, {devvm.state_dir(art)} removed" if devvm.stop(art)
+              else f"{spec.name}: no VM running")
+        return
+    if firmware not in tuple(Firmware):
+        raise Exit(f"error: --firmware is bios or uefi, not {firmware!r}", code=1)
+    if port is not None and not str(port).isdigit():
+        raise Exit(f"error: --port is a number, not {port!r}", code=1)
+    spec, art = _built_disk(image, spec_file, output_dir, "boot")
+    started = devvm.start(spec, art, firmware=Firmware(firmware), key=key, port=int(port) if port else None,
+                          detach=detach)
+    if started is not None:
+        print(f"{spec.name} is running (QEMU pid {started.pid}); log in with\n"
+              f"  ./inv ssh {spec.name}\n  {started.plain_ssh()}\n"
+              f"power it off with\n  ./inv vm --stop {spec.name}")
+
+
+@task(name="ssh", positional=["image"], help={**COMMON_HELP, "image": "the image whose VM (./inv vm) to log into"})
+@user_errors
+def ssh_(c, image, spec_file=None, output_dir=str(DEFAULT_OUTPUT)):
+    """Log into the image's running VM (./inv vm) as its default cloud user; `-- CMD ARGS` runs a
+    command there instead, as ssh does: ./inv ssh guest-image -- getenforce.
+
+    Uses the private half of the key given to ./inv vm (or an ssh-agent's). Exits with the
+    command's (or the login's) exit status."""
+    from pipeline import devvm
+
+    _, art = _built_disk(image, spec_file, output_dir, "log into")
+    status = devvm.ssh(art, c.remainder or None)
+    if status:
+        raise Exit(code=status)
+
+
+@task(positional=["image"], help={**COMMON_HELP, "rw": "writable, on a throw-away overlay removed afterwards "
+                                                        "(the artifact is never written)"})
+@user_errors
+def shell(c, image, spec_file=None, output_dir=str(DEFAULT_OUTPUT), rw=False):
+    """Open a built image's file systems with libguestfs's guestfish, without booting it:
+    read-only on the artifact, or --rw on a throw-away overlay.
+
+    They are mounted as the image mounts them; guestfish's `help` lists its commands (cat, ls,
+    ll, find, download, edit with --rw, ...). Commands are read from the terminal, or from stdin:
+    echo 'cat /etc/os-release' | ./inv shell guest-image. Exits with guestfish's status."""
+    from pipeline import devvm
+
+    spec, art = _built_disk(image, spec_file, output_dir, "open")
+    status = devvm.shell(spec, art, writable=rw)
+    if status:
+        raise Exit(code=status)
+
+
+@task(iterable=["ssh_option"], auto_shortflags=False, help={
+    "spec-file": f"image spec file (default {SPEC_FILE.name})",
+    "output-dir": f"where the images are built (default {DEFAULT_OUTPUT.name}/)",
+    "target": f"the publish target to look at, as for ./inv publish (default {DEFAULT_OUTPUT.name}/publish)",
+    "ssh-option": "an ssh -o option for a remote target (repeatable)",
+    "json": "print the status as JSON, for scripts"})
+@user_errors
+def status(c, spec_file=None, output_dir=str(DEFAULT_OUTPUT), target=str(DEFAULT_OUTPUT / "publish"),
+           ssh_option=None, json=False):
+    """Every image of the spec file at a glance: its built version; up to date, or why a build would
+    rebuild it (the build's own rule); whether the offline check and the boot test passed on this
+    very artifact; the version `latest` names on the publish target, and where; sizes; a running VM.
+
+    Reasons given in a word in the table are spelled out below it."""
+    from pipeline import status as report
+
+    loaded = specs.load(Path(spec_file) if spec_file else SPEC_FILE)
+    statuses = report.collect(list(loaded.images.values()), Path(output_dir), target, ssh_option or [])
+    print(report.to_json(statuses) if json else report.table(statuses))
+
+
+namespace.add_task(vm)
+namespace.add_task(ssh_)
+namespace.add_task(shell)
+namespace.add_task(status)

@@ -95,12 +95,14 @@ def uplink_nics(count: int) -> list[str]:
 RNG = ["-device", "virtio-rng-pci"]
 
 
-def command(name: str, *, firmware: Firmware, memory_mib: int, console: Path, workdir: Path,
+def command(name: str, *, firmware: Firmware, memory_mib: int, console: Path | None, workdir: Path,
             devices: Sequence[str | Path] = (), cpus: int | None = None, pidfile: Path | None = None,
             reboot: bool = True, accel: tuple[str, str] | None = None) -> list[str]:
     """The argv of a q35 VM named NAME: DEVICES (disks, NICs, ...) in the order given, the serial
     console written to CONSOLE, the firmware's variable store copied into WORKDIR.
 
+    console: None puts the serial console on QEMU's own terminal instead (stdio, with QEMU's
+    escape keys: Ctrl-A x quits, Ctrl-A h lists the others).
     cpus: None for QEMU's default (one). reboot: False makes a guest's reboot or panic end QEMU.
     accel: (accelerator, cpu model); None for this machine's (accelerator()).
     """
@@ -112,7 +114,7 @@ def command(name: str, *, firmware: Firmware, memory_mib: int, console: Path, wo
     argv += ["-m", str(memory_mib), "-nodefaults", "-display", "none", "-monitor", "none"]
     if not reboot:
         argv.append("-no-reboot")
-    argv += ["-serial", f"file:{console}"]
+    argv += ["-serial", "mon:stdio" if console is None else f"file:{console}"]
     if pidfile is not None:
         argv += ["-pidfile", str(pidfile)]
     return argv + [str(arg) for arg in devices] + firmware_argv(firmware, workdir)

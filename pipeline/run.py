@@ -232,6 +232,52 @@ def spawn(argv: Argv, *, log: Path, env: dict[str, str] | None = None,
         _stop_group(proc, grace)
 
 
+def attach(argv: Argv, *, env: dict[str, str] | None = None) -> int:
+    """Run an interactive command on this terminal (a VM's serial console, ssh, guestfish) until it
+    ends, and return its exit status.
+
+    It inherits stdin, stdout and stderr and stays in the terminal's process group, so the terminal's
+    Ctrl-C reaches it and it decides what that means (ssh passes it on, QEMU powers off). Meanwhile
+    this process only passes SIGINT, SIGTERM and SIGHUP on to it, waits for it, and then raises a
+    SIGTERM or SIGHUP that came (a cancelled job); a Ctrl-C was the child's to answer."""
+    command = [str(arg) for arg in argv]
+    _debug(command)
+    noted: list[int] = []
+    proc: subprocess.Popen | None = None
+
+    def pass_on(signum, frame):
+        noted.append(signum)
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signum)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {signum: signal.signal(signum, pass_on) for signum in STOP_SIGNALS}
+    try:
+        # A caught signal's handler is reset by exec: the child gets the default ones.
+        proc = subprocess.Popen(command, env=clean_env(env))
+        returncode = proc.wait()
+    finally:
+        if proc is not None and proc.poll() is None:  # not started whole, or an error here
+            _stop_group_member(proc)
+        for stop_signal, handler in previous.items():
+            signal.signal(stop_signal, handler)
+    for came in noted:
+        if came != signal.SIGINT:
+            signal.raise_signal(came)
+    return returncode
+
+
+def _stop_group_member(proc: subprocess.Popen, grace: float = 10) -> None:
+    """SIGTERM a child that shares our process group, then SIGKILL; reap it."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def ended(proc: subprocess.Popen) -> str | None:
     """None while proc runs; once it has ended, how: "exit 1", "killed by SIGKILL"."""
     returncode = proc.poll()

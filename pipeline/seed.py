@@ -39,9 +39,9 @@ def _fat_volume(image: Path, label: str, files: dict[str, str]) -> None:
             run(["mcopy", "-i", image, source, f"::/{path}"])
 
 
-def nocloud_seed(image: Path, user_data: str) -> None:
+def nocloud_seed(image: Path, user_data: str, hostname: str = "boot-test") -> None:
     """cloud-init's NoCloud seed: a volume labeled CIDATA with meta-data and user-data."""
-    meta_data = f"instance-id: boot-test-{uuid.uuid4()}\nlocal-hostname: boot-test\n"
+    meta_data = f"instance-id: {hostname}-{uuid.uuid4()}\nlocal-hostname: {hostname}\n"
     _fat_volume(image, "CIDATA", {"meta-data": meta_data, "user-data": user_data})
 
 

@@ -10,6 +10,7 @@ import json
 import shlex
 import socket
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +45,57 @@ def new_ssh_key(path: Path, comment: str) -> str:
     """A fresh passwordless ed25519 key pair at PATH (and PATH.pub); returns the public key."""
     run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", path])
     return path.with_suffix(".pub").read_text().strip()
+
+
+def make_overlay(image: Path, overlay: Path, size: int | None = None) -> Path:
+    """A qcow2 OVERLAY over IMAGE, which stays its read-only backing file: every write of the VM
+    (or of guestfish) goes to the overlay. SIZE: its virtual size (default the image's)."""
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", image, "-F", "qcow2", overlay,
+         *([str(size)] if size is not None else [])])
+    return overlay
+
+
+def key_seed(seed: Path, public_key: str, datasource: Datasource = Datasource.NOCLOUD, users: Sequence[dict] = (),
+             hostname: str = "boot-test") -> Path:
+    """A seed giving the default cloud user PUBLIC_KEY, as a cloud would, with USERS beside it."""
+    user_data = {"users": ["default", *users]}
+    if datasource is Datasource.CONFIG_DRIVE:
+        config_drive(seed, public_key, cloud_config(user_data))
+    else:
+        nocloud_seed(seed, cloud_config({**user_data, "ssh_authorized_keys": [public_key]}), hostname)
+    return seed
+
+
+def devices(overlay: Path, seed: Path, port: int, qga_socket: Path, uplinks: int = 0) -> list[str]:
+    """A VM's devices: the overlay, the seed, a NIC with SSH forwarded from loopback's PORT, the
+    guest agent's channel on QGA_SOCKET, a random number source, and UPLINKS NICs for OVS bridges."""
+    return ["-drive", f"file={overlay},if=virtio,format=qcow2,discard=unmap",
+            "-drive", f"file={seed},if=virtio,format=raw,readonly=on",
+            *qemu.user_nic("net0", [qemu.ssh_forward(port)]),
+            "-device", "virtio-serial-pci",
+            "-chardev", f"socket,id=qga0,path={qga_socket},server=on,wait=off",
+            "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+            *qemu.RNG, *qemu.uplink_nics(uplinks)]
+
+
+def resources(spec: ImageSpec) -> dict[str, int]:
+    """What a VM of SPEC needs beside the defaults: a KVM host memory for guests of its own and
+    one NIC per bridge uplink."""
+    return {"memory_mib": HOST_MEMORY_MIB if spec.is_kvm_host else VM.memory_mib,
+            "uplink_nics": sum(1 for bridge in spec.bridges if bridge.uplink)}
+
+
+def await_ssh(ssh_argv: Sequence[str | Path], ended: Callable[[], str | None], started: float, deadline: float,
+              what: str, logs: str) -> float:
+    """Seconds from STARTED (time.monotonic) until `SSH_ARGV true` succeeds. BootTimeout, naming
+    WHAT and LOGS, once ENDED says how QEMU ended, or after DEADLINE seconds."""
+    while time.monotonic() - started < deadline:
+        if (how := ended()) is not None:
+            raise BootTimeout(f"QEMU ended ({how}) before SSH was up; see {logs}")
+        if run([*ssh_argv, "true"], capture=True, check=False, timeout=30).returncode == 0:
+            return round(time.monotonic() - started, 1)
+        time.sleep(3)
+    raise BootTimeout(f"{what} did not reach SSH within {deadline} s; see {logs}")
 
 
 def ssh_config(alias: str, port: int, user: str, key: Path) -> str:
@@ -91,21 +143,11 @@ class VM(qemu.Machine):
     # --- set-up
 
     def _overlay(self) -> Path:
-        overlay = self.workdir / "overlay.qcow2"
-        run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", self.image, "-F", "qcow2", overlay,
-             str(self.disk_size + GROWTH)])
-        return overlay
+        return make_overlay(self.image, self.workdir / "overlay.qcow2", self.disk_size + GROWTH)
 
     def _seed(self) -> Path:
         """The seed volume: a fresh key for the default user, and user-data with self.users."""
-        public_key = new_ssh_key(self.key, "boot-test")
-        user_data = {"users": ["default", *self.users]}
-        seed = self.workdir / "seed.img"
-        if self.datasource is Datasource.CONFIG_DRIVE:
-            config_drive(seed, public_key, cloud_config(user_data))
-        else:
-            nocloud_seed(seed, cloud_config({**user_data, "ssh_authorized_keys": [public_key]}))
-        return seed
+        return key_seed(self.workdir / "seed.img", new_ssh_key(self.key, "boot-test"), self.datasource, self.users)
 
     def ssh_config_for(self, user: str, key: Path) -> Path:
         """An ssh_config whose host `guest` is this VM, logged into as USER with KEY only."""
@@ -123,15 +165,9 @@ class VM(qemu.Machine):
         self.ssh_config_for(CLOUD_USER, self.key)
 
     def qemu_argv(self, overlay: Path, seed: Path) -> list[str]:
-        devices = ["-drive", f"file={overlay},if=virtio,format=qcow2,discard=unmap",
-                   "-drive", f"file={seed},if=virtio,format=raw,readonly=on",
-                   *qemu.user_nic("net0", [qemu.ssh_forward(self.port)]),
-                   "-device", "virtio-serial-pci",
-                   "-chardev", f"socket,id=qga0,path={self.qga_socket},server=on,wait=off",
-                   "-device", "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
-                   *qemu.RNG, *qemu.uplink_nics(self.uplink_nics)]
         return qemu.command(f"boot-test-{self.firmware}", firmware=self.firmware, memory_mib=self.memory_mib,
-                            console=self.console, workdir=self.workdir, devices=devices, cpus=self.cpus,
+                            console=self.console, workdir=self.workdir, cpus=self.cpus,
+                            devices=devices(overlay, seed, self.port, self.qga_socket, self.uplink_nics),
                             pidfile=self.workdir / "qemu.pid")
 
     # --- life cycle
@@ -153,16 +189,10 @@ class VM(qemu.Machine):
 
     def wait_for_ssh(self, deadline: float = SSH_DEADLINE) -> float:
         """Seconds from QEMU start until `ssh guest true` succeeds; BootTimeout after deadline."""
-        while time.monotonic() - self.started < deadline:
-            if (how := self.ended()) is not None:
-                raise BootTimeout(f"QEMU ended ({how}) before SSH was up; "
-                                  f"see {self.workdir / 'qemu.log'} and console log {self.console}")
-            if self.ssh(["true"], check=False, timeout=30).returncode == 0:
-                self.boot_seconds = round(time.monotonic() - self.started, 1)
-                return self.boot_seconds
-            time.sleep(3)
-        raise BootTimeout(f"{self.firmware} boot of {self.image.name} did not reach SSH within {deadline} s; "
-                          f"console log: {self.console}")
+        self.boot_seconds = await_ssh(self.ssh_argv(), self.ended, self.started, deadline,
+                                      f"{self.firmware} boot of {self.image.name}",
+                                      f"{self.workdir / 'qemu.log'} and console log {self.console}")
+        return self.boot_seconds
 
     def ssh(self, command: list[str], *, check: bool = True, timeout: float = 120):
         # ssh hands the remote shell one string: quote, or arguments split again.
@@ -202,7 +232,4 @@ def boot_spec(spec: ImageSpec, image: Path, firmware: Firmware, workdir: Path, d
               **options) -> VM:
     """boot() sized for what the spec builds: a KVM host gets memory for guests of its
     own and one NIC per bridge uplink. OPTIONS go to VM (datasource, users)."""
-    uplinks = sum(1 for bridge in spec.bridges if bridge.uplink)
-    memory = HOST_MEMORY_MIB if spec.is_kvm_host else VM.memory_mib
-    return boot(image, spec.disk_size, firmware, workdir, deadline, memory_mib=memory, uplink_nics=uplinks,
-                **options)
+    return boot(image, spec.disk_size, firmware, workdir, deadline, **resources(spec), **options)

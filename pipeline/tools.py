@@ -18,6 +18,7 @@ DEBIAN_PACKAGE = {
     "dnsmasq": "dnsmasq-base",  # not dnsmasq, whose package starts a system service
     "mcopy": "mtools",
     "gpg": "gnupg",
+    "guestfish": "libguestfs-tools",
     "mkfs.ext4": "e2fsprogs",
     "mkfs.vfat": "dosfstools",
     "mmd": "mtools",
