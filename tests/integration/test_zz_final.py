@@ -101,15 +101,13 @@ def unexplained(event: list[str]) -> bool:
 def test_no_hidden_denials_while_users_log_in(root, vm, settled):
     """With dontaudit rules off (semodule -DB) every login is tried again, each a fresh SSH
     session, as is sudo: a denial that a dontaudit rule hides (sshd_t unable to read a
-    mislabeled authorized_keys, say) shows here. The rules come back (semodule -B) whatever happens."""
+    mislabeled authorized_keys, say) shows here. The rules are not brought back: this is the
+    boot's last test, the VM is thrown away next, and rebuilding the policy (semodule -B) took
+    another 50 s under TCG."""
     assert root.run(f"{SEMODULE} -DB").rc == 0
-    try:
-        since = float(root.check_output("date +%s.%N"))
-        logins = attempt_logins(vm)
-        audit = root.run(f"{AUSEARCH} AVC,USER_AVC,SELINUX_ERR")
-    finally:
-        restored = root.run(f"{SEMODULE} -B")
-    assert restored.rc == 0, restored.stderr
+    since = float(root.check_output("date +%s.%N"))
+    logins = attempt_logins(vm)
+    audit = root.run(f"{AUSEARCH} AVC,USER_AVC,SELINUX_ERR")
     assert all(logins[user].returncode == 0 for user in (CLOUD_USER, KEY_USER)), logins
     assert audit.rc in (0, 1), audit.stderr
     hidden = ["\n".join(event) for event in events(audit.stdout, since) if unexplained(event)]
