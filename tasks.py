@@ -188,7 +188,7 @@ INTEGRATION = ROOT / "tests" / "integration"
 IMAGE_TEST_RUNS = (
     ("guest-image", "both", ["test_artifacts.py", "test_bad_input.py", "test_boot.py", "test_login.py",
                              "test_build.py", "test_zz_final.py"]),
-    ("guest-image", None, ["test_rebuild.py", "test_interrupt.py"]),
+    ("guest-image", None, ["test_everyday.py", "test_rebuild.py", "test_interrupt.py"]),
     ("host-image", "uefi", ["test_artifacts.py", "test_boot.py", "test_login.py", "test_build.py",
                             "test_host.py", "test_pxe_boot.py", "test_zz_final.py"]),
     ("host-image", None, ["test_deploy.py"]),
@@ -202,20 +202,45 @@ IMAGE_TEST_RUNS = (
 def test(c, unit=False, image=None):
     """Run the unit tests, then the image tests: build, offline check and boot tests of each
     image (guest-image by BIOS and UEFI, host-image by UEFI), the bad-input cases, a rebuild
-    compared with the first build, the PXE boot and publishing. Lint runs first: it takes seconds."""
+    compared with the first build, the PXE boot, the deploy and publishing. Lint runs first: it
+    takes seconds. While the first image's VMs run, the images of the later sessions are built."""
+    from pipeline import build
+    from pipeline.deploy.inventory import DEFAULT_INSTALLER
+    from pipeline.progress import tagged
+    from pipeline.run import concurrently
+
     lint(c)
     _pytest(c, ["tests/unit"])
     if unit:
         return
-    for name, firmware, files in IMAGE_TEST_RUNS:
-        if image in (None, name):
-            tests = [str(INTEGRATION / f) for f in files]
-            if firmware:  # a session that boots builds the image; the later ones use that build
-                tested = workflow.boot_test(_spec(name, None), DEFAULT_OUTPUT, firmware, tests=tests, use_built=False)
-                if not tested.passed:
-                    raise PipelineError(f"image tests of {name} failed: see {tested.log}")
-            else:
-                _pytest(c, ["-m", "image", *tests, f"--image={name}", "--use-built"])
+    runs = [(name, firmware, files) for name, firmware, files in IMAGE_TEST_RUNS if image in (None, name)]
+    first, later = runs[0], runs[1:]
+    # The later sessions' images, and the installer their PXE and deploy tests boot.
+    later_images = [name for name in dict.fromkeys(name for name, _, _ in later) if name != first[0]]
+    later_images += [DEFAULT_INSTALLER] if later_images else []
+
+    def build_later_images() -> None:
+        for name in later_images:  # one after another: two DIB builds would share apt's cache lock
+            with tagged(name):
+                build.build(_spec(name, None), DEFAULT_OUTPUT, DEFAULT_CACHE)
+
+    # TCG VMs leave the machine idle part of the time (SSH round trips, waits on cloud-init): the
+    # first session's image is built, then the others are built while its VMs run.
+    build.build(_spec(first[0], None), DEFAULT_OUTPUT, DEFAULT_CACHE)
+    concurrently(lambda: _image_session(*first), build_later_images)
+    for session in later:
+        _image_session(*session)
+
+
+def _image_session(name: str, firmware: str | None, files: list[str]) -> None:
+    """One pytest session of IMAGE_TEST_RUNS on the built image; a boot session writes its verdict."""
+    tests = [str(INTEGRATION / f) for f in files]
+    if firmware:
+        tested = workflow.boot_test(_spec(name, None), DEFAULT_OUTPUT, firmware, tests=tests)
+        if not tested.passed:
+            raise PipelineError(f"image tests of {name} failed: see {tested.log}")
+    else:
+        workflow.image_tests(_spec(name, None), DEFAULT_OUTPUT, tests)
 
 
 @task(positional=["a", "b"], help={

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -16,26 +17,36 @@ class Timings:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-_depth = 0
+# Each thread nests its own steps, and may tag its lines (work done beside another's output).
+_thread = threading.local()
 
 
 def say(message: str) -> None:
-    print(f"{'  ' * _depth}{message}", file=sys.stderr, flush=True)
+    print(f"{getattr(_thread, 'tag', '')}{'  ' * getattr(_thread, 'depth', 0)}{message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def tagged(tag: str):
+    """Within the block, this thread's lines start with `[TAG] `."""
+    _thread.tag = f"[{tag}] "
+    try:
+        yield
+    finally:
+        _thread.tag = ""
 
 
 @contextlib.contextmanager
 def step(name: str, timings: Timings | None = None):
-    global _depth
     say(f"{name} ...")
     started = time.monotonic()
-    _depth += 1
+    _thread.depth = getattr(_thread, "depth", 0) + 1
     try:
         yield
     except BaseException:
-        _depth -= 1
+        _thread.depth -= 1
         say(f"{name} failed after {time.monotonic() - started:.1f} s")
         raise
-    _depth -= 1
+    _thread.depth -= 1
     elapsed = time.monotonic() - started
     if timings is not None:
         timings.seconds[name] = round(elapsed, 2)

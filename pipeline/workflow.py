@@ -110,39 +110,50 @@ class BootTestRun:
         return self.verdict["passed"] is True
 
 
-def boot_test(spec: ImageSpec, output_dir: Path, firmware: str = "both", *, tests: Sequence[str] = BOOT_TESTS,
-              use_built: bool = True) -> BootTestRun:
+def boot_test(spec: ImageSpec, output_dir: Path, firmware: str = "both", *,
+              tests: Sequence[str] = BOOT_TESTS) -> BootTestRun:
     """Run the boot tests (pytest, tests/integration) on the image, by each firmware asked for,
     then write their verdict to build/NAME/boot-test.json and return it with the log. The tests ending with
     test_zz_final.py (FINAL_CHECK) is what makes a session a boot test: `./inv test` runs its
-    boot sessions, which also build the image (use_built=False) and run more tests, through here.
+    boot sessions, which also run more tests, through here, on the image it has just built.
     pytest's output goes to the terminal and to build/NAME/logs/boot-test-TIME.log."""
     asked = firmwares(firmware)
     art = artifacts_for(spec, output_dir)
-    if use_built:
-        art.read_info()  # a clear error, before any boot, if it was never built
-    art.logs.mkdir(parents=True, exist_ok=True)
-    log = art.logs / f"boot-test-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    art.read_info()  # a clear error, before any boot, if it was never built
     with tempfile.TemporaryDirectory(prefix="boot-test-") as scratch:
         junit = Path(scratch) / "junit.xml"
-        argv = [sys.executable, "-m", "pytest", "-m", "image", *tests, *(["--use-built"] if use_built else []),
-                f"--image={spec.name}", f"--firmware={firmware}", f"--output-dir={output_dir}",
-                f"--spec-file={spec.source}", f"--junitxml={junit}"]
         with step(f"boot test of {spec.name} ({', '.join(asked)})"):
-            say(f"pytest's output is also in {log}")
-            # pytest is our own test session: it sees the environment ./inv was given (the cache
-            # and libguestfs settings), and its commands go through this gateway's clean one.
-            environment = {key: value for key, value in os.environ.items() if key != "PATH"}
-            result = run(argv, cwd=ROOT, env=environment, log=log, on_line=print, check=False)
+            result, log = _pytest_session(spec, output_dir, "boot-test", tests,
+                                          options=[f"--firmware={firmware}", f"--junitxml={junit}"])
         outcome = read_junit(junit)
-    if not art.info.is_file():  # the session was to build the image, and stopped before it had
-        raise PipelineError(f"{spec.name} was not built: see {log}")
-    # Read after the session: a session that built the image judged that build's qcow2.
     judged = verdict(spec.name, art.read_info().get("qcow2_sha256"), asked, outcome, result.returncode)
     atomic.write_json(art.boot_report, judged)
     say(f"boot test of {spec.name}: {'passed' if judged['passed'] else 'failed'} "
         f"({judged['failed']} of {judged['tests']} tests failed); verdict in {art.boot_report}")
     return BootTestRun(judged, log)
+
+
+def image_tests(spec: ImageSpec, output_dir: Path, tests: Sequence[str]) -> None:
+    """Run image tests that boot nothing of the image's own (rebuild, deploy, publish) on its
+    build; pytest's output goes to the terminal and to build/NAME/logs/tests-TIME.log."""
+    artifacts_for(spec, output_dir).read_info()  # a clear error if it was never built
+    result, log = _pytest_session(spec, output_dir, "tests", tests)
+    if result.returncode != 0:
+        raise PipelineError(f"image tests of {spec.name} failed: see {log}")
+
+
+def _pytest_session(spec: ImageSpec, output_dir: Path, kind: str, tests: Sequence[str], options: Sequence[str] = ()):
+    """pytest over TESTS on the image: (the finished process, its log build/NAME/logs/KIND-TIME.log)."""
+    logs = artifacts_for(spec, output_dir).logs
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    argv = [sys.executable, "-m", "pytest", "-m", "image", *tests, "--use-built", f"--image={spec.name}",
+            f"--output-dir={output_dir}", f"--spec-file={spec.source}", *options]
+    say(f"pytest's output is also in {log}")
+    # pytest is our own test session: it sees the environment ./inv was given (the cache
+    # and libguestfs settings), and its commands go through this gateway's clean one.
+    environment = {key: value for key, value in os.environ.items() if key != "PATH"}
+    return run(argv, cwd=ROOT, env=environment, log=log, on_line=print, check=False), log
 
 
 def ci(spec_file: Path, output_dir: Path, cache_dir: Path, *, target: str, key: str | None,

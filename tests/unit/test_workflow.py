@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import threading
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
@@ -88,7 +89,7 @@ def test_all_passed_on_every_firmware_is_a_verdict_publish_accepts(monkeypatch, 
     assert artifacts_for(guest, tmp_path).passed(BOOT_TEST)  # the rule publish applies
     argv, kw = session.calls[0]
     assert argv[1:] == ["-m", "pytest", "-m", "image", *BOOT_TESTS, "--use-built", "--image=guest-image",
-                        "--firmware=both", f"--output-dir={tmp_path}", f"--spec-file={guest.source}", argv[-1]]
+                        f"--output-dir={tmp_path}", f"--spec-file={guest.source}", "--firmware=both", argv[-1]]
     assert kw["cwd"] == ROOT and kw["check"] is False
     assert kw["log"] == tested.log and tested.log.parent == artifacts_for(guest, tmp_path).logs
     assert not Path(argv[-1].split("=", 1)[1]).exists()  # the XML was temporary
@@ -144,21 +145,24 @@ def test_an_image_never_built_is_refused_before_any_boot(monkeypatch, tmp_path):
     assert not artifacts_for(spec, tmp_path).boot_report.exists()
 
 
-def test_a_session_that_was_to_build_and_did_not_writes_no_verdict(monkeypatch, tmp_path):
-    """`./inv test`'s boot sessions build the image themselves (use_built=False)."""
-    spec = specs.load(SPEC_FILE).get("host-image")
-    with pytest.raises(PipelineError, match=r"host-image was not built: see .*/logs/boot-test-"):
-        boot_test(monkeypatch, spec, tmp_path, None, returncode=1, tests=["tests/integration/test_boot.py"],
-                  use_built=False)
-    assert not artifacts_for(spec, tmp_path).boot_report.exists()
-
-
-def test_image_test_session_builds_and_runs_its_own_files(monkeypatch, guest, tmp_path):
+def test_boot_session_runs_its_own_files_on_the_built_image(monkeypatch, guest, tmp_path):
     tested, session = boot_test(monkeypatch, guest, tmp_path, junit(ALL_PASSED_BOTH),
-                                tests=["a/test_build.py", "a/test_zz_final.py"], use_built=False)
+                                tests=["a/test_build.py", "a/test_zz_final.py"])
     argv, _ = session.calls[0]
-    assert tested.passed and "--use-built" not in argv
-    assert argv[5:7] == ["a/test_build.py", "a/test_zz_final.py"]
+    assert tested.passed and argv[5:8] == ["a/test_build.py", "a/test_zz_final.py", "--use-built"]
+
+
+def test_image_tests_run_on_the_built_image_and_a_failure_names_the_log(monkeypatch, guest, tmp_path):
+    session = Session(None, 0)
+    monkeypatch.setattr(workflow, "run", session.run)
+    workflow.image_tests(guest, tmp_path, ["a/test_deploy.py"])
+    argv, options = session.calls[0]
+    assert argv[5:7] == ["a/test_deploy.py", "--use-built"] and "--junitxml" not in " ".join(argv)
+    assert options["log"].name.startswith("tests-") and options["log"].parent == artifacts_for(guest, tmp_path).logs
+    monkeypatch.setattr(workflow, "run", Session(None, 1).run)
+    with pytest.raises(PipelineError, match=r"image tests of guest-image failed: see .*/guest-image/logs/tests-"):
+        workflow.image_tests(guest, tmp_path, ["a/test_deploy.py"])
+    assert not artifacts_for(guest, tmp_path).boot_report.exists()  # only a boot session writes a verdict
 
 
 def test_boot_test_task_fails_naming_the_log(monkeypatch, guest, tmp_path):
@@ -270,3 +274,35 @@ def test_missing_key_fails_before_any_build(monkeypatch, tmp_path):
     with pytest.raises(Exit, match="no signing key given"):
         tasks.ci(Context(), key=None, gnupg_home=str(tmp_path / "empty"), output_dir=str(tmp_path))
     assert called == []
+
+
+# --- ./inv test: the order of its sessions, and the builds beside the first one
+
+
+def test_later_images_are_built_while_the_first_session_runs(monkeypatch):
+    """The first image is built, then its session runs while the later sessions' images (and the
+    installer) are built one after another; the later sessions follow. The first session waits
+    for a later build to start: run one after the other, this test would fail on the timeout."""
+    events: list[str] = []
+    building_later = threading.Event()
+
+    def fake_build(spec, output_dir, cache_dir, **options):
+        events.append(f"build {spec.name}")
+        if spec.name != "guest-image":
+            building_later.set()
+
+    def first_or_later_session(spec, output_dir, firmware, tests):
+        if spec.name == "guest-image" and firmware == "both":
+            assert building_later.wait(timeout=5), "the later images were not built beside the first session"
+        events.append(f"boot {spec.name}")
+        return workflow.BootTestRun({"passed": True}, Path("log"))
+
+    monkeypatch.setattr(tasks, "lint", lambda c: None)
+    monkeypatch.setattr(tasks, "_pytest", lambda c, args: None)
+    monkeypatch.setattr(build, "build", fake_build)
+    monkeypatch.setattr(workflow, "boot_test", first_or_later_session)
+    monkeypatch.setattr(workflow, "image_tests", lambda spec, output_dir, tests: events.append(f"tests {spec.name}"))
+    tasks.test(Context())
+    assert events[0] == "build guest-image"
+    assert [e for e in events if e.startswith("build")] == ["build guest-image", "build host-image", "build installer"]
+    assert events[-4:] == ["tests guest-image", "boot host-image", "tests host-image", "tests host-image"]
