@@ -87,6 +87,9 @@ LABELS: tuple[tuple[str, str | None], ...] = (
     ("/tmp", "tmp_t"),
     ("/proc", None),
 )
+# Where a release's refpolicy gives another type (trixie's file_contexts: /etc/machine-id is
+# etc_runtime_t, written at first boot by systemd-machine-id-setup in its own domain).
+RELEASE_LABELS: dict[str, dict[str, str]] = {"trixie": {"/etc/machine-id": "etc_runtime_t"}}
 UNLABELED_BY_POLICY = {path for path, expected in LABELS if expected is None}
 # The key files whose labels the liveimg tarball must share with the disk (the mountpoints
 # are not in it: the build makes them when it assembles the disk).
@@ -370,7 +373,8 @@ def label_problems(guest: Guest, table: Iterable[tuple[str, str | None]]) -> lis
 
 def check_labels(guest: Guest) -> Verdict:
     """Runs before the ESP is mounted, so /boot/efi is the root filesystem's mountpoint."""
-    table = list(LABELS)
+    changed = RELEASE_LABELS.get(guest.spec.release, {})
+    table = [(path, changed.get(path, expected)) for path, expected in LABELS]
     daemon = next((p for p in TUNED_DAEMON if guest.g.is_file(p)), None)
     problems = [] if daemon else [f"no tuned daemon at {' or '.join(TUNED_DAEMON)}"]
     if daemon:
