@@ -24,7 +24,7 @@ import re
 import shlex
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Interface
 from pathlib import Path
@@ -61,6 +61,7 @@ SUPPORTED: dict[str, frozenset[str]] = {
 SECTIONS: dict[str, frozenset[str]] = {"%post": frozenset({"--erroronfail", "--interpreter"})}
 FILESYSTEMS = ("ext4", "efi", "biosboot")
 TARGET = Path("/mnt/sysimage")   # where Anaconda mounts the installed system
+STAMP_TICK = 0.05  # seconds: longer than a clock tick of file times (1-10 ms)
 PARTLABEL_PREFIX = "ks-"         # GPT partition names: how the installer finds each on its disk
 CLOUD_INIT_DIR = "etc/cloud"
 CLOUD_INIT_DISABLED = f"{CLOUD_INIT_DIR}/cloud-init.disabled"  # cloud-init's documented off switch
@@ -441,6 +442,15 @@ class Installer:
     def unpack(self, image: Path) -> None:
         run([*ANACONDA_EXTRACT, "--extract", "--gzip", "--file", image, "--directory", self.target])
         image.unlink()
+        # What changes after this is what relabel() labels (tar sets each directory's times last,
+        # so the stamp comes after all of them). File times move in clock ticks: wait one out, so
+        # that nothing written after counts as no newer than the stamp.
+        self.unpacked_stamp.touch()
+        time.sleep(STAMP_TICK)
+
+    @property
+    def unpacked_stamp(self) -> Path:
+        return self.workdir / "unpacked"
 
     def uuid(self, device: str) -> str:
         return run(["blkid", "--match-tag", "UUID", "--output", "value", device], capture=True).stdout.strip()
@@ -492,14 +502,31 @@ class Installer:
         self.chroot(["update-grub"])
 
     def relabel(self) -> None:
-        """Label the installed tree from the image's own file contexts, so the first boot needs no
-        relabel: what the installer and %post wrote gets its label, the rest keeps the image's."""
+        """Label what the installer and %post wrote from the image's own file contexts, so the first
+        boot needs no relabel; the unpacked tree keeps the labels it was built with.
+
+        What changed since the unpack is what has a newer ctime (any write, rename, chmod or new link
+        sets it); setfiles recurses into each directory given (within its file system), so a
+        directory's contents are not listed again. Labelling the whole tree instead took a minute
+        under TCG, and setfiles never crossed into /boot or other mounted file systems."""
         contexts = self.target / "etc/selinux/default/contexts/files/file_contexts"
         # The chroot's dev, proc and sys are the installer's own; the ESP is FAT, which holds no
         # labels (its mount gives it one): setfiles fails on it.
         skipped = ["dev", "proc", "sys", *(m.lstrip("/") for m, fstype, _ in self.plan.mounts() if fstype == "efi")]
-        run(["setfiles", "-F", *(arg for path in skipped for arg in ("-e", self.target / path)), "-r", self.target,
-             contexts, self.target])
+        pruned = [arg for path in skipped for arg in ("-path", str(self.target / path), "-o")][:-1]
+        found = run(["find", self.target, "(", *pruned, ")", "-prune", "-o", "-cnewer", self.unpacked_stamp,
+                     "-print0"], capture=True).stdout
+        changed = [Path(path) for path in found.split("\0") if path]
+        # Made by mkfs before the unpack, and not in the image: each file system's lost+found.
+        changed += [self.target / m.lstrip("/") / "lost+found" for m, kind, _ in self.plan.mounts() if kind != "efi"]
+        excluded = [arg for path in skipped for arg in ("-e", self.target / path)]
+        if any("\n" in str(path) for path in changed):  # setfiles -f reads a path a line: label it all
+            run(["setfiles", "-F", *excluded, "-r", self.target, contexts, self.target])
+            return
+        listing = self.workdir / "relabel.list"
+        listing.write_text("".join(f"{path}\n" for path in outermost(p for p in changed if p.exists())))
+        run(["setfiles", "-F", *excluded, "-r", self.target, contexts, "-f", listing])
+        listing.unlink()
 
     def run_post(self) -> None:
         for index, (interpreter, body, error_on_fail) in enumerate(self.plan.post_scripts, start=1):
@@ -530,6 +557,17 @@ class Installer:
 
     def unmount(self) -> None:
         run(["umount", "--recursive", self.target])
+
+
+def outermost(paths: Iterable[Path], device: Callable[[Path], int] = lambda path: path.lstat().st_dev) -> list[Path]:
+    """PATHS without those inside another of them on the same file system: setfiles recurses
+    into a directory it is given, but does not cross into another file system (/boot, say)."""
+    kept: set[tuple[Path, int]] = set()
+    for path in sorted(set(paths)):
+        on = device(path)
+        if not any((parent, on) in kept for parent in path.parents):
+            kept.add((path, on))
+    return sorted(path for path, _ in kept)
 
 
 def report_url(kickstart_url: str, hostname: str, outcome: str, reason: str = "") -> str:

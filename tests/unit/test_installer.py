@@ -8,6 +8,8 @@ the subprocess gateway (installer.run) is faked, recording every command.
 import hashlib
 import json
 import subprocess
+import time
+from pathlib import Path
 
 import pytest
 
@@ -218,14 +220,55 @@ def test_a_failed_step_leaves_nothing_mounted(rendered, commands, monkeypatch, t
     assert list(work.iterdir()) == []  # the fetched image is not kept either
 
 
-def test_labels_come_from_the_images_contexts_and_skip_the_fat_esp(rendered, commands, tmp_path):
+def test_labels_what_changed_after_the_unpack_from_the_images_contexts(rendered, commands, monkeypatch, tmp_path):
+    """A real tree and a real find: what was written after the unpack is labelled, each directory
+    once (setfiles recurses), with each file system's lost+found; not the unpacked tree, the
+    installer's dev, proc and sys, or the FAT ESP."""
     plan = installer.read(rendered["compute1"], "compute1.ks")
-    target = tmp_path / "t"
-    installer.Installer(plan, uefi=True, workdir=tmp_path, target=target, say=lambda _: None).relabel()
+    target, work = tmp_path / "t", tmp_path / "ram"
+    work.mkdir()
+    setup = installer.Installer(plan, uefi=True, workdir=work, target=target, say=lambda _: None)
+    for old in ("usr/bin/tool", "etc/old.conf", "lost+found/.keep", "var/lib/libvirt/images/lost+found/.keep"):
+        (target / old).parent.mkdir(parents=True, exist_ok=True)
+        (target / old).write_text("unpacked\n")
+    for directory in ("dev", "proc", "sys", "boot/efi/EFI", "boot/grub"):
+        (target / directory).mkdir(parents=True)
+    time.sleep(0.05)
+    setup.unpacked_stamp.touch()
+    time.sleep(0.05)
+    for new in ("etc/fstab", "etc/post.d/a", "etc/post.d/b", "boot/grub/grub.cfg", "dev/null", "proc/1",
+                "boot/efi/EFI/BOOT/BOOTX64.EFI"):
+        (target / new).parent.mkdir(parents=True, exist_ok=True)
+        (target / new).write_text("written\n")
+    (target / "etc/old.conf").chmod(0o600)
+    listed: list[str] = []
+
+    def real_find(argv, **options):
+        if argv[0] == "find":
+            return subprocess.run([str(arg) for arg in argv], capture_output=True, text=True, check=True)
+        listed.extend(Path(argv[-1]).read_text().splitlines())
+        return commands_run(argv, **options)
+
+    commands_run = installer.run
+    monkeypatch.setattr(installer, "run", real_find)
+    setup.relabel()
     [setfiles] = commands
-    skipped = [str(target / path) for path in ("dev", "proc", "sys", "boot/efi")]
-    assert setfiles == ["setfiles", "-F", *(arg for path in skipped for arg in ("-e", path)), "-r", str(target),
-                        str(target / "etc/selinux/default/contexts/files/file_contexts"), str(target)]
+    excluded = [str(target / path) for path in ("dev", "proc", "sys", "boot/efi")]
+    assert setfiles[:-3] == ["setfiles", "-F", *(arg for path in excluded for arg in ("-e", path)), "-r", str(target)]
+    assert setfiles[-3:-1] == [str(target / "etc/selinux/default/contexts/files/file_contexts"), "-f"]
+    # etc/ itself changed (new entries), so setfiles is given it and labels all inside it.
+    assert listed == [str(target / path)
+                      for path in ("boot/grub", "etc", "lost+found", "var/lib/libvirt/images/lost+found")]
+    assert not Path(setfiles[-1]).exists()
+
+
+def test_outermost_drops_paths_inside_another_on_the_same_file_system():
+    paths = [Path(p) for p in ("/t/etc/a", "/t/etc", "/t/etcetera", "/t/var/x/y", "/t/var/x", "/t/etc/b/c",
+                               "/t", "/t/boot/grub", "/t/boot/grub/i386-pc/a.mod", "/t/boot/lost+found")]
+    boot = Path("/t/boot")
+    on_boot_fs = {path: 2 if path == boot or boot in path.parents else 1 for path in paths}
+    assert installer.outermost(paths, on_boot_fs.__getitem__) == [Path("/t"), Path("/t/boot/grub"),
+                                                                  Path("/t/boot/lost+found")]
 
 
 def test_labels_come_after_post_so_what_it_wrote_is_labeled(rendered, monkeypatch, tmp_path):
