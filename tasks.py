@@ -560,7 +560,7 @@ def vm(c, image, spec_file=None, output_dir=str(DEFAULT_OUTPUT), firmware="bios"
 @user_errors
 def ssh_(c, image, spec_file=None, output_dir=str(DEFAULT_OUTPUT)):
     """Log into the image's running VM (./inv vm) as its default cloud user; `-- CMD ARGS` runs a
-    command there instead, as ssh does: ./inv ssh guest-image -- getenforce.
+    command there instead, as ssh does: ./inv ssh guest-image -- /usr/sbin/getenforce.
 
     Uses the private half of the key given to ./inv vm (or an ssh-agent's). Exits with the
     command's (or the login's) exit status."""
