@@ -246,7 +246,8 @@ def start(spec: ImageSpec, art: Artifacts, *, firmware: Firmware, key: str | Non
             f"{directory} removed")
         return None
     except BaseException:
-        _remove(directory)
+        if detach:  # an attached VM's state goes in the finally below, whatever happened
+            _remove(directory)
         raise
     finally:
         if not detach:
@@ -321,13 +322,9 @@ def ssh(art: Artifacts, command: str | None) -> int:
 
 
 def guestfish_environment() -> dict[str, str]:
-    """libguestfs's settings as the offline check uses them: the direct backend, and TCG where
-    KVM does not really run guests; the user's own settings win."""
-    environment = {key: value for key, value in os.environ.items() if key.startswith(("LIBGUESTFS_", "SUPERMIN_"))}
-    environment.setdefault("LIBGUESTFS_BACKEND", "direct")
-    if "LIBGUESTFS_BACKEND_SETTINGS" not in environment and not qemu.kvm_works():
-        environment["LIBGUESTFS_BACKEND_SETTINGS"] = "force_tcg"
-    return environment
+    """libguestfs's settings as the offline check uses them; the user's own settings win."""
+    own = {key: value for key, value in os.environ.items() if key.startswith(("LIBGUESTFS_", "SUPERMIN_"))}
+    return {**own, **qemu.libguestfs_settings()}
 
 
 def shell(spec: ImageSpec, art: Artifacts, *, writable: bool = False) -> int:

@@ -159,6 +159,17 @@ def kvm_works() -> bool:
     return works
 
 
+def libguestfs_settings() -> dict[str, str]:
+    """libguestfs's backend settings (as its environment variables) where the user set none: the
+    direct backend, and TCG where /dev/kvm exists but nested KVM hangs guests."""
+    settings = {}
+    if "LIBGUESTFS_BACKEND" not in os.environ:
+        settings["LIBGUESTFS_BACKEND"] = "direct"
+    if "LIBGUESTFS_BACKEND_SETTINGS" not in os.environ and not kvm_works():
+        settings["LIBGUESTFS_BACKEND_SETTINGS"] = "force_tcg"
+    return settings
+
+
 def accelerator() -> tuple[str, str]:
     """(accel, cpu) for this machine."""
     return ("kvm", "host") if kvm_works() else ("tcg", "max")

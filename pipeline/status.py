@@ -123,10 +123,11 @@ def table(statuses: Sequence[dict[str, Any]]) -> str:
             shown = published["version"] + (" (this build)" if published["this_build"] else "")
             notes.append(f"{name}: published {published['version']} at {published['location']}")
         vm = status["vm"]
+        art = Artifacts(Path(status["directory"]), name)  # the files' names
         rows.append((name, status["version"] or "not built",
                      "yes" if status["up_to_date"] else "no", *verdicts, shown,
-                     _mib(sizes.get(f"{name}.qcow2")) if status["disk_size"] else "-",
-                     _mib(sizes.get(f"{name}.tar.gz")) if status["disk_size"] else "-",
+                     _mib(sizes.get(art.qcow2.name)) if status["disk_size"] else "-",
+                     _mib(sizes.get(art.liveimg.name)) if status["disk_size"] else "-",
                      f"running, ssh port {vm['port']}" if vm else "-"))
     widths = [max(len(str(row[column])) for row in rows) for column in range(len(header))]
     lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()

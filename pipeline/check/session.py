@@ -151,11 +151,11 @@ def require_appliance_kernel() -> None:
 
 def _handle(guestfs: Any, qcow2: Path) -> Any:
     g = guestfs.GuestFS(python_return_dict=True)
-    # Where /dev/kvm exists but nested KVM hangs guests, TCG; the user's settings win.
-    if "LIBGUESTFS_BACKEND" not in os.environ:
-        g.set_backend("direct")
-    if "LIBGUESTFS_BACKEND_SETTINGS" not in os.environ and not qemu.kvm_works():
-        g.set_backend_settings(["force_tcg"])
+    settings = qemu.libguestfs_settings()  # the user's own settings win
+    if "LIBGUESTFS_BACKEND" in settings:
+        g.set_backend(settings["LIBGUESTFS_BACKEND"])
+    if "LIBGUESTFS_BACKEND_SETTINGS" in settings:
+        g.set_backend_settings([settings["LIBGUESTFS_BACKEND_SETTINGS"]])
     g.add_drive_opts(str(qcow2), format="qcow2", readonly=1)
     return g
 
