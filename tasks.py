@@ -209,11 +209,14 @@ def test(c, unit=False, image=None):
     from pipeline.progress import tagged
     from pipeline.run import concurrently
 
+    runs = [(name, firmware, files) for name, firmware, files in IMAGE_TEST_RUNS if image in (None, name)]
+    if not runs:  # before minutes of lint and unit tests
+        tested = ", ".join(dict.fromkeys(name for name, _, _ in IMAGE_TEST_RUNS))
+        raise PipelineError(f"--image {image}: no image tests; the images with tests are {tested}")
     lint(c)
     _pytest(c, ["tests/unit"])
     if unit:
         return
-    runs = [(name, firmware, files) for name, firmware, files in IMAGE_TEST_RUNS if image in (None, name)]
     first, later = runs[0], runs[1:]
     # The later sessions' images, and the installer their PXE and deploy tests boot.
     later_images = [name for name in dict.fromkeys(name for name, _, _ in later) if name != first[0]]

@@ -304,3 +304,11 @@ def test_later_images_are_built_while_the_first_session_runs(monkeypatch):
     assert events[0] == "build guest-image"
     assert [e for e in events if e.startswith("build")] == ["build guest-image", "build host-image", "build installer"]
     assert events[-4:] == ["tests guest-image", "boot host-image", "tests host-image", "tests host-image"]
+
+
+def test_an_image_without_tests_is_a_one_line_error(monkeypatch):
+    monkeypatch.setattr(tasks, "lint", lambda c: None)
+    monkeypatch.setattr(tasks, "_pytest", lambda c, args: None)
+    with pytest.raises(Exit, match=r"^error: --image installer: no image tests; the images with tests are "
+                                   r"guest-image, host-image$"):
+        tasks.test(Context(), image="installer")
