@@ -478,7 +478,7 @@ namespace.add_task(publish)
 # --- ci: ./inv ci
 
 
-@task(iterable=["ssh_option"], auto_shortflags=False, help={
+@task(iterable=["ssh_option", "image"], auto_shortflags=False, help={
     "spec-file": f"image spec file (default {SPEC_FILE.name})",
     "output-dir": f"where artifacts go (default {DEFAULT_OUTPUT.name}/)",
     "cache-dir": f"DIB download cache and package layers (default {DEFAULT_CACHE})",
@@ -487,16 +487,19 @@ namespace.add_task(publish)
     "gnupg-home": "GnuPG home holding the key",
     "retention": "versions kept per image (default 5)",
     "ssh-option": "an ssh -o option for a remote target (repeatable)",
-    "force": "rebuild every image even if it is up to date"})
+    "force": "rebuild every image even if it is up to date",
+    "image": "only this image of the spec file (repeatable; default every image): one CI job per image"})
 @user_errors
 def ci(c, spec_file=None, output_dir=str(DEFAULT_OUTPUT), cache_dir=str(DEFAULT_CACHE),
-       target=str(DEFAULT_OUTPUT / "publish"), key=None, gnupg_home=None, retention=5, ssh_option=None, force=False):
-    """What CI runs: for every image of the spec file, in order, build it (skipped when up to date),
-    check it offline, boot-test it (skipped when it passed on this very artifact) and publish it.
-    Stops at the first failure; an image is published only after all of its steps passed."""
+       target=str(DEFAULT_OUTPUT / "publish"), key=None, gnupg_home=None, retention=5, ssh_option=None, force=False,
+       image=None):
+    """What CI runs: for every image of the spec file (or each --image), in order, build it (skipped
+    when up to date), check it offline, boot-test it (skipped when it passed on this very artifact)
+    and publish it. Stops at the first failure; an image is published only after all of its steps
+    passed. examples/ci/github-actions.yml runs one job per image and release."""
     workflow.ci(Path(spec_file) if spec_file else SPEC_FILE, Path(output_dir), Path(cache_dir), target=target, key=key,
                 gnupg_home=Path(gnupg_home) if gnupg_home else None, retention=int(retention),
-                ssh_options=ssh_option or [], force=force)
+                ssh_options=ssh_option or [], force=force, images=image or [])
 
 
 namespace.add_task(ci)

@@ -239,6 +239,19 @@ def test_every_image_is_built_checked_booted_and_published_in_order(steps, tmp_p
     assert written(specs.load(SPEC_FILE).get("host-image"), tmp_path)["firmwares"] == ["uefi"]
 
 
+def test_image_runs_only_the_named_images_in_the_spec_files_order(steps, tmp_path):
+    done, _ = steps
+    ci(tmp_path, image=["guest-image", "host-image"])
+    assert [step for step in done if step[0] == "build"] == [("build", "host-image"), ("build", "guest-image")]
+
+
+def test_an_unknown_image_is_refused_before_the_key_is_asked_for(steps, tmp_path):
+    done, _ = steps
+    with pytest.raises(Exit, match=r"^error: .*images.toml: unknown image 'no-such-image'; known images: "):
+        ci(tmp_path, image=["no-such-image"])
+    assert done == []
+
+
 def test_boot_test_that_passed_on_this_artifact_is_not_run_again(steps, monkeypatch, tmp_path):
     done, _ = steps
     ci(tmp_path)
