@@ -43,6 +43,9 @@ PROFILE_DIR_VAR = re.compile(r"(?<!\\)\$\{i:PROFILE_DIR\}")
 VIRT_CHECK = re.compile(r"(?<!\\)\$\{f:virt_check:([^:{}]*):([^:{}]*)\}")
 UNEXPANDED = re.compile(r"(?<!\\)\$\{[^}]*\}?")
 INLINE_COMMENT = re.compile(r"(?:^|(?<=\s))#")
+# plugin_vm.py (tuned >= 2.23): `@command_custom("dirty_ratio")` writes /proc/sys/vm/dirty_ratio.
+VM_SYSCTL_OPTION = re.compile(r'@command_custom\("(dirty_\w+)"')
+TRUE = ("1", "true", "yes", "y", "on")  # tuned's utils/config.py get_bool
 
 
 class ProfileError(PipelineError):
@@ -60,6 +63,9 @@ class TunedReference:
     version: str
     profiles: dict[str, Path]  # built-in profile name -> its tuned.conf
     plugins: frozenset[str]
+    # The vm plugin's options that set a vm.* sysctl (dirty_ratio, ...: tuned >= 2.23), which
+    # the sysctl plugin can set too.
+    vm_sysctl_options: frozenset[str] = frozenset()
 
 
 # --- reference data, from the tuned .deb (never installed: its daemon would retune the host)
@@ -81,7 +87,9 @@ def _read_reference(version: str, root: Path) -> TunedReference:
     if not profiles or not plugins:
         raise PipelineError(f"{root}: no built-in profiles in {profiles_dir} or no plugins in {PLUGINS_DIR}; "
                             f"has the {PACKAGE} package's layout changed? (remove {root} to extract it again)")
-    return TunedReference(version=version, profiles=profiles, plugins=plugins)
+    vm_plugin = root / PLUGINS_DIR / "plugin_vm.py"
+    vm_sysctl_options = frozenset(VM_SYSCTL_OPTION.findall(vm_plugin.read_text())) if vm_plugin.is_file() else frozenset()
+    return TunedReference(version=version, profiles=profiles, plugins=plugins, vm_sysctl_options=vm_sysctl_options)
 
 
 def reference(archive: ReleaseArchive, cache_dir: Path = DEFAULT_CACHE, version: str | None = None) -> TunedReference:
@@ -251,6 +259,7 @@ class _Walk:
         self.search_dirs = [Path(d) for d in search_dirs]
         self.ref = ref
         self.loaded: list[Path] = []  # loader.py's processed_files, in load order
+        self.merged: list[_Conf] = []  # in merge order: a profile's includes before the profile
         self.chain: list[tuple[str, Path]] = []  # the includes being followed, outermost first
 
     def candidates(self, name: str) -> list[Path]:
@@ -311,6 +320,39 @@ class _Walk:
             for included in _include_names(conf):
                 self.include(included, conf)
             self.chain.pop()
+        self.merged.append(conf)
+
+
+def _check_one_value_per_sysctl(merged: list[_Conf], ref: TunedReference) -> None:
+    """tuned >= 2.23 sets vm.dirty_* from [vm] too (its own profiles moved them there). A value
+    set by both plugins, differently, is applied twice, and `tuned-adm verify` fails on the
+    plugin whose value lost; refuse that here, pointing at the [sysctl] line."""
+    # profiles/merger.py: units merge by section name, the later profile's options winning,
+    # unless it says replace=1.
+    units: dict[str, dict[str, tuple[str, _Conf, str]]] = {}
+    for conf in merged:
+        for name, options in conf.sections.items():
+            if name in (MAIN, VARIABLES):
+                continue
+            if options.get("replace", "").strip().lower() in TRUE:
+                units[name] = {}
+            units.setdefault(name, {}).update({key: (value, conf, name) for key, value in options.items()})
+
+    def settings(plugin: str) -> dict[str, tuple[str, _Conf, str]]:
+        return {key: value for name, unit in units.items() if unit.get("type", (name,))[0].strip() == plugin
+                for key, value in unit.items()}
+
+    sysctl, vm = settings("sysctl"), settings("vm")
+    for option in sorted(ref.vm_sysctl_options & vm.keys()):
+        if f"vm.{option}" not in sysctl:
+            continue
+        (value, conf, section), (vm_value, vm_conf, vm_section) = sysctl[f"vm.{option}"], vm[option]
+        if value.strip() != vm_value.strip():
+            raise ProfileError(conf.path, conf.line(section, f"vm.{option}"),
+                               f"[{section}] vm.{option}={value.strip()}, but [{vm_section}] {option}="
+                               f"{vm_value.strip()} ({vm_conf.path}:{vm_conf.line(vm_section, option)}): tuned "
+                               f"{ref.version} sets it from both, and `tuned-adm verify` fails; set "
+                               f"{option}={value.strip()} in [vm] too")
 
 
 def resolve(name: str, search_dirs: list[Path], ref: TunedReference) -> list[Path]:
@@ -323,6 +365,7 @@ def resolve(name: str, search_dirs: list[Path], ref: TunedReference) -> list[Pat
                            "digits, '_', '.' and '-'")
     walk = _Walk(search_dirs, ref)
     walk.include(name, None)
+    _check_one_value_per_sysctl(walk.merged, ref)
     return walk.loaded
 
 

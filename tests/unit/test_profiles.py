@@ -366,3 +366,37 @@ def test_parser_agrees_with_tuneds_own_loader(tmp_path, ref, tuned_modules):
 @pytest.mark.parametrize("name", sorted(p.name for p in PROFILES.iterdir() if (p / "tuned.conf").is_file()))
 def test_every_profile_we_ship_validates(name, ref):
     profiles.validate_profile(name, [PROFILES], ref)
+
+
+def test_a_sysctl_that_tuneds_vm_plugin_sets_differently_is_refused(tmp_path, ref):
+    """trixie's throughput-performance (under virtual-guest) sets dirty_background_ratio=10 in
+    [vm]; the same sysctl at 5 in [sysctl] fails `tuned-adm verify` on the guest (seen on
+    trixie). bookworm's tuned has no such [vm] option, so there it is fine."""
+    conf = profile(tmp_path, "p", """
+        [main]
+        include=virtual-guest
+        [sysctl]
+        vm.dirty_background_ratio=5
+        """)
+    if not ref.vm_sysctl_options:
+        profiles.validate_profile("p", [tmp_path], ref)
+        return
+    parent = ref.profiles["throughput-performance"]
+    message = refused("p", [tmp_path], ref)
+    assert message.startswith(f"{conf}:4: [sysctl] vm.dirty_background_ratio=5, but [vm] dirty_background_ratio=10 "
+                              f"({parent}:")
+    assert message.endswith(f"tuned {ref.version} sets it from both, and `tuned-adm verify` fails; "
+                            "set dirty_background_ratio=5 in [vm] too")
+    # The same value in [vm], or [vm] replaced, settles it.
+    profile(tmp_path, "p", "[main]\ninclude=virtual-guest\n[sysctl]\nvm.dirty_background_ratio=5\n"
+                           "[vm]\ndirty_background_ratio=5\n")
+    profiles.validate_profile("p", [tmp_path], ref)
+    profile(tmp_path, "p", "[main]\ninclude=virtual-guest\n[sysctl]\nvm.dirty_background_ratio=5\n[vm]\nreplace=1\n")
+    profiles.validate_profile("p", [tmp_path], ref)
+
+
+def test_trixies_vm_plugin_sets_the_dirty_sysctls(ref):
+    expected = {"bookworm": set(), "trixie": {"dirty_bytes", "dirty_ratio", "dirty_background_bytes",
+                                              "dirty_background_ratio"}}
+    release = next(r for r, version in TUNED.items() if version == ref.version)
+    assert ref.vm_sysctl_options == expected[release]
