@@ -35,6 +35,21 @@ def tagged(tag: str):
         _thread.tag = ""
 
 
+def context() -> tuple[str, int]:
+    """This thread's tag and nesting depth, for a worker thread to go on from (inherited)."""
+    return getattr(_thread, "tag", ""), getattr(_thread, "depth", 0)
+
+
+@contextlib.contextmanager
+def inherited(parent: tuple[str, int]):
+    """Within the block, this thread's lines carry the tag and depth of the thread that started it."""
+    _thread.tag, _thread.depth = parent
+    try:
+        yield
+    finally:
+        _thread.tag, _thread.depth = "", 0
+
+
 @contextlib.contextmanager
 def step(name: str, timings: Timings | None = None):
     say(f"{name} ...")

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
+from . import progress
 from .errors import CommandFailed, CommandTimedOut, exit_status
 
 _BASE_ENV_KEYS = ("HOME", "LANG", "TERM", "USER")
@@ -184,11 +185,13 @@ def concurrently(*calls: Callable[[], None]) -> None:
     group = _Group()
     errors: list[BaseException] = []
     finished = threading.Semaphore(0)
+    caller = progress.context()  # the calls' lines nest under, and are tagged as, the caller's
 
     def work(call: Callable[[], None]) -> None:
         _worker.group = group
         try:
-            call()
+            with progress.inherited(caller):
+                call()
         except BaseException as error:  # handed to the main thread
             errors.append(error)
         finally:

@@ -199,3 +199,17 @@ def test_a_second_interrupt_waits_until_the_child_is_stopped(tmp_path, pids, to)
     assert gateway.ended(proc) == "killed by SIGKILL"  # the interrupt did not cut the stop short
     _wait_for(lambda: _gone(grandchild), "the grandchild to end", deadline=10)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is back
+
+
+def test_concurrent_calls_carry_the_callers_tag_and_depth(capsys):
+    """A build's worker threads (disk assembly, liveimg) print beside another image's session:
+    their lines must say which image they belong to, nested under the step that started them."""
+    from pipeline import run
+    from pipeline.progress import say, step, tagged
+
+    with tagged("host-image"), step("assemble"):
+        run.concurrently(lambda: say("disk"), lambda: say("liveimg"))
+    say("after")  # the worker threads' context did not leak into this one
+    lines = capsys.readouterr().err.splitlines()
+    assert sorted(lines[1:3]) == ["[host-image]   disk", "[host-image]   liveimg"]
+    assert lines[0] == "[host-image] assemble ..." and lines[-1] == "after"
