@@ -174,7 +174,7 @@ def installer_packages() -> list[Path]:
 
 def compile_policy(ctx: BuildContext) -> None:
     """Our SELinux modules, compiled before DIB so a broken one fails in seconds."""
-    sources = selinux.module_sources(ctx.spec.elements, ctx.spec.element_dirs)
+    sources = selinux.module_sources(ctx.spec.elements, ctx.spec.release, ctx.spec.element_dirs)
     for package in selinux.compile_modules(sources, ctx.selinux_modules):
         say(f"compiled {package.name}")
 

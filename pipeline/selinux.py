@@ -1,6 +1,8 @@
-"""Our SELinux policy modules: sources live in elements/<element>/selinux/*.te and are
-compiled on the build host before DIB starts, so a module that does not compile
-stops the build in seconds with the compiler's message, not deep inside a chroot.
+"""Our SELinux policy modules: sources live in elements/<element>/selinux/*.te (every
+release) and elements/<element>/selinux/<release>/*.te (what only that Debian release's
+policy lacks), and are compiled on the build host before DIB starts, so a module that
+does not compile stops the build in seconds with the compiler's message, not deep
+inside a chroot.
 """
 
 from __future__ import annotations
@@ -38,9 +40,11 @@ def element_closure(elements: tuple[str, ...], search: tuple[Path, ...] = (ELEME
     return sorted(_closure_dirs(elements, search))
 
 
-def module_sources(elements: tuple[str, ...], search: tuple[Path, ...] = (ELEMENTS,)) -> list[Path]:
-    return sorted(source for directory in _closure_dirs(elements, search).values()
-                  for source in (directory / "selinux").glob("*.te"))
+def module_sources(elements: tuple[str, ...], release: str, search: tuple[Path, ...] = (ELEMENTS,)) -> list[Path]:
+    """The closure's modules for every release, then those for `release` only."""
+    return sorted((source for directory in _closure_dirs(elements, search).values()
+                   for pattern in ("*.te", f"{release}/*.te") for source in (directory / "selinux").glob(pattern)),
+                  key=lambda source: source.name)
 
 
 def compile_modules(sources: list[Path], output: Path) -> list[Path]:

@@ -479,7 +479,8 @@ def check_serial_console(guest: Guest) -> Verdict:
 
 
 def check_policy_modules(guest: Guest) -> Verdict:
-    wanted = [source.stem for source in selinux.module_sources(guest.spec.elements, guest.spec.element_dirs)]
+    spec = guest.spec
+    wanted = [source.stem for source in selinux.module_sources(spec.elements, spec.release, spec.element_dirs)]
     missing = [m for m in wanted if not guest.g.is_dir(f"{POLICY_MODULES}/{m}")]
     return ([f"not installed in the policy store: {', '.join(missing)}"] if missing else [],
             f"installed: {', '.join(wanted)}")

@@ -26,7 +26,7 @@ def test_selinux_enforcing(host):
 
 
 def test_our_policy_modules_are_loaded(root, spec):
-    wanted = {source.stem for source in selinux.module_sources(spec.elements, spec.element_dirs)}
+    wanted = {source.stem for source in selinux.module_sources(spec.elements, spec.release, spec.element_dirs)}
     loaded = set(root.check_output("semodule -l").split())
     assert wanted and wanted <= loaded, sorted(wanted - loaded)
 
