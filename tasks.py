@@ -184,6 +184,9 @@ def lint(c, path=None):
 # test sees the artifact after the boots. The rebuild and publish sessions come after
 # the session that booted the image, since publishing needs its boot-test verdict: a session
 # that boots runs as the boot test does (pipeline.workflow.boot_test), which writes that verdict.
+# Trixie's images boot once each, by UEFI: bookworm's carry the full matrix (both firmwares, PXE,
+# deploy, publish, rebuilds), and what differs by release is the packages and the policy, which
+# one boot proves.
 INTEGRATION = ROOT / "tests" / "integration"
 IMAGE_TEST_RUNS = (
     ("guest-image", "both", ["test_artifacts.py", "test_bad_input.py", "test_boot.py", "test_login.py",
@@ -193,6 +196,10 @@ IMAGE_TEST_RUNS = (
                             "test_host.py", "test_pxe_boot.py", "test_zz_final.py"]),
     ("host-image", None, ["test_deploy.py"]),
     ("host-image", None, ["test_publish_image.py", "test_publish_remote.py"]),
+    ("guest-image-trixie", "uefi", ["test_artifacts.py", "test_boot.py", "test_login.py", "test_build.py",
+                                    "test_zz_final.py"]),
+    ("host-image-trixie", "uefi", ["test_artifacts.py", "test_boot.py", "test_login.py", "test_build.py",
+                                   "test_host.py", "test_zz_final.py"]),
 )
 
 
@@ -201,8 +208,8 @@ IMAGE_TEST_RUNS = (
 @user_errors
 def test(c, unit=False, image=None):
     """Run the unit tests, then the image tests: build, offline check and boot tests of each
-    image (guest-image by BIOS and UEFI, host-image by UEFI), the bad-input cases, a rebuild
-    compared with the first build, the PXE boot, the deploy and publishing. Lint runs first: it
+    image (guest-image by BIOS and UEFI, host-image and trixie's two by UEFI), the bad-input cases,
+    a rebuild compared with the first build, the PXE boot, the deploy and publishing. Lint runs first: it
     takes seconds. While the first image's VMs run, the images of the later sessions are built."""
     from pipeline import build
     from pipeline.deploy.inventory import DEFAULT_INSTALLER

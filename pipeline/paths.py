@@ -9,8 +9,6 @@ ROOT = Path(__file__).resolve().parent.parent
 ELEMENTS = ROOT / "elements"
 PROFILES = ROOT / "profiles"
 SPEC_FILE = ROOT / "images.toml"
-# Every spec file the project ships: the default one, and trixie's images until they pass (issue 15).
-SHIPPED_SPEC_FILES = (SPEC_FILE, ROOT / "images-trixie.toml")
 DIB_ELEMENTS = Path(diskimage_builder.__file__).parent / "elements"
 DEFAULT_OUTPUT = ROOT / "build"
 # DIB's download cache (debootstrap base, .debs), kept across builds.

@@ -27,3 +27,20 @@ def test_example_uploads_logs_but_never_a_boot_tests_directory():
     # A boot test's directory (build/NAME/boot-FW/) held the guest's SSH private key: only its logs go.
     assert all(not path.rstrip("/").endswith(("boot-*", "build/*")) for path in paths)
     assert all(path.endswith((".log", ".json", "logs/")) for path in paths)
+
+
+def test_example_matrix_names_an_image_of_images_toml_for_every_image_and_release():
+    from pipeline import spec as specs
+    from pipeline.paths import SPEC_FILE
+
+    job = yaml.safe_load((ROOT / "examples/ci/github-actions.yml").read_text())["jobs"]["images"]
+    matrix = job["strategy"]["matrix"]
+    # The job's IMAGE expression: bookworm's images keep the plain name, others get -RELEASE.
+    assert job["env"]["IMAGE"] == ("${{ matrix.release == 'bookworm' && matrix.image || "
+                                   "format('{0}-{1}', matrix.image, matrix.release) }}")
+    known = specs.load(SPEC_FILE).images
+    for image in matrix["image"]:
+        for release in matrix["release"]:
+            name = image if release == "bookworm" else f"{image}-{release}"
+            assert known[name].release == release, name
+    assert set(matrix["release"]) == set(specs.DEBIAN_RELEASES)

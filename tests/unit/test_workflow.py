@@ -235,6 +235,10 @@ def test_every_image_is_built_checked_booted_and_published_in_order(steps, tmp_p
                     ("build", "host-image"), ("check", "host-image"), ("boot", "host-image"), ("publish", "host-image"),
                     ("build", "guest-image"), ("check", "guest-image"), ("boot", "guest-image"),
                     ("publish", "guest-image"),
+                    ("build", "host-image-trixie"), ("check", "host-image-trixie"), ("boot", "host-image-trixie"),
+                    ("publish", "host-image-trixie"),
+                    ("build", "guest-image-trixie"), ("check", "guest-image-trixie"), ("boot", "guest-image-trixie"),
+                    ("publish", "guest-image-trixie"),
                     ("build", "installer")]  # a netboot image: nothing to check, boot or publish
     assert written(specs.load(SPEC_FILE).get("host-image"), tmp_path)["firmwares"] == ["uefi"]
 
@@ -315,13 +319,16 @@ def test_later_images_are_built_while_the_first_session_runs(monkeypatch):
     monkeypatch.setattr(workflow, "image_tests", lambda spec, output_dir, tests: events.append(f"tests {spec.name}"))
     tasks.test(Context())
     assert events[0] == "build guest-image"
-    assert [e for e in events if e.startswith("build")] == ["build guest-image", "build host-image", "build installer"]
-    assert events[-4:] == ["tests guest-image", "boot host-image", "tests host-image", "tests host-image"]
+    assert [e for e in events if e.startswith("build")] == ["build guest-image", "build host-image",
+                                                            "build guest-image-trixie", "build host-image-trixie",
+                                                            "build installer"]
+    assert events[-6:] == ["tests guest-image", "boot host-image", "tests host-image", "tests host-image",
+                           "boot guest-image-trixie", "boot host-image-trixie"]
 
 
 def test_an_image_without_tests_is_a_one_line_error(monkeypatch):
     monkeypatch.setattr(tasks, "lint", lambda c: None)
     monkeypatch.setattr(tasks, "_pytest", lambda c, args: None)
     with pytest.raises(Exit, match=r"^error: --image installer: no image tests; the images with tests are "
-                                   r"guest-image, host-image$"):
+                                   r"guest-image, host-image, guest-image-trixie, host-image-trixie$"):
         tasks.test(Context(), image="installer")
