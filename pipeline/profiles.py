@@ -88,7 +88,7 @@ def _read_reference(version: str, root: Path) -> TunedReference:
         raise PipelineError(f"{root}: no built-in profiles in {profiles_dir} or no plugins in {PLUGINS_DIR}; "
                             f"has the {PACKAGE} package's layout changed? (remove {root} to extract it again)")
     vm_plugin = root / PLUGINS_DIR / "plugin_vm.py"
-    vm_sysctl_options = frozenset(VM_SYSCTL_OPTION.findall(vm_plugin.read_text())) if vm_plugin.is_file() else frozenset()
+    vm_sysctl_options = frozenset(VM_SYSCTL_OPTION.findall(vm_plugin.read_text()) if vm_plugin.is_file() else ())
     return TunedReference(version=version, profiles=profiles, plugins=plugins, vm_sysctl_options=vm_sysctl_options)
 
 
