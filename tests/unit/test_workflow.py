@@ -320,14 +320,15 @@ def test_later_images_are_built_while_the_first_session_runs(monkeypatch):
     tasks.test(Context())
     assert events[0] == "build guest-image"
     assert [e for e in events if e.startswith("build")] == ["build guest-image", "build host-image",
-                                                            "build guest-image-trixie", "build installer"]
-    assert events[-5:] == ["tests guest-image", "boot host-image", "tests host-image", "tests host-image",
-                           "boot guest-image-trixie"]
+                                                            "build guest-image-trixie", "build host-image-trixie",
+                                                            "build installer"]
+    assert events[-6:] == ["tests guest-image", "boot host-image", "tests host-image", "tests host-image",
+                           "boot guest-image-trixie", "boot host-image-trixie"]
 
 
 def test_an_image_without_tests_is_a_one_line_error(monkeypatch):
     monkeypatch.setattr(tasks, "lint", lambda c: None)
     monkeypatch.setattr(tasks, "_pytest", lambda c, args: None)
     with pytest.raises(Exit, match=r"^error: --image installer: no image tests; the images with tests are "
-                                   r"guest-image, host-image, guest-image-trixie$"):
+                                   r"guest-image, host-image, guest-image-trixie, host-image-trixie$"):
         tasks.test(Context(), image="installer")
