@@ -69,6 +69,34 @@ def test_kernel_args_and_tuned_profile_from_images_toml_plus_overrides(example, 
     assert compute1.scripts[0].errorOnFail
 
 
+@pytest.mark.parametrize("layout, installed", [
+    ("trixie", "etc/tuned/profiles/openstack-compute"),   # tuned >= 2.23: ours, then built-ins
+    ("trixie", "usr/lib/tuned/profiles/openstack-compute"),
+    ("bookworm", "etc/tuned/openstack-compute"),          # tuned 2.20
+    ("missing", None),
+])
+def test_tuned_post_finds_the_profile_in_either_tuned_layout(example, tmp_path, layout, installed):
+    """The %post runs in the installed image, which is bookworm's or trixie's: run it with sh over a
+    fake root (its absolute paths moved under tmp_path) for each place tuned keeps profiles."""
+    import subprocess
+
+    kickstart.render_all(example, tmp_path / "ks", liveimgs=FAKE)
+    script = parsed(tmp_path / "ks/compute2.ks").scripts[0].script
+    root = tmp_path / "root"
+    (root / "etc/tuned").mkdir(parents=True)
+    if installed:
+        (root / installed).mkdir(parents=True)
+        (root / installed / "tuned.conf").write_text("[main]\n")
+    moved = script.replace("/etc/tuned", f"{root}/etc/tuned").replace("/usr/lib/tuned", f"{root}/usr/lib/tuned")
+    result = subprocess.run(["sh", "-c", moved], capture_output=True, text=True)
+    if installed:
+        assert result.returncode == 0, result.stderr
+        assert (root / "etc/tuned/active_profile").read_text() == "openstack-compute\n"
+    else:
+        assert result.returncode == 1
+        assert result.stderr == "tuned profile openstack-compute is not installed in the image\n"
+
+
 def test_tuned_profile_override(tmp_path):
     text = EXAMPLE.read_text().replace('kernel_args = ["hugepagesz=1G", "hugepages=16"]', 'tuned_profile = "kvm-guest"')
     (tmp_path / "inventory.toml").write_text(text)
