@@ -41,7 +41,11 @@ from .spec import ImageSpec
 
 ELEMENT, = PIPELINE_ELEMENTS  # kvm-package-layer
 MAX_AGE = 7 * 24 * 3600
-KEEP = 4  # layers kept in the cache, most recently used first
+# Layers kept in the cache, most recently used first: one per image of images.toml (five: each
+# release's guest and host, and the installer), with room for a user's own. With fewer, building
+# every image evicts the first one's layer before its next build (seen in CI: the guest's rebuild
+# downloaded its packages again).
+KEEP = 8
 # The holder runs diskimage-builder, a few minutes (a cold build's tree: under 4 on the benchmark
 # machine); waiting an hour means that build is stuck, and this one should not wait on.
 LOCK_TIMEOUT = 3600
