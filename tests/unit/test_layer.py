@@ -161,3 +161,12 @@ def test_restoring_xattrs_sets_them_inside_the_tree(tmp_path):
     restored = _restore_xattrs(root, {"/usr/bin/ping": XATTR, "/gone": XATTR})
     assert restored.returncode == 0, restored.stderr
     assert os.getxattr(root / "usr/bin/ping", "user.layer") == b"set"
+
+
+def test_the_cache_keeps_a_layer_for_every_image_we_ship():
+    """Building every image of images.toml in turn (./inv ci, ./inv test) must not evict the first
+    one's layer before its next build: CI's guest rebuild once downloaded everything again."""
+    from pipeline import spec as specs
+    from pipeline.paths import SPEC_FILE
+
+    assert len(specs.load(SPEC_FILE).images) < layer.KEEP
