@@ -69,13 +69,13 @@ def test_kernel_args_and_tuned_profile_from_images_toml_plus_overrides(example, 
     assert compute1.scripts[0].errorOnFail
 
 
-@pytest.mark.parametrize("layout, installed", [
-    ("trixie", "etc/tuned/profiles/openstack-compute"),   # tuned >= 2.23: ours, then built-ins
-    ("trixie", "usr/lib/tuned/profiles/openstack-compute"),
-    ("bookworm", "etc/tuned/openstack-compute"),          # tuned 2.20
-    ("missing", None),
+@pytest.mark.parametrize("installed", [
+    pytest.param("etc/tuned/profiles/openstack-compute", id="trixie-ours"),  # tuned >= 2.23
+    pytest.param("usr/lib/tuned/profiles/openstack-compute", id="trixie-builtin"),
+    pytest.param("etc/tuned/openstack-compute", id="bookworm-ours"),  # tuned 2.20
+    pytest.param(None, id="missing"),
 ])
-def test_tuned_post_finds_the_profile_in_either_tuned_layout(example, tmp_path, layout, installed):
+def test_tuned_post_finds_the_profile_in_either_tuned_layout(example, tmp_path, installed):
     """The %post runs in the installed image, which is bookworm's or trixie's: run it with sh over a
     fake root (its absolute paths moved under tmp_path) for each place tuned keeps profiles."""
     import subprocess
