@@ -17,6 +17,7 @@ from pipeline import spec as specs
 from pipeline import workflow
 from pipeline.errors import PipelineError
 from pipeline.paths import DEFAULT_CACHE, DEFAULT_OUTPUT, ROOT, SPEC_FILE
+from pipeline.progress import tagged
 from pipeline.run import interrupt_on_termination
 
 # A cancelled job (SIGTERM, SIGHUP) cleans up as Ctrl-C does (see InterruptingLocal for ./inv test).
@@ -178,15 +179,11 @@ def lint(c, path=None):
 # The image tests: every image is built once and booted once per firmware listed.
 # The guest image proves both firmwares, the bad-input cases and rebuilds; the host
 # image, whose boot test runs guests of its own, boots by UEFI as compute nodes do, and
-# is the one deployed by PXE (its boot session's PXE test builds the installer, which the
-# deploy and publish sessions then find built) and published. Each entry is one pytest session (so one
+# is the one deployed by PXE and published. Each entry is one pytest session (so one
 # build and one boot per firmware); files run in the order given: test_build.py's last
 # test sees the artifact after the boots. The rebuild and publish sessions come after
 # the session that booted the image, since publishing needs its boot-test verdict: a session
 # that boots runs as the boot test does (pipeline.workflow.boot_test), which writes that verdict.
-# Trixie's images boot once each, by UEFI: bookworm's carry the full matrix (both firmwares, PXE,
-# deploy, publish, rebuilds), and what differs by release is the packages and the policy, which
-# one boot proves.
 INTEGRATION = ROOT / "tests" / "integration"
 IMAGE_TEST_RUNS = (
     ("guest-image", "both", ["test_artifacts.py", "test_bad_input.py", "test_boot.py", "test_login.py",
@@ -196,10 +193,16 @@ IMAGE_TEST_RUNS = (
                             "test_host.py", "test_pxe_boot.py", "test_zz_final.py"]),
     ("host-image", None, ["test_deploy.py"]),
     ("host-image", None, ["test_publish_image.py", "test_publish_remote.py"]),
-    ("guest-image-trixie", "uefi", ["test_artifacts.py", "test_boot.py", "test_login.py", "test_build.py",
-                                    "test_zz_final.py"]),
-    ("host-image-trixie", "uefi", ["test_artifacts.py", "test_boot.py", "test_login.py", "test_build.py",
-                                   "test_host.py", "test_zz_final.py"]),
+)
+# Bookworm (old stable) boots its two images once each, by UEFI: the default release carries
+# the full matrix above, and what differs by release is the packages and the policy, which one
+# boot proves. These sessions run beside the ones above (after the first), in a second lane: a
+# TCG VM leaves much of the machine idle (SSH round trips, waits on cloud-init).
+OLD_STABLE_TEST_RUNS = (
+    ("guest-image-bookworm", "uefi", ["test_artifacts.py", "test_boot.py", "test_login.py", "test_build.py",
+                                      "test_zz_final.py"]),
+    ("host-image-bookworm", "uefi", ["test_artifacts.py", "test_boot.py", "test_login.py", "test_build.py",
+                                     "test_host.py", "test_zz_final.py"]),
 )
 
 
@@ -208,25 +211,26 @@ IMAGE_TEST_RUNS = (
 @user_errors
 def test(c, unit=False, image=None):
     """Run the unit tests, then the image tests: build, offline check and boot tests of each
-    image (guest-image by BIOS and UEFI, host-image and trixie's two by UEFI), the bad-input cases,
+    image (guest-image by BIOS and UEFI, host-image and bookworm's two by UEFI), the bad-input cases,
     a rebuild compared with the first build, the PXE boot, the deploy and publishing. Lint runs first: it
-    takes seconds. While the first image's VMs run, the images of the later sessions are built."""
+    takes seconds. While the first image's VMs run, the images of the later sessions are built;
+    then bookworm's sessions run beside the default release's."""
     from pipeline import build
     from pipeline.deploy.inventory import DEFAULT_INSTALLER
-    from pipeline.progress import tagged
     from pipeline.run import concurrently
 
-    runs = [(name, firmware, files) for name, firmware, files in IMAGE_TEST_RUNS if image in (None, name)]
-    if not runs:  # before minutes of lint and unit tests
-        tested = ", ".join(dict.fromkeys(name for name, _, _ in IMAGE_TEST_RUNS))
+    lanes = [[run for run in lane if image in (None, run[0])] for lane in (IMAGE_TEST_RUNS, OLD_STABLE_TEST_RUNS)]
+    lanes = [lane for lane in lanes if lane]
+    if not lanes:  # before minutes of lint and unit tests
+        tested = ", ".join(dict.fromkeys(name for name, _, _ in IMAGE_TEST_RUNS + OLD_STABLE_TEST_RUNS))
         raise PipelineError(f"--image {image}: no image tests; the images with tests are {tested}")
     lint(c)
     _pytest(c, ["tests/unit"])
     if unit:
         return
-    first, later = runs[0], runs[1:]
+    first, lanes[0] = lanes[0][0], lanes[0][1:]
     # The later sessions' images, and the installer their PXE and deploy tests boot.
-    later_images = [name for name in dict.fromkeys(name for name, _, _ in later) if name != first[0]]
+    later_images = [name for name in dict.fromkeys(name for lane in lanes for name, _, _ in lane) if name != first[0]]
     later_images += [DEFAULT_INSTALLER] if later_images else []
 
     def build_later_images() -> None:
@@ -234,12 +238,19 @@ def test(c, unit=False, image=None):
             with tagged(name):
                 build.build(_spec(name, None), DEFAULT_OUTPUT, DEFAULT_CACHE)
 
-    # TCG VMs leave the machine idle part of the time (SSH round trips, waits on cloud-init): the
-    # first session's image is built, then the others are built while its VMs run.
+    # The first session's image is built, then the others are built while its VMs run. Only
+    # then do the lanes start: the rebuild and interrupt sessions run DIB, whose apt cache
+    # another build would share.
     build.build(_spec(first[0], None), DEFAULT_OUTPUT, DEFAULT_CACHE)
     concurrently(lambda: _image_session(*first), build_later_images)
-    for session in later:
-        _image_session(*session)
+    concurrently(*(functools.partial(_image_sessions, lane) for lane in lanes))
+
+
+def _image_sessions(sessions: list[tuple[str, str | None, list[str]]]) -> None:
+    """SESSIONS one after another; their lines are tagged with the image, as another lane's run beside."""
+    for session in sessions:
+        with tagged(session[0]):
+            _image_session(*session)
 
 
 def _image_session(name: str, firmware: str | None, files: list[str]) -> None:

@@ -25,6 +25,11 @@ def say(message: str) -> None:
     print(f"{getattr(_thread, 'tag', '')}{'  ' * getattr(_thread, 'depth', 0)}{message}", file=sys.stderr, flush=True)
 
 
+def echo(line: str) -> None:
+    """A child's output line (pytest's) on stdout, tagged as this thread's lines are."""
+    print(f"{getattr(_thread, 'tag', '')}{line}", flush=True)
+
+
 @contextlib.contextmanager
 def tagged(tag: str):
     """Within the block, this thread's lines start with `[TAG] `."""

@@ -24,7 +24,7 @@ from . import atomic
 from .artifacts import BOOT_TEST, artifacts_for
 from .errors import PipelineError
 from .paths import BOOT_TESTS, ROOT
-from .progress import say, step
+from .progress import echo, say, step
 from .qemu import Firmware
 from .run import run
 from .spec import ImageSpec
@@ -153,7 +153,7 @@ def _pytest_session(spec: ImageSpec, output_dir: Path, kind: str, tests: Sequenc
     # pytest is our own test session: it sees the environment ./inv was given (the cache
     # and libguestfs settings), and its commands go through this gateway's clean one.
     environment = {key: value for key, value in os.environ.items() if key != "PATH"}
-    return run(argv, cwd=ROOT, env=environment, log=log, on_line=print, check=False), log
+    return run(argv, cwd=ROOT, env=environment, log=log, on_line=echo, check=False), log
 
 
 def ci(spec_file: Path, output_dir: Path, cache_dir: Path, *, target: str, key: str | None,

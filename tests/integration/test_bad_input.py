@@ -52,8 +52,8 @@ def assert_nothing_built(output: Path, image: str = "probe"):
 
 def test_unknown_image_lists_known_ones(tmp_path):
     line = one_line_error(inv("build", "no-such-image", "--output-dir", str(tmp_path)))
-    assert ("unknown image 'no-such-image'; known images: guest-image, guest-image-trixie, host-image, "
-            "host-image-trixie, installer") in line
+    assert ("unknown image 'no-such-image'; known images: guest-image, guest-image-bookworm, host-image, "
+            "host-image-bookworm, installer") in line
     assert not list(tmp_path.iterdir())
 
 

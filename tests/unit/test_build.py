@@ -51,7 +51,7 @@ def test_dib_gets_the_spec(ctx, monkeypatch):
     assert argv[1:7] == ["-n", "-a", "amd64", "-t", "tar", "-o"]
     assert argv[-2:] == ["debian-minimal", "kvm-guest"]
     env = kw["env"]
-    assert env["DIB_RELEASE"] == "bookworm"
+    assert env["DIB_RELEASE"] == ctx.spec.release
     assert env["DIB_DEBIAN_SECURITY_MIRROR"] == "http://deb.debian.org/debian-security"
     assert env["DIB_TUNED_PROFILE"] == "kvm-guest"
     assert (Path(env["DIB_TUNED_PROFILES_DIR"]) / "kvm-guest/tuned.conf").is_file()

@@ -35,12 +35,12 @@ def test_example_matrix_names_an_image_of_images_toml_for_every_image_and_releas
 
     job = yaml.safe_load((ROOT / "examples/ci/github-actions.yml").read_text())["jobs"]["images"]
     matrix = job["strategy"]["matrix"]
-    # The job's IMAGE expression: bookworm's images keep the plain name, others get -RELEASE.
-    assert job["env"]["IMAGE"] == ("${{ matrix.release == 'bookworm' && matrix.image || "
+    # The job's IMAGE expression: trixie's images (the default release) keep the plain name, others get -RELEASE.
+    assert job["env"]["IMAGE"] == ("${{ matrix.release == 'trixie' && matrix.image || "
                                    "format('{0}-{1}', matrix.image, matrix.release) }}")
     known = specs.load(SPEC_FILE).images
     for image in matrix["image"]:
         for release in matrix["release"]:
-            name = image if release == "bookworm" else f"{image}-{release}"
+            name = image if release == "trixie" else f"{image}-{release}"
             assert known[name].release == release, name
     assert set(matrix["release"]) == set(specs.DEBIAN_RELEASES)

@@ -165,8 +165,8 @@ def test_bad_node_names_file_node_and_field(tmp_path, key, line, field, problem)
 
 def test_unknown_role_lists_the_known_images(tmp_path):
     message = refused(tmp_path, SITE + node(role='role = "db-server"'))
-    assert (f"not an image of {spec.SPEC_FILE}; known images: guest-image, guest-image-trixie, host-image, "
-            "host-image-trixie") in message
+    assert (f"not an image of {spec.SPEC_FILE}; known images: guest-image, guest-image-bookworm, host-image, "
+            "host-image-bookworm") in message
 
 
 BAD_NODES = [

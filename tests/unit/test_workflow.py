@@ -231,14 +231,9 @@ def ci(tmp_path, key="ops@example.org", **kw):
 def test_every_image_is_built_checked_booted_and_published_in_order(steps, tmp_path):
     done, _ = steps
     ci(tmp_path)
-    assert done == [("key", "ops@example.org"),
-                    ("build", "host-image"), ("check", "host-image"), ("boot", "host-image"), ("publish", "host-image"),
-                    ("build", "guest-image"), ("check", "guest-image"), ("boot", "guest-image"),
-                    ("publish", "guest-image"),
-                    ("build", "host-image-trixie"), ("check", "host-image-trixie"), ("boot", "host-image-trixie"),
-                    ("publish", "host-image-trixie"),
-                    ("build", "guest-image-trixie"), ("check", "guest-image-trixie"), ("boot", "guest-image-trixie"),
-                    ("publish", "guest-image-trixie"),
+    every_step = [(step, name) for name in ("host-image", "guest-image", "host-image-bookworm", "guest-image-bookworm")
+                  for step in ("build", "check", "boot", "publish")]
+    assert done == [("key", "ops@example.org"), *every_step,
                     ("build", "installer")]  # a netboot image: nothing to check, boot or publish
     assert written(specs.load(SPEC_FILE).get("host-image"), tmp_path)["firmwares"] == ["uefi"]
 
@@ -296,39 +291,49 @@ def test_missing_key_fails_before_any_build(monkeypatch, tmp_path):
 
 def test_later_images_are_built_while_the_first_session_runs(monkeypatch):
     """The first image is built, then its session runs while the later sessions' images (and the
-    installer) are built one after another; the later sessions follow. The first session waits
-    for a later build to start: run one after the other, this test would fail on the timeout."""
+    installer) are built one after another. Then two lanes run side by side: the default release's
+    later sessions, and bookworm's. The waits make this test fail on a timeout if either pair
+    ran one after the other."""
     events: list[str] = []
-    building_later = threading.Event()
+    building_later, bookworm_lane_started = threading.Event(), threading.Event()
 
     def fake_build(spec, output_dir, cache_dir, **options):
         events.append(f"build {spec.name}")
         if spec.name != "guest-image":
             building_later.set()
 
-    def first_or_later_session(spec, output_dir, firmware, tests):
+    def boot(spec, output_dir, firmware, tests):
         if spec.name == "guest-image" and firmware == "both":
             assert building_later.wait(timeout=5), "the later images were not built beside the first session"
+        if spec.name == "guest-image-bookworm":
+            bookworm_lane_started.set()
         events.append(f"boot {spec.name}")
         return workflow.BootTestRun({"passed": True}, Path("log"))
+
+    def image_tests(spec, output_dir, tests):
+        if spec.name == "guest-image":
+            assert bookworm_lane_started.wait(timeout=5), "bookworm's sessions did not run beside the others"
+        events.append(f"tests {spec.name}")
 
     monkeypatch.setattr(tasks, "lint", lambda c: None)
     monkeypatch.setattr(tasks, "_pytest", lambda c, args: None)
     monkeypatch.setattr(build, "build", fake_build)
-    monkeypatch.setattr(workflow, "boot_test", first_or_later_session)
-    monkeypatch.setattr(workflow, "image_tests", lambda spec, output_dir, tests: events.append(f"tests {spec.name}"))
+    monkeypatch.setattr(workflow, "boot_test", boot)
+    monkeypatch.setattr(workflow, "image_tests", image_tests)
     tasks.test(Context())
-    assert events[0] == "build guest-image"
-    assert [e for e in events if e.startswith("build")] == ["build guest-image", "build host-image",
-                                                            "build guest-image-trixie", "build host-image-trixie",
-                                                            "build installer"]
-    assert events[-6:] == ["tests guest-image", "boot host-image", "tests host-image", "tests host-image",
-                           "boot guest-image-trixie", "boot host-image-trixie"]
+    builds = [e for e in events if e.startswith("build")]
+    assert builds == ["build guest-image", "build host-image", "build guest-image-bookworm",
+                      "build host-image-bookworm", "build installer"]
+    # No lane starts before the first session and the last build have ended.
+    sessions = events[max(events.index("boot guest-image"), events.index("build installer")) + 1:]
+    assert [e for e in sessions if "bookworm" not in e] == ["tests guest-image", "boot host-image",
+                                                            "tests host-image", "tests host-image"]
+    assert [e for e in sessions if "bookworm" in e] == ["boot guest-image-bookworm", "boot host-image-bookworm"]
 
 
 def test_an_image_without_tests_is_a_one_line_error(monkeypatch):
     monkeypatch.setattr(tasks, "lint", lambda c: None)
     monkeypatch.setattr(tasks, "_pytest", lambda c, args: None)
     with pytest.raises(Exit, match=r"^error: --image installer: no image tests; the images with tests are "
-                                   r"guest-image, host-image, guest-image-trixie, host-image-trixie$"):
+                                   r"guest-image, host-image, guest-image-bookworm, host-image-bookworm$"):
         tasks.test(Context(), image="installer")
