@@ -9,6 +9,7 @@ import functools
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from invoke import Collection, Exit, Local, task
@@ -246,7 +247,7 @@ def test(c, unit=False, image=None):
     concurrently(*(functools.partial(_image_sessions, lane) for lane in lanes))
 
 
-def _image_sessions(sessions: list[tuple[str, str | None, list[str]]]) -> None:
+def _image_sessions(sessions: Sequence[tuple[str, str | None, list[str]]]) -> None:
     """SESSIONS one after another; their lines are tagged with the image, as another lane's run beside."""
     for session in sessions:
         with tagged(session[0]):
