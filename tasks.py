@@ -69,9 +69,10 @@ def _disk_image(spec, what: str):
 def list_(c, spec_file=None):
     """List the images that the spec file defines."""
     loaded = specs.load(Path(spec_file) if spec_file else SPEC_FILE)
+    width = max(len(name) for name in loaded.images)  # names are the spec's (up to 63 characters)
     for name, image in loaded.images.items():
         marker = "*" if name == loaded.default else " "
-        print(f"{marker} {name:<16} {image.release:<10} {image.tuned_profile or '-':<18} {image.description}")
+        print(f"{marker} {name:<{width}}  {image.release:<10} {image.tuned_profile or '-':<18} {image.description}")
 
 
 COMMON_HELP = {

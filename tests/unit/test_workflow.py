@@ -337,3 +337,13 @@ def test_an_image_without_tests_is_a_one_line_error(monkeypatch):
     with pytest.raises(Exit, match=r"^error: --image installer: no image tests; the images with tests are "
                                    r"guest-image, host-image, guest-image-bookworm, host-image-bookworm$"):
         tasks.test(Context(), image="installer")
+
+
+def test_list_aligns_its_columns_to_the_longest_name(capsys):
+    tasks.list_(Context())
+    rows = capsys.readouterr().out.splitlines()
+    names = specs.load(SPEC_FILE).images
+    assert [row[2:].split()[0] for row in rows] == list(names)
+    # Each row's release starts in the same column, whatever the length of its name.
+    assert len({row.index(f" {names[row[2:].split()[0]].release} ") for row in rows}) == 1
+    assert rows[0].startswith("* host-image ")
