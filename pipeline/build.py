@@ -238,9 +238,14 @@ def unpack_tree(ctx: BuildContext) -> None:
         run(["mount", "-t", "tmpfs", "-o", f"mode=0755,size={2 * size // 2**20 + 256}m", "tmpfs", ctx.tree])
     else:
         say(f"tree on disk: less than {(2 * size + 2**30) / 2**30:.1f} GiB of memory available")
+    # disk-image-create tars its tree with the build host's /dev still bind-mounted on it: a copy
+    # of the host's device nodes (117 here, /dev/kvm with whatever group the host gave it last)
+    # stays out, and the tree gets the few debootstrap makes.
     run(["tar", "--extract", "--file", ctx.tar, "--directory", ctx.tree, "--numeric-owner",
-         "--preserve-permissions", "--xattrs", "--xattrs-include=*"])
+         "--preserve-permissions", "--xattrs", "--xattrs-include=*", "--exclude=./dev/*"])
     ctx.tar.unlink()
+    (ctx.tree / "dev").mkdir(mode=0o755, exist_ok=True)
+    disk.create_base_dev(ctx.tree)
 
 
 def write_manifest(ctx: BuildContext) -> None:

@@ -9,6 +9,8 @@ device-mapper: every filesystem is written straight into the image file.
 
 from __future__ import annotations
 
+import os
+import stat
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +60,29 @@ def write_fstab(tree: Path, layout: Layout) -> None:
         "# Written by the image pipeline: root and ESP by UUID.\n"
         f"UUID={layout.root_uuid} / ext4 defaults,errors=remount-ro 0 1\n"
         f"UUID={layout.esp_uuid} /boot/efi vfat umask=0077,nofail 0 2\n")
+
+
+# The /dev of a Debian tree as debootstrap makes it (setup_devices_simple): what a root
+# filesystem holds under the devtmpfs that boot mounts over it. name: (mode, major, minor).
+BASE_DEVICE_NODES = {"null": (0o666, 1, 3), "zero": (0o666, 1, 5), "full": (0o666, 1, 7),
+                     "random": (0o666, 1, 8), "urandom": (0o666, 1, 9), "tty": (0o666, 5, 0),
+                     "console": (0o600, 5, 1), "ptmx": (0o666, 5, 2)}
+BASE_DEV_LINKS = {"fd": "/proc/self/fd", "stdin": "/proc/self/fd/0", "stdout": "/proc/self/fd/1",
+                  "stderr": "/proc/self/fd/2"}
+BASE_DEV_DIRS = ("pts", "shm")
+BASE_DEV_NAMES = frozenset({*BASE_DEVICE_NODES, *BASE_DEV_LINKS, *BASE_DEV_DIRS})
+
+
+def create_base_dev(tree: Path) -> None:
+    """TREE/dev (empty) gets debootstrap's device nodes, links and directories."""
+    dev = tree / "dev"
+    for name, (mode, major, minor) in BASE_DEVICE_NODES.items():
+        os.mknod(dev / name, mode | stat.S_IFCHR, os.makedev(major, minor))
+        os.chmod(dev / name, mode)  # mknod applies the umask
+    for name, target in BASE_DEV_LINKS.items():
+        (dev / name).symlink_to(target)
+    for name in BASE_DEV_DIRS:
+        (dev / name).mkdir(mode=0o755)
 
 
 def create_mount_points(tree: Path) -> None:

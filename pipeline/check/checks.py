@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 from .. import manifest, selinux
+from ..disk import BASE_DEV_NAMES
 from ..manifest import parse_dpkg_status
 from ..progress import Timings, step
 from ..selinux import element_closure
@@ -128,6 +129,9 @@ LEFTOVERS: tuple[tuple[str, Callable[[FileEntry], bool]], ...] = (
     (".deb caches", lambda e: e.path.startswith("/var/cache/apt/archives/") and e.path.endswith(".deb")),
     ("shell history", lambda e: posixpath.basename(e.path) in HISTORY_FILES),
     ("non-empty logs", lambda e: e.path.startswith("/var/log/") and e.is_file and e.size > 0),
+    # A root filesystem's /dev holds debootstrap's few nodes; anything more was copied from the
+    # build host's /dev (disk-image-create's tar takes it while bind-mounted).
+    ("device nodes of the build host", lambda e: e.path.startswith("/dev/") and e.path[5:] not in BASE_DEV_NAMES),
     # What `cloud-init clean` removes: the build's own instance would be every clone's.
     ("cloud-init instance state",
      lambda e: re.fullmatch(r"/var/lib/cloud/(instance|(instances|data|sem)/.+)", e.path) is not None),
@@ -422,7 +426,8 @@ def check_world_writable(guest: Guest) -> Verdict:
 
 def check_leftovers(guest: Guest) -> Verdict:
     return (leftover_problems(guest.files),
-            "no resolv.conf copy, apt lists, .debs, shell history, logged lines or cloud-init instance state")
+            ("no resolv.conf copy, apt lists, .debs, shell history, logged lines, cloud-init instance state "
+             "or host device nodes"))
 
 
 def read_sshd_config(guest: Guest) -> tuple[str, dict[str, str]]:

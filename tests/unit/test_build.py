@@ -318,11 +318,15 @@ def test_the_tree_is_unpacked_into_memory_when_there_is_room(ctx, monkeypatch, a
     monkeypatch.setattr(build, "meminfo", lambda key: available_mib * 2**20)
     calls = []
     monkeypatch.setattr(build, "run", lambda argv, **kw: calls.append([str(a) for a in argv]))
+    monkeypatch.setattr(build.disk, "create_base_dev", lambda tree: calls.append(["base dev", str(tree)]))
     build.unpack_tree(ctx)
+    assert calls[-1] == ["base dev", str(ctx.tree)]
+    calls.pop()
     mounts = [argv for argv in calls if argv[0] == "mount"]
     assert mounts == ([["mount", "-t", "tmpfs", "-o", "mode=0755,size=856m", "tmpfs", str(ctx.tree)]]
                       if in_memory else [])
     assert calls[-1][:2] == ["tar", "--extract"] and not ctx.tar.exists()
+    assert "--exclude=./dev/*" in calls[-1]  # DIB's tar holds the build host's /dev
 
 
 def test_meminfo_reads_bytes(tmp_path):

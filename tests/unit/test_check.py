@@ -143,6 +143,9 @@ CLEAN = [
     regular("/var/log/libvirt/qemu/.placeholder"), regular("/usr/lib/x86_64-linux-gnu/libhistory.so.8", size=1),
     FileEntry("/var/lib/cloud", stat.S_IFDIR | 0o755, 4096), regular("/root/.bashrc", size=571),
     FileEntry("/tmp", stat.S_IFDIR | 0o1777, 4096), FileEntry("/usr/bin/sudo", stat.S_IFREG | 0o4755, 1),
+    FileEntry("/dev", stat.S_IFDIR | 0o755, 4096), FileEntry("/dev/null", stat.S_IFCHR | 0o666, 0),
+    FileEntry("/dev/console", stat.S_IFCHR | 0o600, 0), FileEntry("/dev/fd", stat.S_IFLNK | 0o777, 13),
+    FileEntry("/dev/pts", stat.S_IFDIR | 0o755, 4096),
 ]
 
 
@@ -164,6 +167,9 @@ def test_a_clean_image_has_no_leftovers_and_nothing_world_writable():
     (FileEntry("/var/lib/cloud/instance", stat.S_IFLNK | 0o777, 30), "cloud-init instance state"),
     (regular("/var/lib/cloud/instances/i-0123/user-data.txt", 0o600, 5), "cloud-init instance state"),
     (regular("/var/lib/cloud/data/instance-id", size=5), "cloud-init instance state"),
+    (FileEntry("/dev/kvm", stat.S_IFCHR | 0o660, 0), "device nodes of the build host"),
+    (FileEntry("/dev/cpu/0/cpuid", stat.S_IFCHR | 0o600, 0), "device nodes of the build host"),
+    (FileEntry("/dev/pts/0", stat.S_IFCHR | 0o620, 0), "device nodes of the build host"),
 ], ids=lambda value: value.path if isinstance(value, FileEntry) else "")
 def test_each_leftover_is_named_with_its_path(entry, kind):
     assert leftover_problems([*CLEAN, entry]) == [f"{kind}: {entry.path}"]
