@@ -196,8 +196,8 @@ IMAGE_TEST_RUNS = (
     ("host-image", None, ["test_publish_image.py", "test_publish_remote.py"]),
 )
 # After the first session, these run beside the ones above, in a second lane: a TCG VM leaves
-# much of the machine idle (SSH round trips, waits on cloud-init). The two lanes take about as
-# long. Bookworm (old stable) boots its two images once each, by UEFI: the default release
+# much of the machine idle (SSH round trips, waits on cloud-init). Bookworm (old stable) boots
+# its two images once each, by UEFI: the default release
 # carries the full matrix, and what differs by release is the packages and the policy, which
 # one boot proves.
 SECOND_LANE_TEST_RUNS = (
