@@ -275,7 +275,8 @@ def _detached(spec: ImageSpec, vm: Running, argv: list[str]) -> Running:
     with step(f"waiting for SSH on 127.0.0.1:{vm.port} (console log {vm.directory / 'console.log'})"):
         testvm.await_ssh([*vm.ssh_argv(), "--"], lambda: None if qemu_pid(vm.directory) else "it is gone", started,
                          testvm.SSH_DEADLINE, f"{spec.name}'s boot",
-                         f"{vm.directory / 'qemu.log'} and the console log {vm.directory / 'console.log'}")
+                         f"{vm.directory / 'qemu.log'} and the console log {vm.directory / 'console.log'}",
+                         vm.directory / "console.log")
     return Running(vm.image, vm.directory, pid, vm.port, vm.user, vm.identity, vm.detached)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -40,11 +41,24 @@ GUEST_HOST = "10.0.2.2"  # the host as QEMU's user network shows it to the guest
 # Extra NICs (bridge uplinks) sit at these PCI slots of the q35 root bus, so udev
 # names them enp0s8, enp0s9, ... whatever else the VM has.
 UPLINK_SLOT = 8
+CONSOLE_TAIL = 3  # console lines quoted when a boot's deadline passes
+ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|[\x00-\x08\x0b-\x1f\x7f]")  # firmware's colours and cursor moves
 
 
 class Firmware(StrEnum):
     BIOS = "bios"
     UEFI = "uefi"
+
+
+def plain_console(console: str) -> str:
+    """The console's text without the firmware's escape sequences, carriage returns as line ends."""
+    return ESCAPES.sub("", console.replace("\r", "\n"))
+
+
+def console_tail(console: str, lines: int = CONSOLE_TAIL) -> str:
+    """The last non-empty console lines, cleaned of escape sequences, as one line."""
+    cleaned = [text.strip() for text in plain_console(console).splitlines()]
+    return " | ".join([text for text in cleaned if text][-lines:]) or "(nothing)"
 
 
 def free_port() -> int:

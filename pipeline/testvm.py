@@ -22,7 +22,12 @@ from .run import run
 from .seed import Datasource, cloud_config, config_drive, nocloud_seed
 from .spec import ImageSpec
 
-SSH_DEADLINE = 420          # TCG boots reach SSH in 60-120 s; leave room for a loaded machine
+# TCG boots reach SSH in 60-240 s, and a loaded machine (CI, two VMs and a build on two cores)
+# may take several times that: wait while the console moves, up to the deadline; a console that
+# says nothing new for CONSOLE_STALL seconds is a hung boot.
+SSH_DEADLINE = 1200
+CONSOLE_STALL = 300
+SSH_POLL = 3  # seconds between SSH attempts
 GROWTH = 2**30              # the overlay is this much larger than the image, so growth is visible
 HOST_MEMORY_MIB = 3072      # a KVM host image runs throw-away guests of its own in the boot test
 # The default user of Debian's cloud-init (/etc/cloud/cloud.cfg): a cloud user logs in as it, not as root.
@@ -86,16 +91,38 @@ def resources(spec: ImageSpec) -> dict[str, int]:
 
 
 def await_ssh(ssh_argv: Sequence[str | Path], ended: Callable[[], str | None], started: float, deadline: float,
-              what: str, logs: str) -> float:
+              what: str, logs: str, console: Path | None = None, stall: float = CONSOLE_STALL) -> float:
     """Seconds from STARTED (time.monotonic) until `SSH_ARGV true` succeeds. BootTimeout, naming
-    WHAT and LOGS, once ENDED says how QEMU ended, or after DEADLINE seconds."""
-    while time.monotonic() - started < deadline:
+    WHAT and LOGS and quoting CONSOLE's last lines, once ENDED says how QEMU ended, after DEADLINE
+    seconds, or once CONSOLE has not grown for STALL seconds."""
+    console_size, moved = -1, time.monotonic()
+    while (now := time.monotonic()) - started < deadline:
         if (how := ended()) is not None:
-            raise BootTimeout(f"QEMU ended ({how}) before SSH was up; see {logs}")
+            raise BootTimeout(f"QEMU ended ({how}) before SSH was up; {_last_lines(console)}see {logs}")
+        if console is not None:
+            if (size := _size(console)) != console_size:
+                console_size, moved = size, now
+            elif now - moved > stall:
+                raise BootTimeout(f"{what} hung: no SSH, and nothing new on the console for {stall} s "
+                                  f"({round(now - started)} s after start); {_last_lines(console)}see {logs}")
         if run([*ssh_argv, "true"], capture=True, check=False, timeout=30).returncode == 0:
             return round(time.monotonic() - started, 1)
-        time.sleep(3)
-    raise BootTimeout(f"{what} did not reach SSH within {deadline} s; see {logs}")
+        time.sleep(SSH_POLL)
+    raise BootTimeout(f"{what} did not reach SSH within {deadline} s; {_last_lines(console)}see {logs}")
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _last_lines(console: Path | None) -> str:
+    """The console's last lines for an error message, or nothing without a console."""
+    if console is None or not console.exists():
+        return ""
+    return f"last console lines: {qemu.console_tail(console.read_bytes()[-4096:].decode(errors='replace'))}; "
 
 
 def ssh_config(alias: str, port: int, user: str, key: Path) -> str:
@@ -191,7 +218,7 @@ class VM(qemu.Machine):
         """Seconds from QEMU start until `ssh guest true` succeeds; BootTimeout after deadline."""
         self.boot_seconds = await_ssh(self.ssh_argv(), self.ended, self.started, deadline,
                                       f"{self.firmware} boot of {self.image.name}",
-                                      f"{self.workdir / 'qemu.log'} and console log {self.console}")
+                                      f"{self.workdir / 'qemu.log'} and console log {self.console}", self.console)
         return self.boot_seconds
 
     def ssh(self, command: list[str], *, check: bool = True, timeout: float = 120):

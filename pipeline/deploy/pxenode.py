@@ -30,7 +30,7 @@ from pathlib import Path
 
 from .. import qemu
 from ..errors import PipelineError, ToolMissing
-from ..qemu import GUEST_HOST, Firmware
+from ..qemu import GUEST_HOST, Firmware, console_tail, plain_console
 from ..run import ended, spawn
 from . import inventory as inventories
 from . import pxe, serve
@@ -39,14 +39,12 @@ from .inventory import Boot, Loader
 BOOT_DEADLINE = 300  # seconds from QEMU start to the kernel's command line; ~15-25 s under TCG here
 MEMORY_MIB = 1024  # the kernel and initrd fit, and the kernel starts; nothing more is asked of it
 POLL = 0.1  # seconds between looks at the console
-CONSOLE_TAIL = 3  # console lines quoted when the deadline passes
 NIC_ROM = "/usr/lib/ipxe/qemu/efi-virtio.rom"  # virtio-net-pci's default ROM: iPXE for BIOS and UEFI
 NIC_ROM_PACKAGE = "ipxe-qemu"
 # The two nodes of the test inventory: one per firmware, each the other's "wrong" node.
 NODES = {Firmware.BIOS: ("pxe-bios", "52:54:00:7e:00:01"), Firmware.UEFI: ("pxe-uefi", "52:54:00:7e:00:02")}
 # The kernel's first line that names its command line, after an optional printk time stamp.
 COMMAND_LINE = re.compile(r"^(?:\[\s*\d+\.\d+\]\s*)?Command line: (.*)$", re.MULTILINE)
-ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|[\x00-\x08\x0b-\x1f\x7f]")  # firmware's colours and cursor moves
 
 
 @dataclass(frozen=True)
@@ -81,17 +79,6 @@ def command_line(console: str) -> tuple[str, ...] | None:
 def kickstart_urls(args: tuple[str, ...]) -> list[str]:
     """The inst.ks= URLs of a kernel command line."""
     return [arg.split("=", 1)[1] for arg in args if arg.startswith("inst.ks=")]
-
-
-def plain_console(console: str) -> str:
-    """The console's text without the firmware's escape sequences, carriage returns as line ends."""
-    return ESCAPES.sub("", console.replace("\r", "\n"))
-
-
-def console_tail(console: str, lines: int = CONSOLE_TAIL) -> str:
-    """The last non-empty console lines, cleaned of escape sequences, as one line."""
-    cleaned = [text.strip() for text in plain_console(console).splitlines()]
-    return " | ".join([text for text in cleaned if text][-lines:]) or "(nothing)"
 
 
 @dataclass(frozen=True)

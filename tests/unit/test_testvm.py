@@ -1,0 +1,74 @@
+"""await_ssh's deadlines: a boot whose console keeps moving is waited for, a console that stops
+moving is a hung boot, and every timeout quotes the console's last lines. The gateway (run) is
+faked: no QEMU, no SSH."""
+
+import subprocess
+import time
+
+import pytest
+
+from pipeline import testvm
+
+
+@pytest.fixture
+def ssh(monkeypatch):
+    """A fake `ssh … true`: fails until .answer_at (time.monotonic) has passed; each attempt may
+    append to .console, as a boot that makes progress would."""
+    class FakeSsh:
+        answer_at = float("inf")
+        console = None
+        attempts = 0
+
+        def __call__(self, argv, **options):
+            self.attempts += 1
+            if self.console is not None:
+                with open(self.console, "a") as file:
+                    file.write(f"line {self.attempts}\r\n")
+            return subprocess.CompletedProcess(argv, 0 if time.monotonic() >= self.answer_at else 255, "", "")
+
+    fake = FakeSsh()
+    monkeypatch.setattr(testvm, "run", fake)
+    monkeypatch.setattr(testvm, "SSH_POLL", 0.01)
+    return fake
+
+
+def _wait(console, deadline=30.0, stall=0.2, ended=lambda: None):
+    return testvm.await_ssh(["ssh", "guest", "--"], ended, time.monotonic(), deadline, "uefi boot of x.qcow2",
+                            "qemu.log", console, stall)
+
+
+def test_a_boot_whose_console_moves_is_waited_for_past_the_stall_window(ssh, tmp_path):
+    ssh.console = tmp_path / "console.log"
+    ssh.answer_at = time.monotonic() + 1  # five stall windows, the console moving all along
+    assert _wait(ssh.console, stall=0.2) >= 1
+
+
+def test_a_console_that_stops_moving_is_a_hung_boot_and_its_last_lines_are_quoted(ssh, tmp_path):
+    console = tmp_path / "console.log"
+    console.write_text("[\x1b[0;32m  OK  \x1b[0m] Started ssh.service\r\nboot-test login: \r\n")
+    with pytest.raises(testvm.BootTimeout, match=r"^uefi boot of x\.qcow2 hung: no SSH, and nothing new on the "
+                       r"console for 0\.2 s \(0 s after start\); last console lines: \[  OK  \] Started "
+                       r"ssh\.service \| boot-test login:; see qemu\.log$"):
+        _wait(console)
+
+
+def test_the_deadline_holds_even_while_the_console_moves(ssh, tmp_path):
+    ssh.console = tmp_path / "console.log"
+    with pytest.raises(testvm.BootTimeout, match=r"did not reach SSH within 0\.3 s; last console lines: .*line \d+; "
+                       r"see qemu\.log$"):
+        _wait(ssh.console, deadline=0.3, stall=10)
+
+
+def test_qemu_ending_is_reported_at_once_with_the_console(ssh, tmp_path):
+    console = tmp_path / "console.log"
+    console.write_text("Kernel panic - not syncing: VFS\n")
+    with pytest.raises(testvm.BootTimeout, match=r"^QEMU ended \(exit status 1\) before SSH was up; last console "
+                       r"lines: Kernel panic - not syncing: VFS; see qemu\.log$"):
+        _wait(console, ended=lambda: "exit status 1")
+    assert ssh.attempts == 0
+
+
+def test_without_a_console_only_the_deadline_counts(ssh):
+    with pytest.raises(testvm.BootTimeout, match=r"^uefi boot of x\.qcow2 did not reach SSH within 0\.2 s; see "
+                       r"qemu\.log$"):
+        _wait(None, deadline=0.2, stall=0.01)
