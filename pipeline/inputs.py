@@ -29,8 +29,9 @@ from .spec import ImageSpec
 PACKAGE = "kvm-image-pipeline"
 PIPELINE_SOURCES = ROOT / "pipeline"
 SHORT = 8  # hex digits of the input hash in a version
-# Elements every build gets from the pipeline itself (pipeline.layer), whatever the spec says.
-PIPELINE_ELEMENTS = ("kvm-package-layer",)
+# Elements every build gets from the pipeline itself (the package layer, a private /dev),
+# whatever the spec says.
+PIPELINE_ELEMENTS = ("kvm-package-layer", "kvm-private-dev")
 
 
 @dataclass(frozen=True)

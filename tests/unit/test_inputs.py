@@ -53,11 +53,11 @@ def test_layer_key_ignores_changes_after_the_installs(tmp_path):
     assert layer.key(dataclasses.replace(spec, packages=("vim",)), inputs.resolved_elements(spec)) != key
 
 
-def test_every_build_gets_the_package_layer_element():
+def test_every_build_gets_the_package_layer_and_private_dev_elements():
     spec = specs.load().get("host-image")
-    assert inputs.dib_elements(spec) == ["debian-minimal", "kvm-host", "kvm-package-layer"]
+    assert inputs.dib_elements(spec) == ["debian-minimal", "kvm-host", "kvm-package-layer", "kvm-private-dev"]
     assert inputs.dib_elements(spec, pipeline_elements=False) == ["debian-minimal", "kvm-host"]
-    assert "kvm-package-layer" in {e.name for e in inputs.resolved_elements(spec)}
+    assert {"kvm-package-layer", "kvm-private-dev"} <= {e.name for e in inputs.resolved_elements(spec)}
 
 
 def test_layer_prepare_starts_from_debootstraps_base(tmp_path):
