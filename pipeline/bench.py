@@ -189,6 +189,7 @@ def summarize(spec: ImageSpec, results: list[dict]) -> dict:
     stages = {name: statistics.median(r["stages_s"][name] for r in results) for name in results[0]["stages_s"]}
     summary: dict[str, Any] = {
         "image": spec.name,
+        "release": spec.release,
         "runs": len(results),
         "median": {key: median(results, key) for key in results[0]
                    if isinstance(results[0][key], (int, float)) and not isinstance(results[0][key], bool)},
@@ -224,7 +225,7 @@ def _print(summary: dict) -> None:
     if "check_s" in m:
         rows += _check_and_boot_rows(summary)
     width = max(len(name) for name, _ in rows)
-    print(f"benchmark of {summary['image']}: medians of {summary['runs']} run(s)")
+    print(f"benchmark of {summary['image']} ({summary['release']}): medians of {summary['runs']} run(s)")
     for name, value in rows:
         print(f"  {name:<{width}}  {value:>10}")
 
