@@ -16,6 +16,7 @@ def ssh(monkeypatch):
     append to .console, as a boot that makes progress would."""
     class FakeSsh:
         answer_at = float("inf")
+        refusal = ""
         console = None
         attempts = 0
 
@@ -24,7 +25,9 @@ def ssh(monkeypatch):
             if self.console is not None:
                 with open(self.console, "a") as file:
                     file.write(f"line {self.attempts}\r\n")
-            return subprocess.CompletedProcess(argv, 0 if time.monotonic() >= self.answer_at else 255, "", "")
+            if time.monotonic() >= self.answer_at:
+                return subprocess.CompletedProcess(argv, 0, "", "")
+            return subprocess.CompletedProcess(argv, 255, "", self.refusal)
 
     fake = FakeSsh()
     monkeypatch.setattr(testvm, "run", fake)
@@ -46,8 +49,8 @@ def test_a_boot_whose_console_moves_is_waited_for_past_the_stall_window(ssh, tmp
 def test_a_console_that_stops_moving_is_a_hung_boot_and_its_last_lines_are_quoted(ssh, tmp_path):
     console = tmp_path / "console.log"
     console.write_text("[\x1b[0;32m  OK  \x1b[0m] Started ssh.service\r\nboot-test login: \r\n")
-    with pytest.raises(testvm.BootTimeout, match=r"^uefi boot of x\.qcow2 hung: no SSH, and nothing new on the "
-                       r"console for 0\.2 s \(0 s after start\); last console lines: \[  OK  \] Started "
+    with pytest.raises(testvm.BootTimeout, match=r"^uefi boot of x\.qcow2 stalled: no SSH login, and nothing new "
+                       r"on the console for 0\.2 s \(0 s after start\); last console lines: \[  OK  \] Started "
                        r"ssh\.service \| boot-test login:; see qemu\.log$"):
         _wait(console)
 
@@ -72,3 +75,14 @@ def test_without_a_console_only_the_deadline_counts(ssh):
     with pytest.raises(testvm.BootTimeout, match=r"^uefi boot of x\.qcow2 did not reach SSH within 0\.2 s; see "
                        r"qemu\.log$"):
         _wait(None, deadline=0.2, stall=0.01)
+
+
+def test_a_boot_that_is_up_but_refuses_the_key_says_so(ssh, tmp_path):
+    console = tmp_path / "console.log"
+    console.write_text("boot-test login: \n")
+    ssh.refusal = ("Warning: Permanently added '[127.0.0.1]:2222' to the list of known hosts.\r\n"
+                   "debian@127.0.0.1: Permission denied (publickey).\r\n")
+    with pytest.raises(testvm.BootTimeout, match=r"for 0\.2 s \(0 s after start\); last ssh error: "
+                       r"debian@127\.0\.0\.1: Permission denied \(publickey\)\.; last console lines: "
+                       r"boot-test login:; see qemu\.log$"):
+        _wait(console)
