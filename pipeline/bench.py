@@ -232,6 +232,8 @@ def _print(summary: dict) -> None:
 
 DIB_ALONE_TARGET = 1.10  # issue 14's targets
 PLAIN_DIB_TARGET = 0.9
+CHECK_AFTER_LAUNCH_TARGET_S = 5
+BOOT_TARGET_S = 60
 
 
 def _check_and_boot_rows(summary: dict) -> list[tuple[str, str]]:
@@ -239,9 +241,9 @@ def _check_and_boot_rows(summary: dict) -> list[tuple[str, str]]:
     return [
         ("offline check", f"{m['check_s']:.1f} s"),
         ("libguestfs appliance launch alone", f"{m['appliance_launch_s']:.1f} s"),
-        ("check - launch (target <= 10 s)", f"{summary['check_minus_launch_s']:.1f} s"),
-        ("boot to SSH-ready, BIOS", f"{m['boot_to_ssh_bios_s']:.1f} s"),
-        ("boot to SSH-ready, UEFI", f"{m['boot_to_ssh_uefi_s']:.1f} s"),
+        (f"check - launch (target <= {CHECK_AFTER_LAUNCH_TARGET_S} s)", f"{summary['check_minus_launch_s']:.1f} s"),
+        *((f"boot to SSH-ready, {firmware.upper()} (target <= {BOOT_TARGET_S} s)",
+           f"{m[f'boot_to_ssh_{firmware}_s']:.1f} s") for firmware in ("bios", "uefi")),
         (f"boot test, {BOOT_TEST_FIRMWARE} boot included", f"{m['boot_test_s']:.1f} s"),
         ("virtual size", f"{m['virtual_bytes'] / 2**30:.1f} GiB"),
         ("largest subprocess RSS, whole run (QEMU included)", f"{m['largest_process_rss_mib']} MiB"),

@@ -18,3 +18,15 @@ def test_the_summary_names_the_release_and_takes_medians_of_the_runs(capsys):
         assert "check_passed" not in summary["median"]  # a verdict, not a figure
         assert (summary["ratio_build_to_dib_alone"], summary["ratio_build_to_plain_dib"]) == (1.43, 1.33)
         assert "check_s" not in summary["median"] and "all_checks_and_boot_tests_passed" not in summary
+
+
+def test_the_table_states_issue_14s_targets_for_the_check_and_the_boots(capsys):
+    run = {**_run(200, 150, 160), "dib_own_s": 150.0, "layer_save_s": 5.0, "after_dib_s": 15.0, "other_s": 3.0,
+           "peak_memory_mib": 1400, "check_s": 16.0, "appliance_launch_s": 10.6, "boot_to_ssh_bios_s": 54.6,
+           "boot_to_ssh_uefi_s": 55.6, "boot_test_s": 191.2, "virtual_bytes": 3 * 2**30,
+           "largest_process_rss_mib": 200, "boot_test_passed": True}
+    bench._print(bench.summarize(specs.load().get("guest-image"), [run]))
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.split() == ["check", "-", "launch", "(target", "<=", "5", "s)", "5.4", "s"] for line in lines)
+    for firmware, seconds in (("BIOS", "54.6"), ("UEFI", "55.6")):
+        assert any(line.split()[-5:] == ["<=", "60", "s)", seconds, "s"] and firmware in line for line in lines)
