@@ -31,7 +31,8 @@ PIPELINE_SOURCES = ROOT / "pipeline"
 SHORT = 8  # hex digits of the input hash in a version
 # Elements every build gets from the pipeline itself (the package layer, a private /dev),
 # whatever the spec says.
-PIPELINE_ELEMENTS = ("kvm-package-layer", "kvm-private-dev")
+PACKAGE_LAYER_ELEMENT = "kvm-package-layer"  # pipeline.layer
+PIPELINE_ELEMENTS = (PACKAGE_LAYER_ELEMENT, "kvm-private-dev")
 
 
 @dataclass(frozen=True)

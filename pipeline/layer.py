@@ -35,11 +35,11 @@ from pathlib import Path
 from . import atomic, locking
 from .artifacts import read_json
 from .errors import PipelineError
-from .inputs import Element, dib_version, resolved_elements, tree_digest
+from .inputs import PACKAGE_LAYER_ELEMENT, Element, dib_version, resolved_elements, tree_digest
 from .manifest import sha256
 from .spec import ImageSpec
 
-ELEMENT = "kvm-package-layer"
+ELEMENT = PACKAGE_LAYER_ELEMENT
 MAX_AGE = 7 * 24 * 3600
 # Layers kept in the cache, most recently used first: one per image of images.toml (five: each
 # release's guest and host, and the installer), with room for a user's own. With fewer, building

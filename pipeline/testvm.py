@@ -95,7 +95,7 @@ def await_ssh(ssh_argv: Sequence[str | Path], ended: Callable[[], str | None], s
     """Seconds from STARTED (time.monotonic) until `SSH_ARGV true` succeeds. BootTimeout, naming
     WHAT and LOGS and quoting CONSOLE's last lines, once ENDED says how QEMU ended, after DEADLINE
     seconds, or once CONSOLE has not grown for STALL seconds."""
-    console_size, moved, refused = -1, time.monotonic(), ""
+    console_size, moved, last_ssh_error = -1, time.monotonic(), ""
     while (now := time.monotonic()) - started < deadline:
         if (how := ended()) is not None:
             raise BootTimeout(f"QEMU ended ({how}) before SSH was up; {_last_lines(console)}see {logs}")
@@ -104,15 +104,15 @@ def await_ssh(ssh_argv: Sequence[str | Path], ended: Callable[[], str | None], s
                 console_size, moved = size, now
             elif now - moved > stall:
                 raise BootTimeout(f"{what} stalled: no SSH login, and nothing new on the console for {stall} s "
-                                  f"({round(now - started)} s after start); {refused}{_last_lines(console)}"
+                                  f"({round(now - started)} s after start); {last_ssh_error}{_last_lines(console)}"
                                   f"see {logs}")
         attempt = run([*ssh_argv, "true"], capture=True, check=False, timeout=30)
         if attempt.returncode == 0:
             return round(time.monotonic() - started, 1)
         if errors := (attempt.stderr or "").strip().splitlines():
-            refused = f"last ssh error: {errors[-1]}; "  # a boot that is up but refuses the key says so
+            last_ssh_error = f"last ssh error: {errors[-1]}; "  # a boot that is up but refuses the key says so
         time.sleep(SSH_POLL)
-    raise BootTimeout(f"{what} did not reach SSH within {deadline} s; {refused}{_last_lines(console)}see {logs}")
+    raise BootTimeout(f"{what} did not reach SSH within {deadline} s; {last_ssh_error}{_last_lines(console)}see {logs}")
 
 
 def _size(path: Path) -> int:

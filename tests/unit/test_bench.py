@@ -9,7 +9,7 @@ def _run(build_s: float, dib_alone_s: float, plain_dib_s: float) -> dict:
             "plain_dib_s": plain_dib_s, "qcow2_bytes": 160_000_000, "check_passed": True}
 
 
-def test_the_summary_names_the_release_and_takes_medians_of_the_runs(capsys):
+def test_the_summary_names_the_release_and_takes_medians_of_the_runs():
     catalog = specs.load()
     for name, release in (("guest-image", "trixie"), ("guest-image-bookworm", "bookworm")):
         summary = bench.summarize(catalog.get(name), [_run(200, 150, 160), _run(190, 140, 150), _run(300, 100, 100)])
