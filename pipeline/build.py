@@ -319,8 +319,13 @@ def side_by_side(*lanes: tuple[tuple[str, Step], ...]) -> Step:
     return action
 
 
+# zstd compresses each cluster on its own: 256 KiB clusters gave a trixie guest 4.3% less than
+# the 64 KiB default, with no change in boot time under TCG (README, Benchmark).
+QCOW2_OPTIONS = "compression_type=zstd,cluster_size=262144"
+
+
 def convert(ctx: BuildContext) -> None:
-    run(["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "compression_type=zstd",
+    run(["qemu-img", "convert", "-c", "-f", "raw", "-O", "qcow2", "-o", QCOW2_OPTIONS,
          ctx.disk, ctx.work / ctx.artifacts.qcow2.name])
 
 
