@@ -163,9 +163,11 @@ def bridge_problems(spec: ImageSpec, declared: Ifupdown) -> list[str]:
         if stanza is None or stanza.get("ovs_type") != "OVSBridge":
             problems.append(f"{bridge.name}: no 'iface {bridge.name}' with ovs_type OVSBridge")
             continue
-        for klass in ("auto", "allow-ovs"):
-            if bridge.name not in declared.classes.get(klass, []):
-                problems.append(f"{bridge.name}: not in '{klass}'")
+        if bridge.name not in declared.classes.get("allow-ovs", []):
+            problems.append(f"{bridge.name}: not in 'allow-ovs'")
+        # networking.service raises `auto`, and cloud-init's network stage waits for it.
+        if bridge.name in declared.classes.get("auto", []):
+            problems.append(f"{bridge.name}: in 'auto', so logins wait for Open vSwitch")
         ports = stanza.get("ovs_ports", "").split()
         if bridge.uplink:
             port = declared.interfaces.get(bridge.uplink, {})

@@ -21,12 +21,10 @@ from pipeline.errors import PipelineError, ToolMissing
 # --- OVS bridges (ifupdown)
 
 OVS_BRIDGES = """\
-auto br-int
 allow-ovs br-int
 iface br-int inet manual
     ovs_type OVSBridge
 
-auto br-ex
 allow-ovs br-ex
 iface br-ex inet manual
     ovs_type OVSBridge
@@ -54,6 +52,7 @@ def test_bridges_as_the_host_spec_declares_them():
 
 @pytest.mark.parametrize("edit, problem", [
     (lambda t: t.replace("allow-ovs br-int\n", ""), "br-int: not in 'allow-ovs'"),
+    (lambda t: "auto br-ex\n" + t, "br-ex: in 'auto', so logins wait for Open vSwitch"),
     (lambda t: t.replace("    ovs_ports enp0s8   # the uplink\n", ""), "lacks uplink enp0s8"),
     (lambda t: t.replace("    ovs_bridge br-ex\n", ""), "enp0s8: not declared an OVSPort of br-ex"),
     (lambda t: t.replace("iface br-int inet manual\n    ovs_type OVSBridge\n", ""), "br-int: no 'iface br-int'"),
