@@ -21,7 +21,6 @@ import time
 from urllib.parse import unquote
 
 import pytest
-import testinfra
 
 # The host image's live tests, run again here on the installed UEFI node (through `root` below),
 # in test_host.py's order (pytest runs them in the order they are imported): the bridges are
@@ -34,6 +33,8 @@ from test_host import test_svirt_disks_carry_svirt_image_t_with_their_guests_cat
 from test_host import test_spec_bridges_exist_with_their_uplinks  # noqa: F401
 from test_host import test_ping_crosses_br_int_between_namespaces  # noqa: F401
 # isort: on
+
+from conftest import testinfra_host
 
 from pipeline.deploy import nodes
 from pipeline.deploy.pxenode import parse_access_log
@@ -81,13 +82,17 @@ def node(request, deployed) -> nodes.Node:
     return deployed(request.param)
 
 
-def remote(node: nodes.Node):
-    return testinfra.get_host("ssh://node", ssh_config=str(node.ssh_config))
+@pytest.fixture(scope="module")
+def remote(ssh_masters):
+    """remote(node): a testinfra host on NODE as root, its commands sharing one connection."""
+    def connect(node: nodes.Node):
+        return testinfra_host(node.ssh_config, "node", ssh_masters)
+    return connect
 
 
 # The host image's live tests above ask for `root` and `settled`: the installed UEFI node.
 @pytest.fixture(scope="module")
-def root(deployed):
+def root(deployed, remote):
     return remote(deployed(nodes.UEFI_NODE))
 
 
@@ -115,7 +120,7 @@ def test_the_node_fetched_its_own_files_then_reported_ok(site, node, spec):
     assert liveimg < requests.index(report[0]), requests
 
 
-def test_hostname_and_address_are_the_inventorys(node):
+def test_hostname_and_address_are_the_inventorys(node, remote):
     host = remote(node)
     assert host.check_output("hostname") == node.spec.name
     # The login itself came through the forward to this address; the NIC is the inventory's MAC.
@@ -127,25 +132,25 @@ def test_hostname_and_address_are_the_inventorys(node):
     assert addresses == [f"{node.spec.address}/24"]
 
 
-def test_kernel_command_line_has_the_roles_and_the_nodes_arguments(node, spec):
+def test_kernel_command_line_has_the_roles_and_the_nodes_arguments(node, spec, remote):
     words = remote(node).file("/proc/cmdline").content_string.split()
     for arg in (*spec.kernel_args, *node.spec.kernel_args):
         assert arg in words, words
 
 
-def test_enforcing_with_no_failed_units_and_no_relabel(node):
+def test_enforcing_with_no_failed_units_and_no_relabel(node, remote):
     host = remote(node)
     assert host.check_output("getenforce") == "Enforcing"
     assert host.check_output("systemctl list-units --failed --plain --no-legend") == ""
     assert not host.file("/.autorelabel").exists
 
 
-def test_no_selinux_denials_since_boot(node):
+def test_no_selinux_denials_since_boot(node, remote):
     audit = remote(node).run("ausearch --input-logs --start boot --raw --message AVC,USER_AVC,SELINUX_ERR")
     assert audit.rc == 1 and audit.stdout == "", audit.stdout[-4000:] + audit.stderr  # 1: none found
 
 
-def test_kickstart_system_settings_and_post_took_effect(node):
+def test_kickstart_system_settings_and_post_took_effect(node, remote):
     """rootpw --lock, timezone, and the inventory's own %post, whose new file is labeled as the
     policy says with no relabel at boot (the installer labels after %post)."""
     host = remote(node)
@@ -156,7 +161,7 @@ def test_kickstart_system_settings_and_post_took_effect(node):
     assert host.check_output(f"restorecon -n -v {nodes.POST_MARKER}") == ""
 
 
-def test_what_the_installer_wrote_carries_the_policys_labels(node):
+def test_what_the_installer_wrote_carries_the_policys_labels(node, remote):
     """The installer labels only what changed after the unpack: everywhere it and the kickstart
     write, on every file system (/boot is one of its own), nothing differs from the policy. Not
     the FAT ESP, whose mount gives the label, nor the images in /var/lib/libvirt/images, which
@@ -169,7 +174,7 @@ def test_what_the_installer_wrote_carries_the_policys_labels(node):
     assert check.rc == 0 and check.stdout == "", check.stdout[-4000:] + check.stderr
 
 
-def test_a_cloud_init_seed_disk_gives_the_installed_host_nothing(node):
+def test_a_cloud_init_seed_disk_gives_the_installed_host_nothing(node, remote):
     """Each installed node has had a seed disk in since power-on, one cloud-init takes on a cloud
     image (config-2 on one node, CIDATA on the other; the host image booted with such a disk let the
     new user in) with a new user and a key for the default user. The host sees the disk, and neither
@@ -186,13 +191,13 @@ def test_a_cloud_init_seed_disk_gives_the_installed_host_nothing(node):
     assert "status: disabled" in host.run("cloud-init status").stdout
 
 
-def test_root_is_on_the_volume_group(node):
+def test_root_is_on_the_volume_group(node, remote):
     host = remote(node)
     assert host.check_output("findmnt --noheadings --output SOURCE /") == "/dev/mapper/vg_root-root"
     assert host.check_output("lvs --noheadings -o vg_name,lv_name vg_root").split() == ["vg_root", "root"]
 
 
-def test_tuned_runs_the_roles_profile_and_verifies(node, spec):
+def test_tuned_runs_the_roles_profile_and_verifies(node, spec, remote):
     host = remote(node)
     assert host.check_output("tuned-adm active") == f"Current active profile: {spec.tuned_profile}"
     verify = host.run("tuned-adm verify")
@@ -203,7 +208,7 @@ def test_tuned_runs_the_roles_profile_and_verifies(node, spec):
 
 
 @pytest.fixture(scope="module")
-def uefi(deployed):
+def uefi(deployed, remote):
     return remote(deployed(nodes.UEFI_NODE))
 
 
