@@ -150,7 +150,7 @@ def ssh_masters():
     shutil.rmtree(masters, ignore_errors=True)
 
 
-def testinfra_host(ssh_config: Path, alias: str, masters: Path, **kwargs):
+def shared_connection_host(ssh_config: Path, alias: str, masters: Path, **kwargs):
     """A testinfra host for ALIAS in SSH_CONFIG whose commands share one connection. testinfra
     asks ssh for ControlMaster=auto and ControlPersist; the ControlPath is ours."""
     shared = ssh_config.with_name(f"{ssh_config.name}-shared")
@@ -161,13 +161,13 @@ def testinfra_host(ssh_config: Path, alias: str, masters: Path, **kwargs):
 @pytest.fixture(scope="session")
 def host(vm, ssh_masters):
     """The guest as a cloud user sees it: the default user, logged in with the seed's key."""
-    return testinfra_host(vm.ssh_config, "guest", ssh_masters)
+    return shared_connection_host(vm.ssh_config, "guest", ssh_masters)
 
 
 @pytest.fixture(scope="session")
 def root(vm, ssh_masters):
     """The same login, with sudo for what needs root."""
-    return testinfra_host(vm.ssh_config, "guest", ssh_masters, sudo=True)
+    return shared_connection_host(vm.ssh_config, "guest", ssh_masters, sudo=True)
 
 
 @pytest.fixture(scope="session")

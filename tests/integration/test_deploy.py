@@ -34,7 +34,7 @@ from test_host import test_spec_bridges_exist_with_their_uplinks  # noqa: F401
 from test_host import test_ping_crosses_br_int_between_namespaces  # noqa: F401
 # isort: on
 
-from conftest import testinfra_host
+from conftest import shared_connection_host
 
 from pipeline.deploy import nodes
 from pipeline.deploy.pxenode import parse_access_log
@@ -86,7 +86,7 @@ def node(request, deployed) -> nodes.Node:
 def remote(ssh_masters):
     """remote(node): a testinfra host on NODE as root, its commands sharing one connection."""
     def connect(node: nodes.Node):
-        return testinfra_host(node.ssh_config, "node", ssh_masters)
+        return shared_connection_host(node.ssh_config, "node", ssh_masters)
     return connect
 
 
