@@ -291,9 +291,9 @@ def test_missing_key_fails_before_any_build(monkeypatch, tmp_path):
 
 def test_later_images_are_built_while_the_first_session_runs(monkeypatch):
     """The first image is built, then its session runs while the later sessions' images (and the
-    installer) are built one after another. Then two lanes run side by side: the host's sessions,
-    and the guest's rebuild with bookworm's boots. The waits make this test fail on a timeout if
-    either pair ran one after the other."""
+    installer) are built one after another. Then two lanes run side by side: the host's deploy
+    and the guest's rebuild, and the host's boot, bookworm's boots and the host's publishing. The
+    waits make this test fail on a timeout if either pair ran one after the other."""
     events: list[str] = []
     building_later, second_lane_started = threading.Event(), threading.Event()
 
@@ -306,14 +306,14 @@ def test_later_images_are_built_while_the_first_session_runs(monkeypatch):
         if spec.name == "guest-image" and firmware == "both":
             assert building_later.wait(timeout=5), "the later images were not built beside the first session"
         if spec.name == "host-image":
-            assert second_lane_started.wait(timeout=5), "the second lane did not run beside the first"
+            second_lane_started.set()
         events.append(f"boot {spec.name}")
         return workflow.BootTestRun({"passed": True}, Path("log"))
 
     def image_tests(spec, output_dir, tests):
-        if spec.name == "guest-image":
-            second_lane_started.set()
-        events.append(f"tests {spec.name}")
+        if Path(tests[0]).name == "test_deploy.py":
+            assert second_lane_started.wait(timeout=5), "the second lane did not run beside the first"
+        events.append(f"tests {spec.name} {Path(tests[0]).name}")
 
     monkeypatch.setattr(tasks, "lint", lambda c: None)
     monkeypatch.setattr(tasks, "_pytest", lambda c, args: None)
@@ -326,10 +326,12 @@ def test_later_images_are_built_while_the_first_session_runs(monkeypatch):
                       "build host-image-bookworm", "build installer"]
     # No lane starts before the first session and the last build have ended.
     sessions = events[max(events.index("boot guest-image"), events.index("build installer")) + 1:]
-    assert [e for e in sessions if "host-image" in e and "bookworm" not in e] == [
-        "boot host-image", "tests host-image", "tests host-image"]
-    assert [e for e in sessions if "guest-image" in e or "bookworm" in e] == [
-        "tests guest-image", "boot guest-image-bookworm", "boot host-image-bookworm"]
+    first_lane = ["tests host-image test_deploy.py", "tests guest-image test_everyday.py"]
+    second_lane = ["boot host-image", "boot guest-image-bookworm", "boot host-image-bookworm",
+                   "tests host-image test_publish_image.py"]
+    assert sorted(sessions) == sorted(first_lane + second_lane)
+    assert [e for e in sessions if e in first_lane] == first_lane
+    assert [e for e in sessions if e in second_lane] == second_lane
 
 
 def test_an_image_without_tests_is_a_one_line_error(monkeypatch):
@@ -348,3 +350,16 @@ def test_list_aligns_its_columns_to_the_longest_name(capsys):
     # Each row's release starts in the same column, whatever the length of its name.
     assert len({row.index(f" {names[row[2:].split()[0]].release} ") for row in rows}) == 1
     assert rows[0].startswith("* host-image ")
+
+
+def test_every_publish_session_follows_its_images_boot_session_in_the_same_lane():
+    """Publishing needs the boot-test verdict: the lanes run side by side, so the session that
+    boots the image must be the first session or come earlier in the publish session's lane."""
+    first, *first_lane = tasks.IMAGE_TEST_RUNS
+    for lane in (first_lane, list(tasks.SECOND_LANE_TEST_RUNS)):
+        booted = {first[0]} if first[1] else set()
+        for name, firmware, files in lane:
+            if any(f.startswith("test_publish") for f in files):
+                assert name in booted, f"{name} is published before a session of its lane boots it"
+            if firmware:
+                booted.add(name)
