@@ -184,8 +184,9 @@ def lint(c, path=None):
 # is the one deployed by PXE and published. Each entry is one pytest session (so one
 # build and one boot per firmware); files run in the order given: test_build.py's last
 # test sees the artifact after the boots. A rebuild or publish session comes after the
-# session that booted its image in the same lane, since publishing needs the boot-test verdict:
-# a session that boots runs as the boot test does (pipeline.workflow.boot_test), which writes it.
+# session that booted its image (the first session, or an earlier one in its own lane), since
+# publishing needs the boot-test verdict: a session that boots runs as the boot test does
+# (pipeline.workflow.boot_test), which writes it.
 # The deploy test renders its tree from the built host image and needs no verdict.
 INTEGRATION = ROOT / "tests" / "integration"
 IMAGE_TEST_RUNS = (
@@ -195,11 +196,11 @@ IMAGE_TEST_RUNS = (
     ("guest-image", None, ["test_everyday.py", "test_rebuild.py", "test_interrupt.py"]),
 )
 # After the first session, these run beside the ones above, in a second lane: a TCG VM leaves
-# much of the machine idle (SSH round trips, waits on cloud-init). The lanes are balanced by
-# CI's session times at 695b12f: deploy 759 s and rebuild 249 s in the first; host 461 s,
-# bookworm's guest 252 s and host 396 s, and publish in the second. Bookworm (old stable)
-# boots its two images once each, by UEFI: the default release carries the full matrix, and
-# what differs by release is the packages and the policy, which one boot proves.
+# much of the machine idle (SSH round trips, waits on cloud-init). The longest session, the
+# deploy, leads the first lane; the README's Benchmark section has each session's time in CI.
+# Bookworm (old stable) boots its two images once each, by UEFI: the default release carries
+# the full matrix, and what differs by release is the packages and the policy, which one boot
+# proves.
 SECOND_LANE_TEST_RUNS = (
     ("host-image", "uefi", ["test_artifacts.py", "test_boot.py", "test_login.py", "test_build.py",
                             "test_host.py", "test_pxe_boot.py", "test_zz_final.py"]),
