@@ -29,10 +29,10 @@ from .spec import ImageSpec
 PACKAGE = "kvm-image-pipeline"
 PIPELINE_SOURCES = ROOT / "pipeline"
 SHORT = 8  # hex digits of the input hash in a version
-# Elements every build gets from the pipeline itself (the package layer, a private /dev),
-# whatever the spec says.
+# Elements every build gets from the pipeline itself (the package layer, a private /dev, build
+# speed), whatever the spec says.
 PACKAGE_LAYER_ELEMENT = "kvm-package-layer"  # pipeline.layer
-PIPELINE_ELEMENTS = (PACKAGE_LAYER_ELEMENT, "kvm-private-dev")
+PIPELINE_ELEMENTS = (PACKAGE_LAYER_ELEMENT, "kvm-private-dev", "kvm-build-speed")
 
 
 @dataclass(frozen=True)

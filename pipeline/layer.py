@@ -54,6 +54,9 @@ XATTRS = "xattrs.json"
 # What runs up to and during package installation, in an element's tree.
 BEFORE_INSTALL = ("root.d", "extra-data.d", "pre-install.d", "environment.d", "package-installs.yaml",
                   "pkg-map", "element-deps")
+# install.d hooks named before this one (the layer's save) run before the save: kvm-build-speed's
+# 01-zz-initramfs-once makes the initramfs that the layer keeps.
+SAVE_HOOK = "02-package-layer-save"
 
 
 def _tarball_name(spec: ImageSpec) -> str:
@@ -75,6 +78,10 @@ def key(spec: ImageSpec, elements: list[Element]) -> str:
                     tree_digest(digest, path)
                 elif path.is_file():
                     digest.update(hashlib.sha256(path.read_bytes()).digest())
+            for hook in sorted((element.path / "install.d").glob("*")):
+                if hook.name < SAVE_HOOK and element.name != ELEMENT:
+                    digest.update(f"{element.name}/install.d/{hook.name}\n".encode())
+                    digest.update(hashlib.sha256(hook.read_bytes()).digest())
     return digest.hexdigest()
 
 

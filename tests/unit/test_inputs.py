@@ -47,17 +47,25 @@ def test_layer_key_ignores_changes_after_the_installs(tmp_path):
     hook = copy / "kvm-base/post-install.d/60-lock-passwords"
     hook.write_text(hook.read_text() + "# changed\n")
     assert layer.key(spec, inputs.resolved_elements(spec)) == key
+    late_install_hook = copy / "selinux-enforcing/install.d/70-selinux-policy-modules"
+    late_install_hook.write_text(late_install_hook.read_text() + "# changed\n")
+    assert layer.key(spec, inputs.resolved_elements(spec)) == key
+    early_install_hook = copy / "kvm-build-speed/install.d/01-zz-initramfs-once"  # runs before the save
+    early_install_hook.write_text(early_install_hook.read_text() + "# changed\n")
+    assert layer.key(spec, inputs.resolved_elements(spec)) != key
+    key = layer.key(spec, inputs.resolved_elements(spec))
     packages = copy / "kvm-base/package-installs.yaml"
     packages.write_text(packages.read_text() + "htop:\n")
     assert layer.key(spec, inputs.resolved_elements(spec)) != key
     assert layer.key(dataclasses.replace(spec, packages=("vim",)), inputs.resolved_elements(spec)) != key
 
 
-def test_every_build_gets_the_package_layer_and_private_dev_elements():
+def test_every_build_gets_the_pipelines_own_elements():
     spec = specs.load().get("host-image")
-    assert inputs.dib_elements(spec) == ["debian-minimal", "kvm-host", "kvm-package-layer", "kvm-private-dev"]
+    assert inputs.dib_elements(spec) == ["debian-minimal", "kvm-host", *inputs.PIPELINE_ELEMENTS]
+    assert inputs.PIPELINE_ELEMENTS == ("kvm-package-layer", "kvm-private-dev", "kvm-build-speed")
     assert inputs.dib_elements(spec, pipeline_elements=False) == ["debian-minimal", "kvm-host"]
-    assert {"kvm-package-layer", "kvm-private-dev"} <= {e.name for e in inputs.resolved_elements(spec)}
+    assert set(inputs.PIPELINE_ELEMENTS) <= {e.name for e in inputs.resolved_elements(spec)}
 
 
 def test_layer_prepare_starts_from_debootstraps_base(tmp_path):
