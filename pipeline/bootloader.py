@@ -29,6 +29,7 @@ BLOCKLIST_ENTRY = 12                  # u64 start, u16 sectors, u16 segment
 PLATFORMS = ("i386-pc", "x86_64-efi")
 BIOS_MODULES = ("biosdisk", "part_gpt", "ext2", "search", "search_fs_uuid")
 EFI_MODULES = ("part_gpt", "ext2", "search", "search_fs_uuid")
+GRUB_FONT = "boot/grub/unicode.pf2"
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,9 @@ def install_modules(tree: Path) -> None:
         # /usr/lib/grub; our loaders are made by make_core_images and load modules from here.
         shutil.copytree(source, tree / "boot/grub" / platform, dirs_exist_ok=True,
                         ignore=shutil.ignore_patterns("monolithic"))
+    # grub-pc's postinst copies GRUB's font (2.4 MB) for a graphical menu; the terminal here is
+    # text and serial (write_config), and /usr/share/grub keeps the font for whoever wants one.
+    (tree / GRUB_FONT).unlink(missing_ok=True)
 
 
 def write_config(tree: Path, kernel: Kernel, root_uuid: str, cmdline: list[str]) -> None:

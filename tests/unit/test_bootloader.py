@@ -72,3 +72,12 @@ def test_modules_are_copied_without_the_prebuilt_loaders(tmp_path):
     for platform in bootloader.PLATFORMS:
         assert (tmp_path / "boot/grub" / platform / "normal.mod").read_bytes() == b"mod"
         assert not (tmp_path / "boot/grub" / platform / "monolithic").exists()
+
+
+def test_the_graphical_menus_font_is_left_out_of_boot(tmp_path):
+    for platform in bootloader.PLATFORMS:
+        (tmp_path / "usr/lib/grub" / platform).mkdir(parents=True)
+    (tmp_path / "boot/grub").mkdir(parents=True)
+    (tmp_path / bootloader.GRUB_FONT).write_bytes(b"font")
+    bootloader.install_modules(tmp_path)
+    assert not (tmp_path / bootloader.GRUB_FONT).exists()
