@@ -91,3 +91,13 @@ def test_sshd_refuses_passwords(root):
 def test_identity_made_on_first_boot(host):
     assert len(host.file("/etc/machine-id").content_string.strip()) == 32
     assert host.file("/etc/ssh/ssh_host_ed25519_key").exists
+
+
+@pytest.mark.parametrize("unit", ["ldconfig.service", "systemd-sysusers.service",
+                                  "systemd-journal-catalog-update.service"])
+def test_first_boot_redoes_no_build_step(host, unit):
+    """kvm-base leaves systemd-update-done's stamps, so the units that rebuild caches when /usr is
+    newer than them were started (their condition checked) and found nothing to do."""
+    checked = host.check_output(f"systemctl show --property=ConditionTimestampMonotonic --value {unit}")
+    assert int(checked) > 0, f"{unit} was not started at all"
+    assert host.check_output(f"systemctl show --property=ConditionResult --value {unit}") == "no"
