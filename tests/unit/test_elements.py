@@ -1,10 +1,16 @@
-"""Our elements follow diskimage-builder's conventions: its own dib-lint passes on them."""
+"""Our elements follow diskimage-builder's conventions: its own dib-lint passes on them, and no two
+of them name a hook alike."""
 
 import os
 import subprocess
 import sys
+from collections import defaultdict
 from pathlib import Path
 
+import pytest
+
+from pipeline import inputs
+from pipeline import spec as specs
 from pipeline.paths import ELEMENTS, ROOT
 
 
@@ -18,3 +24,14 @@ def test_dib_lint_passes_on_our_elements(tmp_path):
     errors = [line for line in result.stdout.splitlines() if line.startswith(("ERROR", "WARNING"))]
     assert result.returncode == 0 and not errors, "\n".join(errors) or result.stdout[-2000:] + result.stderr
     assert "Checking elements/kvm-host/post-install.d/60-ovs-bridges" in result.stdout  # it did look
+
+
+@pytest.mark.parametrize("image", [spec.name for spec in specs.load().images.values()])
+def test_no_two_elements_of_an_image_name_a_hook_alike(image):
+    """disk-image-create copies the hooks of a phase from every element of a build into one
+    directory, and refuses a duplicated name only once the build has started."""
+    owners = defaultdict(list)
+    for element in inputs.resolved_elements(specs.load().get(image)):
+        for hook in element.path.glob("*.d/*"):
+            owners[(hook.parent.name, hook.name)].append(element.name)
+    assert {key: names for key, names in owners.items() if len(names) > 1} == {}
