@@ -131,9 +131,12 @@ def _pytest(c, args: list[str]) -> None:
                                  "runs": "runs; medians are reported",
                                  "rebuilds": "measure rebuilds instead: cold, no change, after an element change, "
                                              "and publish time, for every image",
-                                 "publish-runs": "with --rebuilds: runs that also boot-test and publish (default 1)"})
+                                 "publish-runs": "with --rebuilds: runs that also boot-test and publish (default 1)",
+                                 "builds-only": "the cold builds and their ratios to DIB alone and plain DIB only: "
+                                                "no check, boots or boot test (a third of the time)"})
 @user_errors
-def bench(c, image, spec_file=None, output_dir=str(DEFAULT_OUTPUT), runs=1, rebuilds=False, publish_runs=1):
+def bench(c, image, spec_file=None, output_dir=str(DEFAULT_OUTPUT), runs=1, rebuilds=False, publish_runs=1,
+          builds_only=False):
     """Benchmark: stage times, peak memory, size, check and boot times, and DIB alone on the same elements.
 
     Every build is cold (fresh download cache). Writes build/bench/bench-NAME-TIME.json.
@@ -149,7 +152,8 @@ def bench(c, image, spec_file=None, output_dir=str(DEFAULT_OUTPUT), runs=1, rebu
             else [_disk_image(loaded.get(image), "benchmark")]
         benchmark.rebuild_benchmark(images, Path(output_dir), int(runs), int(publish_runs))
     else:
-        benchmark.benchmark(_disk_image(_spec(image, spec_file), "benchmark"), Path(output_dir), int(runs))
+        benchmark.benchmark(_disk_image(_spec(image, spec_file), "benchmark"), Path(output_dir), int(runs),
+                            builds_only=builds_only)
 
 
 # What ./inv lint checks by default; ruff's rules and mypy's settings are in pyproject.toml.

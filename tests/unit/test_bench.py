@@ -30,3 +30,16 @@ def test_the_table_states_issue_14s_targets_for_the_check_and_the_boots(capsys):
     assert any(line.split() == ["check", "-", "launch", "(target", "<=", "5", "s)", "5.4", "s"] for line in lines)
     for firmware, seconds in (("BIOS", "54.6"), ("UEFI", "55.6")):
         assert any(line.split()[-5:] == ["<=", "60", "s)", seconds, "s"] and firmware in line for line in lines)
+
+
+def test_the_task_runs_the_builds_alone_when_asked(monkeypatch, tmp_path):
+    from invoke import Context
+
+    import tasks
+
+    calls = []
+    monkeypatch.setattr(bench, "benchmark", lambda spec, output_dir, runs, builds_only=False:
+                        calls.append((spec.name, runs, builds_only)))
+    tasks.bench(Context(), "guest-image", output_dir=str(tmp_path), runs=3, builds_only=True)
+    tasks.bench(Context(), "guest-image", output_dir=str(tmp_path))
+    assert calls == [("guest-image", 3, True), ("guest-image", 1, False)]
