@@ -153,3 +153,8 @@ def test_declared_licenses_from_machine_readable_copyright_files(tmp_path):
     assert manifest.declared_licenses(tmp_path, names) == {
         "demo": ["GPL-2+", "BSD-3-clause"], "demo-dev": ["GPL-2+", "BSD-3-clause"],
         "demo-abs": ["GPL-2+", "BSD-3-clause"]}
+
+
+def test_the_layer_key_names_the_save_hook_that_exists():
+    """The key covers install.d hooks named before layer.SAVE_HOOK: that must be the save's name."""
+    assert (ELEMENTS / layer.ELEMENT / "install.d" / layer.SAVE_HOOK).is_file()
