@@ -55,7 +55,8 @@ XATTRS = "xattrs.json"
 BEFORE_INSTALL = ("root.d", "extra-data.d", "pre-install.d", "environment.d", "package-installs.yaml",
                   "pkg-map", "element-deps")
 # install.d hooks named before this one (the layer's save) run before the save: kvm-build-speed's
-# 01-zz-initramfs-once makes the initramfs that the layer keeps.
+# 01-zz-initramfs-once makes the initramfs that the layer keeps, and 01-zzz-policy-build-wait
+# waits for the policy build whose store it keeps.
 SAVE_HOOK = "02-package-layer-save"
 
 
