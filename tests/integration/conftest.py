@@ -214,6 +214,10 @@ def expected_denial() -> tuple[str, str]:
     return EXPECTED_DENIAL
 
 
+# Where the image keeps its compiled policy (policy.NN), as load_policy reads it.
+POLICY_DIR = "/etc/selinux/default/policy"
+
+
 @pytest.fixture(scope="session")
 def policy_without_dontaudit(artifacts, tmp_path_factory) -> Path:
     """The image's policy with its dontaudit rules left out, as `semodule -DB` builds it in the
@@ -221,12 +225,14 @@ def policy_without_dontaudit(artifacts, tmp_path_factory) -> Path:
     natively here (seconds) instead of under TCG in the guest (60-90 s a boot). Docs, kernel
     modules and firmware are not unpacked: semodule reads none of them."""
     tree = tmp_path_factory.mktemp("policy-tree")
-    run(["tar", "-xzf", artifacts.liveimg, "-C", tree, "--exclude=./usr/share", "--exclude=./usr/lib/modules",
-         "--exclude=./usr/lib/firmware", "--exclude=./boot"], timeout=600)
-    run(["chroot", tree, "semodule", "--disable_dontaudit", "--build", "--noreload"], timeout=600)
-    built = sorted((tree / "etc/selinux/default/policy").glob("policy.*"))
-    assert len(built) == 1, f"expected one policy binary, found {built}"
-    policy = tmp_path_factory.mktemp("policy-without-dontaudit") / built[0].name
-    shutil.copyfile(built[0], policy)
-    shutil.rmtree(tree)  # a few hundred MiB a session
+    try:
+        run(["tar", "-xzf", artifacts.liveimg, "-C", tree, "--exclude=./usr/share", "--exclude=./usr/lib/modules",
+             "--exclude=./usr/lib/firmware", "--exclude=./boot"], timeout=600)
+        run(["chroot", tree, "semodule", "--disable_dontaudit", "--build", "--noreload"], timeout=600)
+        built = sorted((tree / POLICY_DIR.lstrip("/")).glob("policy.*"))
+        assert len(built) == 1, f"expected one policy binary, found {built}"
+        policy = tmp_path_factory.mktemp("policy-without-dontaudit") / built[0].name
+        shutil.copyfile(built[0], policy)
+    finally:
+        shutil.rmtree(tree)  # a few hundred MiB a session, failed or not
     return policy

@@ -8,7 +8,7 @@ import re
 import shlex
 from collections import defaultdict
 
-from conftest import KEY_USER, attempt_logins
+from conftest import KEY_USER, POLICY_DIR, attempt_logins
 
 from pipeline.run import run
 from pipeline.testvm import CLOUD_USER
@@ -17,7 +17,6 @@ EVENT_ID = re.compile(r"msg=audit\(([\d.]+:\d+)\)")
 # --input-logs: without it ausearch reads stdin whenever stdin is not a terminal,
 # as over SSH, and finds nothing there.
 AUSEARCH = "ausearch --input-logs --start boot --raw --message"
-POLICY_DIR = "/etc/selinux/default/policy/"
 LOADED_POLICY = "/sys/fs/selinux/policy"  # what the kernel enforces, as it writes it out
 # Run by root in the guest, the policy on stdin: swap it in for load_policy, then put the
 # image's file back (cat keeps the file's inode, so its label).
@@ -129,10 +128,10 @@ def test_no_hidden_denials_while_users_log_in(root, vm, settled, policy_without_
     with `semodule -DB` outside the guest (the fixture); load_policy loads it into the guest's
     kernel, as `semodule -DB` in the guest would, and the file on disk is put back at once. The
     rules are not brought back: this is the boot's last test, and the VM is thrown away next."""
-    installed = root.check_output("ls /etc/selinux/default/policy")
+    installed = root.check_output(f"ls {POLICY_DIR}")
     assert installed == policy_without_dontaudit.name, "the guest's policy version differs from the tree's"
     before = root.check_output(f"sha256sum < {LOADED_POLICY}")
-    swap_and_load = LOAD_WITHOUT_DONTAUDIT.format(policy=POLICY_DIR + installed)
+    swap_and_load = LOAD_WITHOUT_DONTAUDIT.format(policy=f"{POLICY_DIR}/{installed}")
     loaded = run([*vm.ssh_argv(), f"sudo sh -c {shlex.quote(swap_and_load)}"],
                  input=policy_without_dontaudit.read_bytes(), capture=True, check=False, timeout=300)
     assert loaded.returncode == 0, loaded.stderr
