@@ -51,9 +51,10 @@ KEEP = 8
 LOCK_TIMEOUT = 3600
 RECORD = "layer.json"
 XATTRS = "xattrs.json"
-# What runs up to and during package installation, in an element's tree.
+# What runs up to and during package installation, in an element's tree (bin/: the commands
+# its hooks call, as kvm-build-speed's pre-install.d does).
 BEFORE_INSTALL = ("root.d", "extra-data.d", "pre-install.d", "environment.d", "package-installs.yaml",
-                  "pkg-map", "element-deps")
+                  "pkg-map", "element-deps", "bin")
 # install.d hooks named before this one (the layer's save) run before the save: kvm-build-speed's
 # 01-zz-initramfs-once makes the initramfs that the layer keeps, and 01-zzz-policy-build-wait
 # waits for the policy build whose store it keeps.

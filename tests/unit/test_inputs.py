@@ -47,10 +47,14 @@ def test_layer_key_ignores_changes_after_the_installs(tmp_path):
     hook = copy / "kvm-base/post-install.d/60-lock-passwords"
     hook.write_text(hook.read_text() + "# changed\n")
     assert layer.key(spec, inputs.resolved_elements(spec)) == key
-    late_install_hook = copy / "selinux-enforcing/install.d/70-selinux-policy-modules"
+    late_install_hook = copy / "selinux-enforcing/install.d/05-selinux-policy-modules"
     late_install_hook.write_text(late_install_hook.read_text() + "# changed\n")
     assert layer.key(spec, inputs.resolved_elements(spec)) == key
     early_install_hook = copy / "kvm-build-speed/install.d/01-zz-initramfs-once"  # runs before the save
+    early_install_hook.write_text(early_install_hook.read_text() + "# changed\n")
+    assert layer.key(spec, inputs.resolved_elements(spec)) != key
+    key = layer.key(spec, inputs.resolved_elements(spec))
+    early_install_hook = copy / "kvm-build-speed/bin/kvm-build-speed-defer-semodule"  # pre-install.d runs it
     early_install_hook.write_text(early_install_hook.read_text() + "# changed\n")
     assert layer.key(spec, inputs.resolved_elements(spec)) != key
     key = layer.key(spec, inputs.resolved_elements(spec))
