@@ -133,20 +133,25 @@ def _pytest(c, args: list[str]) -> None:
                                              "and publish time, for every image",
                                  "publish-runs": "with --rebuilds: runs that also boot-test and publish (default 1)",
                                  "builds-only": "the cold builds and their ratios to DIB alone and plain DIB only: "
-                                                "no check, boots or boot test (a third of the time)"})
+                                                "no check, boots or boot test (a third of the time)",
+                                 "boots": "boot the built IMAGE --runs times by BIOS and by UEFI, no build: seconds "
+                                          "to SSH-ready and systemd-analyze's critical chain of each boot"})
 @user_errors
 def bench(c, image, spec_file=None, output_dir=str(DEFAULT_OUTPUT), runs=1, rebuilds=False, publish_runs=1,
-          builds_only=False):
+          builds_only=False, boots=False):
     """Benchmark: stage times, peak memory, size, check and boot times, and DIB alone on the same elements.
 
     Every build is cold (fresh download cache). Writes build/bench/bench-NAME-TIME.json.
     With --rebuilds, for every image in one run: a cold build, a rebuild with nothing changed,
     a rebuild after a change to one of our elements (package layer and download cache warm),
-    and, in the first --publish-runs runs, its boot test and publish time.
+    and, in the first --publish-runs runs, its boot test and publish time. With --boots, the
+    built artifact is booted instead (build/bench/boots-NAME-TIME.json).
     """
     from pipeline import bench as benchmark
 
-    if rebuilds:
+    if boots:
+        benchmark.boot_benchmark(_disk_image(_spec(image, spec_file), "benchmark"), Path(output_dir), int(runs))
+    elif rebuilds:
         loaded = specs.load(Path(spec_file) if spec_file else SPEC_FILE)
         images = [i for i in loaded.images.values() if not i.is_netboot] if image == "all" \
             else [_disk_image(loaded.get(image), "benchmark")]

@@ -350,3 +350,62 @@ def _rebuild_summary(runs: list[dict]) -> dict:
     medians[f"no_change_target_<={NO_CHANGE_TARGET_S}s"] = medians["no_change_s"] <= NO_CHANGE_TARGET_S
     medians["all_checks_passed"] = all(r["check_passed"] for r in runs)
     return medians
+
+
+# --- boots (./inv bench IMAGE --boots): boot to SSH-ready of the built artifact, and why
+
+
+BOOT_SETTLE_S = 600  # the boot test's own deadline for systemd to finish starting up
+# Asked once systemd has finished: its own account of the boot and of SSH's wait.
+BOOT_REPORT = {
+    "systemd_analyze": ["systemd-analyze"],
+    "critical_chain_ssh": ["systemd-analyze", "critical-chain", "ssh.service"],
+    "blame": ["sh", "-c", "systemd-analyze blame | head -15"],
+}
+
+
+def boot_run(spec: ImageSpec, qcow2: Path, firmware: qemu.Firmware, workdir: Path) -> dict:
+    """One boot of the artifact to SSH-ready; then, once systemd has finished, its own account."""
+    vm = testvm.boot_spec(spec, qcow2, firmware, workdir)
+    try:
+        figures: dict[str, Any] = {"boot_to_ssh_s": vm.boot_seconds}
+        vm.ssh(["timeout", str(BOOT_SETTLE_S), "systemctl", "is-system-running", "--wait"], check=False,
+               timeout=BOOT_SETTLE_S + 30)
+        for name, command in BOOT_REPORT.items():
+            figures[name] = vm.ssh(command, check=False).stdout.strip()
+    finally:
+        vm.stop()
+    return figures
+
+
+def boot_benchmark(spec: ImageSpec, output_dir: Path, runs: int) -> Path:
+    """Boot the built artifact RUNS times by each firmware: seconds to SSH-ready (medians), with
+    systemd-analyze's critical chain of ssh.service for each boot."""
+    tools.require(*tools.BOOT_TOOLS)
+    art = artifacts.artifacts_for(spec, output_dir)
+    art.read_info()  # a clear error if it was never built
+    scratch = Path(output_dir).resolve() / "bench"
+    scratch.mkdir(parents=True, exist_ok=True)
+    report = scratch / f"boots-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    results: dict[str, list[dict]] = {firmware: [] for firmware in qemu.Firmware}
+    summary: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(dir=scratch) as workdir:
+        for index in range(1, runs + 1):
+            for firmware in qemu.Firmware:  # alternated, so a noisy minute does not hit one firmware only
+                with step(f"run {index}: boot {spec.name} to SSH ({firmware})"):
+                    results[firmware].append(boot_run(spec, art.qcow2, firmware, Path(workdir) / f"{firmware}-{index}"))
+                summary = {"image": spec.name, "qcow2_sha256": art.read_info().get("qcow2_sha256"), "runs": index,
+                           "accelerator": qemu.accelerator()[0],
+                           "median_boot_to_ssh_s": {f: statistics.median(r["boot_to_ssh_s"] for r in found)
+                                                    for f, found in results.items() if found}}
+                partial = report.with_suffix(".tmp")
+                partial.write_text(json.dumps({"summary": summary, "runs": results}, indent=2) + "\n")
+                partial.replace(report)
+    for name, found in results.items():
+        seconds = ", ".join(f"{r['boot_to_ssh_s']:.1f}" for r in found)
+        print(f"boot of {spec.name} to SSH-ready, {name.upper()} (target <= {BOOT_TARGET_S} s): "
+              f"median {summary['median_boot_to_ssh_s'][name]:.1f} s ({seconds})")
+        last = found[-1]["systemd_analyze"].splitlines()
+        print(f"  last run's systemd-analyze: {last[0] if last else '-'}")
+    say(f"full results, with each boot's critical chain: {report}")
+    return report

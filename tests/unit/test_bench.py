@@ -1,7 +1,10 @@
 """The benchmark's summary: medians over runs, both build ratios, the image's release."""
 
+import pytest
+
 from pipeline import bench
 from pipeline import spec as specs
+from pipeline.errors import PipelineError
 
 
 def _run(build_s: float, dib_alone_s: float, plain_dib_s: float) -> dict:
@@ -43,3 +46,22 @@ def test_the_task_runs_the_builds_alone_when_asked(monkeypatch, tmp_path):
     tasks.bench(Context(), "guest-image", output_dir=str(tmp_path), runs=3, builds_only=True)
     tasks.bench(Context(), "guest-image", output_dir=str(tmp_path))
     assert calls == [("guest-image", 3, True), ("guest-image", 1, False)]
+
+
+def test_the_task_boots_the_built_image_when_asked(monkeypatch, tmp_path):
+    from invoke import Context
+
+    import tasks
+
+    calls = []
+    monkeypatch.setattr(bench, "boot_benchmark", lambda spec, output_dir, runs: calls.append((spec.name, runs)))
+    monkeypatch.setattr(bench, "benchmark", lambda *args, **kwargs: calls.append("build"))
+    tasks.bench(Context(), "host-image", output_dir=str(tmp_path), runs=2, boots=True)
+    assert calls == [("host-image", 2)]
+
+
+def test_boots_need_a_built_image(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench.tools, "require", lambda *tools: None)
+    with pytest.raises(PipelineError, match=r"run \./inv build guest-image"):
+        bench.boot_benchmark(specs.load().get("guest-image"), tmp_path, 1)
+    assert not list(tmp_path.rglob("boots-*.json"))
