@@ -20,8 +20,12 @@ def ssh(monkeypatch):
         console = None
         attempts = 0
 
+        hangs = 0  # the first attempts that time out, as a login that is too slow does
+
         def __call__(self, argv, **options):
             self.attempts += 1
+            if self.attempts <= self.hangs:
+                raise testvm.CommandTimedOut(argv, options["timeout"])
             if self.console is not None:
                 with open(self.console, "a") as file:
                     file.write(f"line {self.attempts}\r\n")
@@ -86,3 +90,16 @@ def test_a_boot_that_is_up_but_refuses_the_key_says_so(ssh, tmp_path):
                        r"debian@127\.0\.0\.1: Permission denied \(publickey\)\.; last console lines: "
                        r"boot-test login:; see qemu\.log$"):
         _wait(console)
+
+
+def test_an_attempt_that_times_out_is_retried_within_the_deadline(ssh):
+    ssh.hangs, ssh.answer_at = 2, time.monotonic()
+    assert _wait(None) >= 0
+    assert ssh.attempts == 3
+
+
+def test_attempts_that_keep_timing_out_end_at_the_deadline_and_say_so(ssh):
+    ssh.hangs = 10**6
+    with pytest.raises(testvm.BootTimeout, match=r"did not reach SSH within 0\.2 s; last ssh attempt: no answer "
+                       r"within 30 s; see qemu\.log$"):
+        _wait(None, deadline=0.2)
