@@ -355,7 +355,7 @@ def _rebuild_summary(runs: list[dict]) -> dict:
 # --- boots (./inv bench IMAGE --boots): boot to SSH-ready of the built artifact, and why
 
 
-BOOT_SETTLE_S = 600  # the boot test's own deadline for systemd to finish starting up
+BOOT_SETTLE_S = 600  # for systemd to finish starting up: twice the boot test's settle deadline
 # Asked once systemd has finished: its own account of the boot and of SSH's wait.
 BOOT_REPORT = {
     "systemd_analyze": ["systemd-analyze"],
@@ -383,7 +383,7 @@ def boot_benchmark(spec: ImageSpec, output_dir: Path, runs: int) -> Path:
     systemd-analyze's critical chain of ssh.service for each boot."""
     tools.require(*tools.BOOT_TOOLS)
     art = artifacts.artifacts_for(spec, output_dir)
-    art.read_info()  # a clear error if it was never built
+    qcow2_sha256 = art.read_info().get("qcow2_sha256")  # a clear error if it was never built
     scratch = Path(output_dir).resolve() / "bench"
     scratch.mkdir(parents=True, exist_ok=True)
     report = scratch / f"boots-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
@@ -394,7 +394,7 @@ def boot_benchmark(spec: ImageSpec, output_dir: Path, runs: int) -> Path:
             for firmware in qemu.Firmware:  # alternated, so a noisy minute does not hit one firmware only
                 with step(f"run {index}: boot {spec.name} to SSH ({firmware})"):
                     results[firmware].append(boot_run(spec, art.qcow2, firmware, Path(workdir) / f"{firmware}-{index}"))
-                summary = {"image": spec.name, "qcow2_sha256": art.read_info().get("qcow2_sha256"), "runs": index,
+                summary = {"image": spec.name, "qcow2_sha256": qcow2_sha256, "runs": index,
                            "accelerator": qemu.accelerator()[0],
                            "median_boot_to_ssh_s": {f: statistics.median(r["boot_to_ssh_s"] for r in found)
                                                     for f, found in results.items() if found}}

@@ -54,8 +54,8 @@ def test_layer_key_ignores_changes_after_the_installs(tmp_path):
     early_install_hook.write_text(early_install_hook.read_text() + "# changed\n")
     assert layer.key(spec, inputs.resolved_elements(spec)) != key
     key = layer.key(spec, inputs.resolved_elements(spec))
-    early_install_hook = copy / "kvm-build-speed/bin/kvm-build-speed-defer-semodule"  # pre-install.d runs it
-    early_install_hook.write_text(early_install_hook.read_text() + "# changed\n")
+    stub_command = copy / "kvm-build-speed/bin/kvm-build-speed-defer-semodule"  # pre-install.d runs it
+    stub_command.write_text(stub_command.read_text() + "# changed\n")
     assert layer.key(spec, inputs.resolved_elements(spec)) != key
     key = layer.key(spec, inputs.resolved_elements(spec))
     packages = copy / "kvm-base/package-installs.yaml"
