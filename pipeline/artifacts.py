@@ -120,6 +120,10 @@ class Artifacts:
     def logs(self) -> Path:
         return self.directory / "logs"
 
+    def boot_workdir(self, firmware: str) -> Path:
+        """Where a boot test's VM by FIRMWARE keeps its console log, kept after the session."""
+        return self.directory / f"boot-{firmware}"
+
     @property
     def published(self) -> tuple[Path, ...]:
         """The files a publish copies as they are."""

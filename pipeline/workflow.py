@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 import xml.etree.ElementTree as ElementTree
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,13 +25,14 @@ from .artifacts import BOOT_TEST, artifacts_for
 from .errors import PipelineError
 from .paths import BOOT_TESTS, ROOT
 from .progress import echo, say, step
-from .qemu import Firmware
+from .qemu import Firmware, console_tail
 from .run import run
 from .spec import ImageSpec
 
 FINAL_CHECK = "test_no_avc_denials_since_boot"
 _FINAL_CHECK_CASE = re.compile(rf"{FINAL_CHECK}\[(?P<firmware>[a-z]+)\]")
 FIRMWARE_CHOICES = ("both", *Firmware)
+FAILED_CONSOLE_TAIL = 25  # console lines printed after a failed boot test
 
 
 def firmwares(choice: str) -> list[Firmware]:
@@ -130,7 +131,18 @@ def boot_test(spec: ImageSpec, output_dir: Path, firmware: str = "both", *,
     atomic.write_json(art.boot_report, judged)
     say(f"boot test of {spec.name}: {'passed' if judged['passed'] else 'failed'} "
         f"({judged['failed']} of {judged['tests']} tests failed); verdict in {art.boot_report}")
+    if not judged["passed"]:
+        _say_console_tails(art.boot_workdir(firmware) / "console.log" for firmware in asked)
     return BootTestRun(judged, log)
+
+
+def _say_console_tails(consoles: Iterable[Path], lines: int = FAILED_CONSOLE_TAIL) -> None:
+    """The last lines of each kept console log: a guest that stopped answering (a kernel
+    message, a hang) shows there, and CI keeps only the end of the output."""
+    for console in consoles:
+        if console.exists():
+            tail = console_tail(console.read_bytes()[-16384:].decode(errors="replace"), lines)
+            say(f"{console}'s last lines: {tail}")
 
 
 def image_tests(spec: ImageSpec, output_dir: Path, tests: Sequence[str]) -> None:

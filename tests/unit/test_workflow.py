@@ -106,6 +106,27 @@ def test_one_failed_test_fails_the_verdict(monkeypatch, guest, tmp_path, outcome
     assert not artifacts_for(guest, tmp_path).passed(BOOT_TEST)
 
 
+def test_a_failed_boot_test_prints_the_end_of_each_kept_console(monkeypatch, guest, tmp_path, capsys):
+    """A guest that stopped answering mid-session leaves its last words on the console: CI,
+    which keeps only the end of the output, shows them."""
+    console = artifacts_for(guest, tmp_path).boot_workdir("bios") / "console.log"
+    console.parent.mkdir(parents=True)
+    console.write_text("early line\r\n" + "".join(f"line {n}\r\n" for n in range(40)) + "\x1b[0mrcu: INFO stall\r\n")
+    cases = [("test_ssh_ready[bios]", "failure"), *ALL_PASSED_BOTH[1:]]
+    boot_test(monkeypatch, guest, tmp_path, junit(cases), returncode=1)
+    printed = capsys.readouterr().err
+    assert f"{console}'s last lines: line 16 | " in printed and "line 39 | rcu: INFO stall" in printed
+    assert "early line" not in printed and "line 15 " not in printed
+
+
+def test_a_passed_boot_test_prints_no_console(monkeypatch, guest, tmp_path, capsys):
+    console = artifacts_for(guest, tmp_path).boot_workdir("bios") / "console.log"
+    console.parent.mkdir(parents=True)
+    console.write_text("booted\r\n")
+    boot_test(monkeypatch, guest, tmp_path, junit(ALL_PASSED_BOTH))
+    assert "last lines" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("final_uefi", [None, "skipped"], ids=["missing", "skipped"])
 def test_final_check_not_passed_on_one_firmware_fails_the_verdict(monkeypatch, guest, tmp_path, final_uefi):
     """pytest exits 0 when the denial check was never collected (or skipped) for one firmware:
