@@ -219,6 +219,10 @@ SECOND_LANE_TEST_RUNS = (
                                      "test_host.py", "test_zz_final.py"]),
     ("host-image", None, ["test_publish_image.py", "test_publish_remote.py"]),
 )
+# The boot sessions that also reboot their VM (test_zz_final.py): a reboot costs about what a
+# first boot does under TCG, so one host and one guest, one of each release, both in the second
+# lane, which has had minutes to spare beside the deploy.
+REBOOTING_SESSIONS = ("host-image", "guest-image-bookworm")
 
 
 @task(help={"unit": "run only the unit tests (seconds; no root, no network)",
@@ -273,7 +277,8 @@ def _image_session(name: str, firmware: str | None, files: list[str]) -> None:
     """One pytest session of IMAGE_TEST_RUNS on the built image; a boot session writes its verdict."""
     tests = [str(INTEGRATION / f) for f in files]
     if firmware:
-        tested = workflow.boot_test(_spec(name, None), DEFAULT_OUTPUT, firmware, tests=tests)
+        tested = workflow.boot_test(_spec(name, None), DEFAULT_OUTPUT, firmware, tests=tests,
+                                    reboot=name in REBOOTING_SESSIONS)
         if not tested.passed:
             raise PipelineError(f"image tests of {name} failed: see {tested.log}")
     else:

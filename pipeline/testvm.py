@@ -6,6 +6,7 @@ port, and the guest agent on a socket. The QEMU command is pipeline.qemu's.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 import socket
@@ -30,6 +31,7 @@ CONSOLE_STALL = 300
 SSH_POLL = 3  # seconds between SSH attempts
 SSH_ATTEMPT_TIMEOUT = 30  # seconds one `ssh guest true` may take
 GROWTH = 2**30              # the overlay is this much larger than the image, so growth is visible
+BOOT_ID = "/proc/sys/kernel/random/boot_id"  # new on every boot
 HOST_MEMORY_MIB = 3072      # a KVM host image runs throw-away guests of its own in the boot test
 # The default user of Debian's cloud-init (/etc/cloud/cloud.cfg): a cloud user logs in as it, not as root.
 CLOUD_USER = "debian"
@@ -92,8 +94,9 @@ def resources(spec: ImageSpec) -> dict[str, int]:
 
 
 def await_ssh(ssh_argv: Sequence[str | Path], ended: Callable[[], str | None], started: float, deadline: float,
-              what: str, logs: str, console: Path | None = None, stall: float = CONSOLE_STALL) -> float:
-    """Seconds from STARTED (time.monotonic) until `SSH_ARGV true` succeeds. BootTimeout, naming
+              what: str, logs: str, console: Path | None = None, stall: float = CONSOLE_STALL,
+              command: Sequence[str] = ("true",)) -> float:
+    """Seconds from STARTED (time.monotonic) until `SSH_ARGV COMMAND` succeeds. BootTimeout, naming
     WHAT and LOGS and quoting CONSOLE's last lines, once ENDED says how QEMU ended, after DEADLINE
     seconds, or once CONSOLE has not grown for STALL seconds."""
     console_size, moved, last_ssh_error = -1, time.monotonic(), ""
@@ -108,7 +111,7 @@ def await_ssh(ssh_argv: Sequence[str | Path], ended: Callable[[], str | None], s
                                   f"({round(now - started)} s after start); {last_ssh_error}{_last_lines(console)}"
                                   f"see {logs}")
         try:
-            attempt = run([*ssh_argv, "true"], capture=True, check=False, timeout=SSH_ATTEMPT_TIMEOUT)
+            attempt = run([*ssh_argv, *command], capture=True, check=False, timeout=SSH_ATTEMPT_TIMEOUT)
         except CommandTimedOut:
             # sshd is up but the login is slow: under TCG on a loaded machine the first session's
             # set-up (PAM, logind, the user's systemd) has taken over 30 s. Another attempt, within
@@ -232,6 +235,17 @@ class VM(qemu.Machine):
                                       f"{self.firmware} boot of {self.image.name}",
                                       f"{self.workdir / 'qemu.log'} and console log {self.console}", self.console)
         return self.boot_seconds
+
+    def reboot(self, deadline: float = SSH_DEADLINE) -> float:
+        """Reboot from inside, as its user would, and wait for SSH on the new boot (its boot id
+        differs): seconds from the reboot until then."""
+        before = self.ssh(["cat", BOOT_ID]).stdout.strip()
+        started = time.monotonic()
+        with contextlib.suppress(CommandTimedOut):  # its session may end before it answers
+            self.ssh(["sudo", "systemctl", "reboot"], check=False, timeout=SSH_ATTEMPT_TIMEOUT)
+        return await_ssh(self.ssh_argv(), self.ended, started, deadline, f"reboot of {self.image.name}",
+                         f"{self.workdir / 'qemu.log'} and console log {self.console}", self.console,
+                         command=["grep", "-qvx", before, BOOT_ID])
 
     def ssh(self, command: list[str], *, check: bool = True, timeout: float = 120):
         # ssh hands the remote shell one string: quote, or arguments split again.

@@ -112,12 +112,13 @@ class BootTestRun:
 
 
 def boot_test(spec: ImageSpec, output_dir: Path, firmware: str = "both", *,
-              tests: Sequence[str] = BOOT_TESTS) -> BootTestRun:
+              tests: Sequence[str] = BOOT_TESTS, reboot: bool = True) -> BootTestRun:
     """Run the boot tests (pytest, tests/integration) on the image, by each firmware asked for,
     then write their verdict to build/NAME/boot-test.json and return it with the log. The tests ending with
     test_zz_final.py (FINAL_CHECK) is what makes a session a boot test: `./inv test` runs its
     boot sessions, which also run more tests, through here, on the image it has just built.
-    pytest's output goes to the terminal and to build/NAME/logs/boot-test-TIME.log."""
+    pytest's output goes to the terminal and to build/NAME/logs/boot-test-TIME.log. Without
+    REBOOT, the reboot test is skipped."""
     asked = firmwares(firmware)
     art = artifacts_for(spec, output_dir)
     art.read_info()  # a clear error, before any boot, if it was never built
@@ -125,7 +126,8 @@ def boot_test(spec: ImageSpec, output_dir: Path, firmware: str = "both", *,
         junit = Path(scratch) / "junit.xml"
         with step(f"boot test of {spec.name} ({', '.join(asked)})"):
             result, log = _pytest_session(spec, output_dir, "boot-test", tests,
-                                          options=[f"--firmware={firmware}", f"--junitxml={junit}"])
+                                          options=[f"--firmware={firmware}", f"--junitxml={junit}",
+                                                   *([] if reboot else ["--no-reboot"])])
         outcome = read_junit(junit)
     judged = verdict(spec.name, art.read_info().get("qcow2_sha256"), asked, outcome, result.returncode)
     atomic.write_json(art.boot_report, judged)

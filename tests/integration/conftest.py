@@ -50,6 +50,8 @@ def pytest_addoption(parser):
     group.addoption("--firmware", default="both", choices=["bios", "uefi", "both"])
     group.addoption("--use-built", action="store_true",
                     help="test the artifact already in --output-dir instead of building it")
+    group.addoption("--no-reboot", action="store_true",
+                    help="skip the reboot test (./inv test reboots two of its four boot sessions)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -123,7 +125,7 @@ def key_user_identity(workdir: Path) -> Path:
 @pytest.fixture(scope="session")
 def vm(spec, artifacts, firmware):
     """One boot per firmware per session, shared by every test that needs a live guest."""
-    workdir = artifacts.directory / f"boot-{firmware}"
+    workdir = artifacts.boot_workdir(firmware)
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
     key_user_key = testvm.new_ssh_key(key_user_identity(workdir), KEY_USER)
@@ -146,9 +148,15 @@ def ssh_masters():
     are about (attempt_logins, ./inv ssh) do not use it: each is a connection of its own."""
     masters = Path(tempfile.mkdtemp(prefix="kvmpipe-ssh-"))
     yield masters
+    close_masters(masters)
+    shutil.rmtree(masters, ignore_errors=True)
+
+
+def close_masters(masters: Path) -> None:
+    """Stop every connection master in MASTERS: the next command of each host logs in anew (after
+    a reboot, a master's connection is to a boot that is gone)."""
     for socket in masters.iterdir():   # a master whose guest is gone has exited already
         run(["ssh", "-o", f"ControlPath={socket}", "-O", "exit", "master"], check=False, capture=True, timeout=30)
-    shutil.rmtree(masters, ignore_errors=True)
 
 
 def shared_connection_host(ssh_config: Path, alias: str, masters: Path, **kwargs):

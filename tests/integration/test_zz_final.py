@@ -1,6 +1,7 @@
 """Last on purpose (pytest runs modules by name): zero SELinux denials since boot,
-covering boot and every command that every test module ran in the guest; then the
-logins once more with dontaudit rules off, so what those rules hide shows too."""
+covering boot and every command that every test module ran in the guest; then a reboot,
+whose shutdown and boot log none either; then the logins once more with dontaudit rules
+off, so what those rules hide shows too."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import re
 import shlex
 from collections import defaultdict
 
-from conftest import KEY_USER, POLICY_DIR, attempt_logins
+import pytest
+from conftest import KEY_USER, POLICY_DIR, attempt_logins, close_masters
 
 from pipeline.run import run
 from pipeline.testvm import CLOUD_USER
@@ -70,14 +72,52 @@ def test_audit_log_is_readable_since_boot(root, settled):
 
 
 def test_no_avc_denials_since_boot(root, settled, expected_denial):
+    assert_no_denials_since_boot(root, expected_denial)
+
+
+def assert_no_denials_since_boot(root, expected_denial) -> None:
+    """None in the audit log since boot, nor in the kernel's log of this boot: what the kernel
+    denied before auditd started (systemd's generators, say) is only there."""
     audit = root.run(f"{AUSEARCH} AVC,USER_AVC,SELINUX_ERR")
     assert audit.rc in (0, 1), audit.stderr  # 1: nothing matched (--raw then prints nothing at all)
     unexpected = unexpected_events(audit.stdout, expected_denial)
     assert unexpected == [], f"{len(unexpected)} events:\n{summary(unexpected)}\n----\n" + \
         "\n----\n".join(unexpected)[-3000:]
-    kernel = root.run("journalctl --boot --dmesg --grep 'avc:  denied' --no-pager --quiet")
-    lines = [line for line in kernel.stdout.splitlines() if line.strip() and not is_expected(line, expected_denial)]
-    assert lines == [], "\n".join(lines)[-4000:]
+    coming_up = kernel_logged_denials(root, "0", expected_denial)
+    assert coming_up == [], "in the kernel's log of this boot:\n" + "\n".join(coming_up)[-4000:]
+
+
+def kernel_logged_denials(root, boot: str, expected_denial) -> list[str]:
+    """The denials in the kernel's log of BOOT (journalctl's: 0 this one, -1 the one before)."""
+    kernel = root.run(f"journalctl --boot={boot} --dmesg --grep 'avc:  denied' --no-pager --quiet")
+    return [line for line in kernel.stdout.splitlines() if line.strip() and not is_expected(line, expected_denial)]
+
+
+# One reboot a session, by the firmware every boot session boots by.
+REBOOT_FIRMWARE = "uefi"
+SETTLE_AFTER_REBOOT = "timeout 600 systemctl is-system-running --wait"
+
+
+def test_a_reboot_logs_no_denials_going_down_or_coming_up(vm, firmware, root, settled, expected_denial, ssh_masters,
+                                                          pytestconfig):
+    """Users reboot. The shutdown's end is logged only to the kernel's log (auditd has stopped),
+    which the journal keeps; the boot after the first is not the first boot over again
+    (cloud-init's generator finds the instance it left). Both without a denial, and the system
+    comes up with no failed unit."""
+    if pytestconfig.getoption("no_reboot"):
+        pytest.skip("this session does not reboot (--no-reboot)")
+    if firmware != REBOOT_FIRMWARE:
+        pytest.skip(f"one reboot a session, by {REBOOT_FIRMWARE}")
+    seconds = vm.reboot()
+    close_masters(ssh_masters)  # their connections were to the boot that is gone
+    print(f"\n{firmware}: SSH ready {seconds} s after the reboot")
+    state = root.run(SETTLE_AFTER_REBOOT).stdout.strip()
+    assert state == "running", f"{state} after the reboot: " + root.run("systemctl --failed --no-legend").stdout
+    boots = root.check_output("journalctl --list-boots --no-pager --quiet").splitlines()
+    assert len(boots) >= 2, f"the journal kept no boot before this one, so no shutdown to look at: {boots}"
+    going_down = kernel_logged_denials(root, "-1", expected_denial)
+    assert going_down == [], "in the kernel's log of the boot before:\n" + "\n".join(going_down)[-4000:]
+    assert_no_denials_since_boot(root, expected_denial)
 
 
 # Denials that only show with dontaudit rules off, seen while users log in (Debian 12's

@@ -2,6 +2,7 @@
 moving is a hung boot, and every timeout quotes the console's last lines. The gateway (run) is
 faked: no QEMU, no SSH."""
 
+import shlex
 import subprocess
 import time
 
@@ -103,3 +104,28 @@ def test_attempts_that_keep_timing_out_end_at_the_deadline_and_say_so(ssh):
     with pytest.raises(testvm.BootTimeout, match=r"did not reach SSH within 0\.2 s; last ssh attempt: no answer "
                        r"within 30 s; see qemu\.log$"):
         _wait(None, deadline=0.2)
+
+
+def test_a_reboot_waits_for_ssh_on_the_new_boot_not_the_old_one(monkeypatch, tmp_path):
+    """The old boot's sshd may still answer just after `systemctl reboot`: only a login that
+    sees another boot id ends the wait."""
+    remote = []
+
+    def fake_ssh(argv, **options):
+        command = shlex.split(" ".join(argv[argv.index("--") + 1:]))  # as the guest's shell splits it
+        remote.append(command)
+        if command == ["cat", testvm.BOOT_ID]:
+            return subprocess.CompletedProcess(argv, 0, "old-boot\n", "")
+        if command[0] == "grep":  # the old boot still answers the first attempt
+            assert command == ["grep", "-qvx", "old-boot", testvm.BOOT_ID]
+            return subprocess.CompletedProcess(argv, 1 if len(remote) == 3 else 0, "", "")
+        return subprocess.CompletedProcess(argv, 0, "", "")
+
+    monkeypatch.setattr(testvm, "run", fake_ssh)
+    monkeypatch.setattr(testvm, "SSH_POLL", 0.01)
+    vm = testvm.VM(image=tmp_path / "x.qcow2", disk_size=1, firmware=testvm.Firmware.UEFI, workdir=tmp_path)
+    monkeypatch.setattr(vm, "ended", lambda: None)
+    vm._write_ssh_config()
+    assert vm.reboot(deadline=30) >= 0
+    assert [command[0] for command in remote] == ["cat", "sudo", "grep", "grep"]
+    assert remote[1] == ["sudo", "systemctl", "reboot"]

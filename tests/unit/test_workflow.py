@@ -106,6 +106,13 @@ def test_one_failed_test_fails_the_verdict(monkeypatch, guest, tmp_path, outcome
     assert not artifacts_for(guest, tmp_path).passed(BOOT_TEST)
 
 
+@pytest.mark.parametrize("reboot, option", [(True, []), (False, ["--no-reboot"])])
+def test_a_boot_test_without_reboot_asks_pytest_to_skip_it(monkeypatch, guest, tmp_path, reboot, option):
+    _, session = boot_test(monkeypatch, guest, tmp_path, junit(ALL_PASSED_BOTH), reboot=reboot)
+    argv, _ = session.calls[0]
+    assert [arg for arg in argv if arg == "--no-reboot"] == option
+
+
 def test_a_failed_boot_test_prints_the_end_of_each_kept_console(monkeypatch, guest, tmp_path, capsys):
     """A guest that stopped answering mid-session leaves its last words on the console: CI,
     which keeps only the end of the output, shows them."""
@@ -323,7 +330,9 @@ def test_later_images_are_built_while_the_first_session_runs(monkeypatch):
         if spec.name != "guest-image":
             building_later.set()
 
-    def boot(spec, output_dir, firmware, tests):
+    def boot(spec, output_dir, firmware, tests, reboot):
+        if reboot:
+            events.append(f"reboot {spec.name}")
         if spec.name == "guest-image" and firmware == "both":
             assert building_later.wait(timeout=5), "the later images were not built beside the first session"
         if spec.name == "host-image":
@@ -346,13 +355,16 @@ def test_later_images_are_built_while_the_first_session_runs(monkeypatch):
     assert builds == ["build guest-image", "build host-image", "build guest-image-bookworm",
                       "build host-image-bookworm", "build installer"]
     # No lane starts before the first session and the last build have ended.
-    sessions = events[max(events.index("boot guest-image"), events.index("build installer")) + 1:]
+    sessions = [e for e in events[max(events.index("boot guest-image"), events.index("build installer")) + 1:]
+                if not e.startswith("reboot")]
     first_lane = ["tests host-image test_deploy.py", "tests guest-image test_everyday.py"]
     second_lane = ["boot host-image", "boot guest-image-bookworm", "boot host-image-bookworm",
                    "tests host-image test_publish_image.py"]
     assert sorted(sessions) == sorted(first_lane + second_lane)
     assert [e for e in sessions if e in first_lane] == first_lane
     assert [e for e in sessions if e in second_lane] == second_lane
+    # One host and one guest, one of each release, reboot; both in the second lane.
+    assert [e for e in events if e.startswith("reboot")] == ["reboot host-image", "reboot guest-image-bookworm"]
 
 
 def test_an_image_without_tests_is_a_one_line_error(monkeypatch):
