@@ -647,7 +647,7 @@ def run_checks(guest: Guest, timings: Timings | None = None) -> list[CheckResult
     if not unmounted:
         # Several checks read the file list, the one walk of the whole tree: timed on its own, so
         # each check's time is its own. If it fails, each check that reads it says why.
-        with contextlib.suppress(RuntimeError), step("check: list files", timings):
+        with contextlib.suppress(RuntimeError, CheckFailed), step("check: list files", timings):
             guest.files  # noqa: B018 (a cached property)
     for check in wanted:
         if check.needs_esp:

@@ -1,7 +1,8 @@
 """The libguestfs session of a check: one appliance, launched once, the image read-only.
 
 The appliance costs about 20 s to launch under TCG, most of the check's time; after
-that it is asked only cheap questions: one read, stat or xattr list each, no shell. Its
+that it is asked only cheap questions: one read, stat or xattr list each, no shell, and one
+run of the image's own find for the file list (one call instead of one a directory). Its
 inspection API is not used: inspect_os costs 13-23 s under TCG (a udev settle per probe,
 then augeas for fstab), more than every check together. So the root is found from the
 GPT, which is read in one call and parsed here, and /etc/os-release, the file inspect_os
@@ -26,12 +27,28 @@ from ..errors import PipelineError, ToolMissing
 from ..liveimg import Contents
 from ..progress import Timings, say, step
 from ..spec import ImageSpec
-from .parsers import GPT_ROOT_X86_64, SECTOR, FileEntry, GptPartition, by_directory, grub_linux_args, parse_gpt
+from .parsers import (
+    FIND_PRINTF,
+    GPT_ROOT_X86_64,
+    SECTOR,
+    FileEntry,
+    GptPartition,
+    by_directory,
+    grub_linux_args,
+    parse_find_listing,
+    parse_gpt,
+)
 
 DEVICE = "/dev/sda"   # libguestfs names the first drive added /dev/sda, whatever the backend
 GPT_SECTORS = 34      # protective MBR, GPT header, 128 entries of 128 bytes
 STAT_BATCH = 500  # names per lstatnslist call, well under libguestfs's message limit
 READ_CHUNK = 2**20  # well under libguestfs's 4 MiB message limit
+# libguestfs mounts the appliance's own over these in the image's root for a command: the
+# file list's find leaves them out, and their image contents are read by libguestfs calls.
+COMMAND_MOUNTS = ("/dev", "/proc", "/sys")
+FIND_ARGV = ["find", "/", "-xdev", "-mindepth", "1",
+             "(", *[arg for top in COMMAND_MOUNTS for arg in ("-o", "-path", top)][1:], ")", "-prune",
+             "-o", "-printf", FIND_PRINTF]
 
 
 class CheckFailed(Exception):
@@ -109,16 +126,38 @@ class Guest:
 
     @cached_property
     def files(self) -> list[FileEntry]:
-        """Every path of the root filesystem with its lstat: a find, then one lstatnslist per
-        directory (about 7 s under TCG for a host image's 22,000 paths and 2,700 directories, half
-        of it reading the disk: libguestfs takes one directory's names a call, and no call
-        answers for a whole tree; a bigger readahead did not help)."""
+        """Every path of the root filesystem with its lstat, from one `find -printf` run from the
+        image: one call instead of one a directory (medians under TCG, a loaded machine: 6.0
+        against 10.2 s for a guest's 16,000 paths, 14.5 against 19.5 s for a host's 22,000). An
+        image without find, or a listing over libguestfs's 4 MiB reply limit, is listed by those
+        calls instead."""
+        try:
+            listing = self.g.command(FIND_ARGV)
+        except RuntimeError as error:
+            say(f"check: find from the image failed ({first_line(error)}); listing by libguestfs calls")
+            return self._lstat_tree("/")
+        try:
+            entries = parse_find_listing(listing)
+        except ValueError as error:
+            raise CheckFailed(str(error)) from None
+        # The image's own, which the appliance's mounts hid from the command.
+        for top in COMMAND_MOUNTS:
+            if self.g.is_dir(top, followsymlinks=False):
+                entries += self._lstat("/", [top.lstrip("/")]) + self._lstat_tree(top)
+        return entries
+
+    def _lstat_tree(self, top: str) -> list[FileEntry]:
+        """Every path below TOP by libguestfs calls: a find, then one lstatnslist per directory
+        (libguestfs takes one directory's names a call, and no call answers for a whole tree)."""
+        return [entry for directory, names in by_directory(top, self.g.find(top)).items()
+                for entry in self._lstat(directory, names)]
+
+    def _lstat(self, directory: str, names: list[str]) -> list[FileEntry]:
         entries = []
-        for directory, names in by_directory("/", self.g.find("/")).items():
-            for start in range(0, len(names), STAT_BATCH):
-                batch = names[start:start + STAT_BATCH]
-                entries += [FileEntry(posixpath.join(directory, name), found["st_mode"], found["st_size"])
-                            for name, found in zip(batch, self.g.lstatnslist(directory, batch), strict=False)]
+        for start in range(0, len(names), STAT_BATCH):
+            batch = names[start:start + STAT_BATCH]
+            entries += [FileEntry(posixpath.join(directory, name), found["st_mode"], found["st_size"])
+                        for name, found in zip(batch, self.g.lstatnslist(directory, batch), strict=False)]
         return entries
 
     @cached_property

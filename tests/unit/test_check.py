@@ -15,7 +15,7 @@ from pipeline.check import report as reports
 from pipeline.check.checks import SHOWN, bridge_problems, leftover_problems, world_writable
 from pipeline.check.parsers import FileEntry, parse_ifupdown
 from pipeline.check.report import CheckResult, Report
-from pipeline.check.session import import_guestfs
+from pipeline.check.session import COMMAND_MOUNTS, CheckFailed, Guest, import_guestfs
 from pipeline.errors import PipelineError, ToolMissing
 
 # --- OVS bridges (ifupdown)
@@ -123,6 +123,73 @@ def test_unbuilt_image_says_how_to_build_it(tmp_path):
     guest = spec.load().get("guest-image")
     with pytest.raises(PipelineError, match=r"has not been built: run \./inv build guest-image"):
         check.check_image(guest, Path(tmp_path))
+
+
+# --- the file list: one find from the image, or libguestfs calls a directory
+
+
+class ListingGuestFS:
+    """The libguestfs calls Guest.files makes, answering from TREE {path: (st_mode, size)}."""
+
+    def __init__(self, tree: dict[str, tuple[int, int]], find_fails: str | None = None, listing: str | None = None):
+        self.tree, self.find_fails, self.listing, self.calls = tree, find_fails, listing, []
+
+    def command(self, argv):
+        self.calls.append("command")
+        if self.find_fails:
+            raise RuntimeError(self.find_fails)
+        if self.listing is not None:
+            return self.listing
+        kinds = {stat.S_IFREG: "f", stat.S_IFDIR: "d", stat.S_IFLNK: "l", stat.S_IFCHR: "c"}
+        return "".join(f"{kinds[stat.S_IFMT(mode)]} {stat.S_IMODE(mode):o} {size} {path}\n"
+                       for path, (mode, size) in self.tree.items() if not self._hidden(path))
+
+    @staticmethod
+    def _hidden(path):  # under the appliance's own mounts while a command runs
+        return any(path == top or path.startswith(top + "/") for top in COMMAND_MOUNTS)
+
+    def is_dir(self, path, followsymlinks):
+        return stat.S_ISDIR(self.tree.get(path, (0, 0))[0])
+
+    def find(self, top):
+        self.calls.append("find")
+        return [path.removeprefix(top.rstrip("/")) for path in self.tree if path.startswith(top.rstrip("/") + "/")]
+
+    def lstatnslist(self, directory, names):
+        self.calls.append("lstatnslist")
+        return [dict(zip(("st_mode", "st_size"), self.tree[f"{directory.rstrip('/')}/{name}"], strict=True))
+                for name in names]
+
+
+TREE = {"/etc": (stat.S_IFDIR | 0o755, 4096), "/etc/passwd": (stat.S_IFREG | 0o644, 1234),
+        "/usr": (stat.S_IFDIR | 0o755, 4096), "/usr/bin": (stat.S_IFDIR | 0o755, 4096),
+        "/usr/bin/su": (stat.S_IFREG | 0o4755, 62672), "/bin": (stat.S_IFLNK | 0o777, 7),
+        "/dev": (stat.S_IFDIR | 0o755, 4096), "/dev/null": (stat.S_IFCHR | 0o666, 0),
+        "/proc": (stat.S_IFDIR | 0o555, 4096)}
+
+
+def _guest(g) -> Guest:
+    return Guest(g, spec.load().get("guest-image"), {}, [], None, Path("/nowhere"), b"", None)
+
+
+def test_the_file_list_is_one_find_run_from_the_image_and_what_its_mounts_hide():
+    """/dev, /proc and /sys are the appliance's while a command runs: the image's own
+    (device nodes a build left, say) are read by libguestfs calls."""
+    g = ListingGuestFS(TREE)
+    assert {e.path: (e.mode, e.size) for e in _guest(g).files} == TREE
+    assert g.calls[0] == "command" and g.calls.count("command") == 1
+
+
+def test_without_find_in_the_image_the_file_list_comes_from_libguestfs_calls(capsys):
+    g = ListingGuestFS(TREE, find_fails="command: guestfsd: failed to encode reply body\n(maybe ...)")
+    assert {e.path: (e.mode, e.size) for e in _guest(g).files} == TREE
+    assert g.calls[:2] == ["command", "find"] and "lstatnslist" in g.calls
+    assert "failed to encode reply body); listing by libguestfs calls" in capsys.readouterr().err
+
+
+def test_a_find_listing_broken_by_a_name_is_a_check_finding():
+    with pytest.raises(CheckFailed, match="not type, mode, size and path: 'line'"):
+        _guest(ListingGuestFS(TREE, listing="f 644 1 /etc/new\nline\n")).files  # noqa: B018
 
 
 # --- what a build must not leave in an image

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 import struct
 import uuid
 import zlib
@@ -12,12 +13,14 @@ from pipeline.check.parsers import (
     GPT_BIOS_BOOT,
     GPT_ESP,
     GPT_ROOT_X86_64,
+    FileEntry,
     by_directory,
     cloud_datasources,
     fstab_uuid,
     grub_linux_args,
     label_sample,
     parse_env_file,
+    parse_find_listing,
     parse_fstab,
     parse_gpt,
     passwd_problems,
@@ -376,3 +379,23 @@ def test_unit_install_links_lists_add_and_an_empty_value_resets():
 
 def test_unit_without_install_section_makes_no_links():
     assert unit_install_links("x.service", "[Unit]\nDescription=x\n[Service]\nExecStart=/bin/true\n") == []
+
+
+# --- find -printf listing (the offline check's file list)
+
+
+def test_find_listing_gives_each_paths_type_permissions_and_size():
+    listing = "d 755 4096 /etc\nf 4755 62672 /usr/bin/su\nl 777 7 /bin\nf 644 0 /etc/a name\np 600 0 /run/fifo\n"
+    assert parse_find_listing(listing) == [
+        FileEntry("/etc", stat.S_IFDIR | 0o755, 4096), FileEntry("/usr/bin/su", stat.S_IFREG | 0o4755, 62672),
+        FileEntry("/bin", stat.S_IFLNK | 0o777, 7), FileEntry("/etc/a name", stat.S_IFREG | 0o644, 0),
+        FileEntry("/run/fifo", stat.S_IFIFO | 0o600, 0)]
+    assert parse_find_listing("") == []
+
+
+@pytest.mark.parametrize("listing", ["f 644 10 /etc/bad\nname\n", "f 644 /etc/no-size\n", "x 644 1 /odd-type\n",
+                                     "f 644 1 relative\n", "f 8644 1 /not-octal\n"],
+                         ids=["newline in a name", "no size", "unknown type", "relative path", "not octal"])
+def test_find_listing_with_a_line_that_is_no_entry_is_refused(listing):
+    with pytest.raises(ValueError, match="find listed a line that is not type, mode, size and path"):
+        parse_find_listing(listing)
