@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shlex
 import socket
 import time
@@ -32,6 +33,7 @@ SSH_POLL = 3  # seconds between SSH attempts
 SSH_ATTEMPT_TIMEOUT = 30  # seconds one `ssh guest true` may take
 GROWTH = 2**30              # the overlay is this much larger than the image, so growth is visible
 BOOT_ID = "/proc/sys/kernel/random/boot_id"  # new on every boot
+BOOT_ID_FORMAT = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 HOST_MEMORY_MIB = 3072      # a KVM host image runs throw-away guests of its own in the boot test
 # The default user of Debian's cloud-init (/etc/cloud/cloud.cfg): a cloud user logs in as it, not as root.
 CLOUD_USER = "debian"
@@ -233,19 +235,24 @@ class VM(qemu.Machine):
         """Seconds from QEMU start until `ssh guest true` succeeds; BootTimeout after deadline."""
         self.boot_seconds = await_ssh(self.ssh_argv(), self.ended, self.started, deadline,
                                       f"{self.firmware} boot of {self.image.name}",
-                                      f"{self.workdir / 'qemu.log'} and console log {self.console}", self.console)
+                                      self._logs, self.console)
         return self.boot_seconds
 
     def reboot(self, deadline: float = SSH_DEADLINE) -> float:
         """Reboot from inside, as its user would, and wait for SSH on the new boot (its boot id
         differs): seconds from the reboot until then."""
         before = self.ssh(["cat", BOOT_ID]).stdout.strip()
+        if not BOOT_ID_FORMAT.fullmatch(before):
+            raise PipelineError(f"{BOOT_ID} in the guest is not a boot id: {before[:80]!r}")
         started = time.monotonic()
         with contextlib.suppress(CommandTimedOut):  # its session may end before it answers
             self.ssh(["sudo", "systemctl", "reboot"], check=False, timeout=SSH_ATTEMPT_TIMEOUT)
         return await_ssh(self.ssh_argv(), self.ended, started, deadline, f"reboot of {self.image.name}",
-                         f"{self.workdir / 'qemu.log'} and console log {self.console}", self.console,
-                         command=["grep", "-qvx", before, BOOT_ID])
+                         self._logs, self.console, command=["grep", "-qvx", before, BOOT_ID])
+
+    @property
+    def _logs(self) -> str:
+        return f"{self.workdir / 'qemu.log'} and console log {self.console}"
 
     def ssh(self, command: list[str], *, check: bool = True, timeout: float = 120):
         # ssh hands the remote shell one string: quote, or arguments split again.

@@ -106,6 +106,9 @@ def test_attempts_that_keep_timing_out_end_at_the_deadline_and_say_so(ssh):
         _wait(None, deadline=0.2)
 
 
+OLD_BOOT = "3f1c2d4e-5a6b-4c7d-8e9f-0a1b2c3d4e5f"
+
+
 def test_a_reboot_waits_for_ssh_on_the_new_boot_not_the_old_one(monkeypatch, tmp_path):
     """The old boot's sshd may still answer just after `systemctl reboot`: only a login that
     sees another boot id ends the wait."""
@@ -115,9 +118,9 @@ def test_a_reboot_waits_for_ssh_on_the_new_boot_not_the_old_one(monkeypatch, tmp
         command = shlex.split(" ".join(argv[argv.index("--") + 1:]))  # as the guest's shell splits it
         remote.append(command)
         if command == ["cat", testvm.BOOT_ID]:
-            return subprocess.CompletedProcess(argv, 0, "old-boot\n", "")
+            return subprocess.CompletedProcess(argv, 0, f"{OLD_BOOT}\n", "")
         if command[0] == "grep":  # the old boot still answers the first attempt
-            assert command == ["grep", "-qvx", "old-boot", testvm.BOOT_ID]
+            assert command == ["grep", "-qvx", OLD_BOOT, testvm.BOOT_ID]
             return subprocess.CompletedProcess(argv, 1 if len(remote) == 3 else 0, "", "")
         return subprocess.CompletedProcess(argv, 0, "", "")
 
@@ -129,3 +132,19 @@ def test_a_reboot_waits_for_ssh_on_the_new_boot_not_the_old_one(monkeypatch, tmp
     assert vm.reboot(deadline=30) >= 0
     assert [command[0] for command in remote] == ["cat", "sudo", "grep", "grep"]
     assert remote[1] == ["sudo", "systemctl", "reboot"]
+
+
+def test_a_boot_id_that_is_not_one_stops_the_reboot_before_it(monkeypatch, tmp_path):
+    """What the guest answers goes into a command line: validated whole first."""
+    commands = []
+
+    def fake_ssh(argv, **options):
+        commands.append(argv[-1])
+        return subprocess.CompletedProcess(argv, 0, "x; reboot -f\n", "")
+
+    monkeypatch.setattr(testvm, "run", fake_ssh)
+    vm = testvm.VM(image=tmp_path / "x.qcow2", disk_size=1, firmware=testvm.Firmware.UEFI, workdir=tmp_path)
+    vm._write_ssh_config()
+    with pytest.raises(testvm.PipelineError, match="is not a boot id: 'x; reboot -f'"):
+        vm.reboot(deadline=30)
+    assert len(commands) == 1
