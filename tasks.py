@@ -105,17 +105,20 @@ def check(c, image, spec_file=None, output_dir=str(DEFAULT_OUTPUT)):
     workflow.check(_disk_image(_spec(image, spec_file), "check"), Path(output_dir))
 
 
-@task(positional=["image"], help={**COMMON_HELP, "firmware": "bios, uefi or both (default both)"})
+@task(positional=["image"], help={**COMMON_HELP, "firmware": "bios, uefi or both (default both)",
+                                   "reboot": "reboot the UEFI boot and check it too (default; --no-reboot "
+                                             "saves about a boot's time)"})
 @user_errors
-def boot_test(c, image, spec_file=None, output_dir=str(DEFAULT_OUTPUT), firmware="both"):
+def boot_test(c, image, spec_file=None, output_dir=str(DEFAULT_OUTPUT), firmware="both", reboot=True):
     """Boot a throw-away overlay of the image in QEMU and run the testinfra tests over SSH
-    (the host tests too for a KVM host image), ending with a check for SELinux denials.
+    (the host tests too for a KVM host image), ending with a check for SELinux denials, a
+    reboot whose shutdown and boot must log none either, and the logins with dontaudit off.
 
     Writes the verdict that ./inv publish requires, build/NAME/boot-test.json: passed only if
     every test passed and the denial check passed on every firmware booted. pytest's output
     also goes to build/NAME/logs/boot-test-TIME.log. Exits 1 if the boot test failed."""
     spec = _disk_image(_spec(image, spec_file), "boot")
-    tested = workflow.boot_test(spec, Path(output_dir), firmware)
+    tested = workflow.boot_test(spec, Path(output_dir), firmware, reboot=reboot)
     if not tested.passed:
         raise PipelineError(f"boot test of {spec.name} failed: see {tested.log}")
 
