@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import configparser
 import functools
+import re
 import shutil
 import subprocess
 import tempfile
@@ -29,6 +30,22 @@ SETTLE_DEADLINE = 300
 # (source domain, target type) of the one denial test_host.py causes on purpose:
 # the confined network agent reading /etc/shadow. test_zz_final.py allows exactly it.
 EXPECTED_DENIAL = ("kvmpipe_netagent_t", "shadow_t")
+
+
+def is_expected(record: str, expected_denial: tuple[str, str]) -> bool:
+    source, target = expected_denial
+    return bool(re.search(rf"scontext=\w+:\w+:{source}:", record) and re.search(rf"tcontext=\w+:\w+:{target}:", record))
+
+
+def kernel_logged_denials(host, boot: str, expected_denial: tuple[str, str] | None = None) -> list[str]:
+    """The denials in the kernel's log of BOOT (journalctl's: 0 this one, -1 the one before),
+    where what was denied while auditd was not running (before it started, after it stopped)
+    is; all of them, or all but EXPECTED_DENIAL's."""
+    kernel = host.run(f"journalctl --boot={boot} --dmesg --grep 'avc:  denied' --no-pager --quiet")
+    return [line for line in kernel.stdout.splitlines()
+            if line.strip() and not (expected_denial and is_expected(line, expected_denial))]
+
+
 # Each boot hands the guest its keys as a cloud would: a BIOS boot by a NoCloud seed, a UEFI
 # boot by an OpenStack config drive (the host image boots by UEFI only, so it gets that one).
 DATASOURCE = {"bios": Datasource.NOCLOUD, "uefi": Datasource.CONFIG_DRIVE}

@@ -10,7 +10,7 @@ import shlex
 from collections import defaultdict
 
 import pytest
-from conftest import KEY_USER, POLICY_DIR, attempt_logins, close_masters
+from conftest import KEY_USER, POLICY_DIR, attempt_logins, close_masters, is_expected, kernel_logged_denials
 
 from pipeline.run import run
 from pipeline.testvm import CLOUD_USER
@@ -24,11 +24,6 @@ LOADED_POLICY = "/sys/fs/selinux/policy"  # what the kernel enforces, as it writ
 # image's file back (cat keeps the file's inode, so its label).
 LOAD_WITHOUT_DONTAUDIT = ("set -e; cp -p {policy} {policy}.kept; cat > {policy}; status=0; load_policy || status=$?; "
                           "cat {policy}.kept > {policy}; rm {policy}.kept; exit $status")
-
-
-def is_expected(record: str, expected_denial: tuple[str, str]) -> bool:
-    source, target = expected_denial
-    return bool(re.search(rf"scontext=\w+:\w+:{source}:", record) and re.search(rf"tcontext=\w+:\w+:{target}:", record))
 
 
 def events(raw: str, since: float = 0.0) -> list[list[str]]:
@@ -85,12 +80,6 @@ def assert_no_denials_since_boot(root, expected_denial) -> None:
         "\n----\n".join(unexpected)[-3000:]
     coming_up = kernel_logged_denials(root, "0", expected_denial)
     assert coming_up == [], "in the kernel's log of this boot:\n" + "\n".join(coming_up)[-4000:]
-
-
-def kernel_logged_denials(root, boot: str, expected_denial) -> list[str]:
-    """The denials in the kernel's log of BOOT (journalctl's: 0 this one, -1 the one before)."""
-    kernel = root.run(f"journalctl --boot={boot} --dmesg --grep 'avc:  denied' --no-pager --quiet")
-    return [line for line in kernel.stdout.splitlines() if line.strip() and not is_expected(line, expected_denial)]
 
 
 # One reboot a session, by the firmware every boot session boots by.
