@@ -85,6 +85,8 @@ def assert_no_denials_since_boot(root, expected_denial) -> None:
 # One reboot a session, by the firmware every boot session boots by.
 REBOOT_FIRMWARE = "uefi"
 SETTLE_AFTER_REBOOT = "timeout 600 systemctl is-system-running --wait"
+# The kernel logs this when auditd unregisters at its stop: the shutdown's denials come after it.
+AUDITD_STOPPED = "audit_pid=0"
 
 
 def test_a_reboot_logs_no_denials_going_down_or_coming_up(vm, firmware, root, settled, expected_denial, ssh_masters,
@@ -104,6 +106,10 @@ def test_a_reboot_logs_no_denials_going_down_or_coming_up(vm, firmware, root, se
     assert state == "running", f"{state} after the reboot: " + root.run("systemctl --failed --no-legend").stdout
     boots = root.check_output("journalctl --list-boots --no-pager --quiet").splitlines()
     assert len(boots) >= 2, f"the journal kept no boot before this one, so no shutdown to look at: {boots}"
+    # Only what the kernel logged after auditd stopped is left to check there: without auditd's
+    # goodbye in that log, a journal that lost the shutdown's end would pass the check below.
+    auditd_stopped = root.run(f"journalctl --boot=-1 --dmesg --grep {AUDITD_STOPPED} --no-pager --quiet")
+    assert auditd_stopped.stdout.strip(), "the kernel's log of the boot before ends before auditd stopped"
     going_down = kernel_logged_denials(root, "-1", expected_denial)
     assert going_down == [], "in the kernel's log of the boot before:\n" + "\n".join(going_down)[-4000:]
     assert_no_denials_since_boot(root, expected_denial)
