@@ -225,15 +225,16 @@ class FileEntry:
         return stat.S_ISREG(self.mode)
 
 
-# find(1)'s -printf for one FileEntry a line: type letter, permission bits in octal, size, path.
-FIND_PRINTF = "%y %m %s %p\\n"
+# find(1)'s -printf for one FileEntry a line: type letter, permission bits in octal, size, then
+# the path, which the caller's format completes ("/%p\n" from a relative starting point).
+FIND_PRINTF = "%y %m %s "
 _FIND_LINE = re.compile(r"(?P<type>[fdlcbps]) (?P<perm>[0-7]{1,4}) (?P<size>[0-9]+) (?P<path>/.+)")
 _FILE_TYPES = {"f": stat.S_IFREG, "d": stat.S_IFDIR, "l": stat.S_IFLNK, "c": stat.S_IFCHR,
                "b": stat.S_IFBLK, "p": stat.S_IFIFO, "s": stat.S_IFSOCK}
 
 
 def parse_find_listing(listing: str) -> list[FileEntry]:
-    """The entries of what `find -printf FIND_PRINTF` wrote; ValueError naming the first line
+    """The entries of what `find -printf FIND_PRINTF/PATH` wrote; ValueError naming the first line
     that is not one (a name with a newline in it breaks its line in two)."""
     entries = []
     for line in listing.removesuffix("\n").split("\n") if listing else ():

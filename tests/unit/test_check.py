@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import stat
 import sys
 from pathlib import Path
@@ -13,10 +14,11 @@ from pipeline import check, spec
 from pipeline.check import checks
 from pipeline.check import report as reports
 from pipeline.check.checks import SHOWN, bridge_problems, leftover_problems, world_writable
-from pipeline.check.parsers import FileEntry, parse_ifupdown
+from pipeline.check.parsers import FileEntry, parse_find_listing, parse_ifupdown
 from pipeline.check.report import CheckResult, Report
-from pipeline.check.session import COMMAND_MOUNTS, CheckFailed, Guest, import_guestfs
+from pipeline.check.session import COMMAND_MOUNTS, LIST_FILES_SCRIPT, CheckFailed, Guest, import_guestfs
 from pipeline.errors import PipelineError, ToolMissing
+from pipeline.run import run
 
 # --- OVS bridges (ifupdown)
 
@@ -190,6 +192,58 @@ def test_without_find_in_the_image_the_file_list_comes_from_libguestfs_calls(cap
 def test_a_find_listing_broken_by_a_name_is_a_check_finding():
     with pytest.raises(CheckFailed, match="not type, mode, size and path: 'line'"):
         _guest(ListingGuestFS(TREE, listing="f 644 1 /etc/new\nline\n")).files  # noqa: B018
+
+
+def _tree_on_disk(root: Path) -> None:
+    for directory in ("etc", "usr/lib/x86_64-linux-gnu", "usr/bin", "var/lib/apt", "dev/pts", "proc/1", "sys/fs"):
+        (root / directory).mkdir(parents=True)
+    (root / "etc/passwd").write_text("root:x:0:0::/root:/bin/sh\n")
+    (root / "usr/lib/x86_64-linux-gnu/libc.so.6").write_bytes(b"\0" * 1000)
+    (root / "usr/lib/os-release").write_text("ID=debian\n")
+    (root / "usr/bin/su").write_bytes(b"su")
+    (root / "usr/bin/su").chmod(0o4755)
+    (root / "bin").symlink_to("usr/bin")
+    (root / "lib").symlink_to("usr/lib")
+    os.mkfifo(root / "var/lib/apt/lists")
+    (root / "etc/a name with spaces").write_text("")
+
+
+def test_the_file_list_script_lists_every_path_once_but_what_the_appliance_mounts_over(tmp_path):
+    """The script's two finds, run by the real sh and find here on a tree made here: together
+    they list what a walk of the tree does, each path once, but for /dev, /proc and /sys."""
+    _tree_on_disk(tmp_path)
+    listed = parse_find_listing(run(["sh", "-c", LIST_FILES_SCRIPT, "sh", tmp_path], capture=True).stdout)
+    walked = {}
+    for directory, names, files in os.walk(tmp_path):
+        for name in names + files:
+            path = Path(directory, name)
+            relative = "/" + path.relative_to(tmp_path).as_posix()
+            if not any(relative == top or relative.startswith(f"{top}/") for top in COMMAND_MOUNTS):
+                walked[relative] = (path.lstat().st_mode, path.lstat().st_size)
+    assert len(listed) == len({entry.path for entry in listed}), "a path listed twice"
+    assert {entry.path: (entry.mode, entry.size) for entry in listed} == walked
+    assert {"/usr/lib", "/usr/lib/os-release", "/etc/a name with spaces", "/lib"} <= walked.keys()
+
+
+@pytest.mark.parametrize("failing", ["usr/lib", "."])
+def test_the_file_list_script_fails_when_either_find_does(tmp_path, failing):
+    """Half a listing must never pass for a whole one (the check then lists by libguestfs
+    calls): a find on PATH that fails for one starting point, after printing a line."""
+    _tree_on_disk(tmp_path / "root")
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "find").write_text(f'#!/bin/sh\nif [ "$1" = "{failing}" ]; then echo "f 644 0 /half"; exit 1; fi\n'
+                               f'exec /usr/bin/find "$@"\n')
+    (fake / "find").chmod(0o755)
+    listed = run(["sh", "-c", LIST_FILES_SCRIPT, "sh", tmp_path / "root"], capture=True, check=False,
+                 env={"PATH": f"{fake}:/usr/bin:/bin"})
+    assert listed.returncode == 1
+    assert "/half" not in listed.stdout
+
+
+def test_the_file_list_script_fails_on_a_missing_root(tmp_path):
+    listed = run(["sh", "-c", LIST_FILES_SCRIPT, "sh", tmp_path / "nowhere"], capture=True, check=False)
+    assert listed.returncode != 0 and listed.stdout == ""
 
 
 # --- what a build must not leave in an image
