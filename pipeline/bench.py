@@ -343,7 +343,7 @@ def rebuild_benchmark(images: list[ImageSpec], output_dir: Path, runs: int, publ
 
 
 def _rebuild_summary(runs: list[dict]) -> dict:
-    medians = {key: statistics.median(r[key] for r in runs if key in r)
+    medians = {key: round(statistics.median(r[key] for r in runs if key in r), 2)  # 94.55, not 94.55000000000001
                for key in ("cold_s", "no_change_s", "element_change_s", "element_change_ratio", "publish_s")
                if any(key in r for r in runs)}
     medians["ratio_of_medians"] = round(medians["element_change_s"] / medians["cold_s"], 2)

@@ -65,3 +65,13 @@ def test_boots_need_a_built_image(tmp_path, monkeypatch):
     with pytest.raises(PipelineError, match=r"run \./inv build guest-image"):
         bench.boot_benchmark(specs.load().get("guest-image"), tmp_path, 1)
     assert not list(tmp_path.rglob("boots-*.json"))
+
+
+def test_rebuild_medians_print_as_measured_not_as_binary_floats():
+    runs = [{"cold_s": 99.7, "no_change_s": 0.0, "element_change_s": 42.3, "element_change_ratio": 0.42,
+             "check_passed": True},
+            {"cold_s": 89.4, "no_change_s": 0.0, "element_change_s": 37.7, "element_change_ratio": 0.42,
+             "check_passed": True}]
+    summary = bench._rebuild_summary(runs)
+    assert (summary["cold_s"], summary["element_change_s"], summary["ratio_of_medians"]) == (94.55, 40.0, 0.42)
+    assert str(summary["cold_s"]) == "94.55"
