@@ -150,8 +150,9 @@ class ListingGuestFS:
     def _hidden(path):  # under the appliance's own mounts while a command runs
         return any(path == top or path.startswith(top + "/") for top in COMMAND_MOUNTS)
 
-    def is_dir(self, path, followsymlinks):
-        return stat.S_ISDIR(self.tree.get(path, (0, 0))[0])
+    def ls(self, directory):
+        self.calls.append("ls")
+        return [path.rpartition("/")[2] for path in self.tree if path.rpartition("/")[0] == directory]
 
     def find(self, top):
         self.calls.append("find")
@@ -159,8 +160,9 @@ class ListingGuestFS:
 
     def lstatnslist(self, directory, names):
         self.calls.append("lstatnslist")
-        return [dict(zip(("st_mode", "st_size"), self.tree[f"{directory.rstrip('/')}/{name}"], strict=True))
-                for name in names]
+        # libguestfs's answer for a name that is not there: every field 0 or -1
+        found = [self.tree.get(f"{directory.rstrip('/')}/{name}", (0, -1)) for name in names]
+        return [dict(zip(("st_mode", "st_size"), fields, strict=True)) for fields in found]
 
 
 TREE = {"/etc": (stat.S_IFDIR | 0o755, 4096), "/etc/passwd": (stat.S_IFREG | 0o644, 1234),
@@ -180,6 +182,7 @@ def test_the_file_list_is_one_find_run_from_the_image_and_what_its_mounts_hide()
     g = ListingGuestFS(TREE)
     assert {e.path: (e.mode, e.size) for e in _guest(g).files} == TREE
     assert g.calls[0] == "command" and g.calls.count("command") == 1
+    assert "find" not in g.calls  # libguestfs's find runs a process in the appliance: ls does not
 
 
 def test_without_find_in_the_image_the_file_list_comes_from_libguestfs_calls(capsys):
