@@ -41,7 +41,12 @@ def kernel_logged_denials(host, boot: str, expected_denial: tuple[str, str] | No
     """The denials in the kernel's log of BOOT (journalctl's: 0 this one, -1 the one before),
     where what was denied while auditd was not running (before it started, after it stopped)
     is; all of them, or all but EXPECTED_DENIAL's."""
-    kernel = host.run(f"journalctl --boot={boot} --dmesg --grep 'avc:  denied' --no-pager --quiet")
+    journal = f"journalctl --boot={boot} --dmesg --no-pager --quiet"
+    # --grep exits 1 both when nothing matched and when the journal could not be read (a boot
+    # it does not have, say): only the first is silent, and only a kept log has lines.
+    kernel = host.run(f"{journal} --grep 'avc:  denied'")
+    assert kernel.rc in (0, 1) and not kernel.stderr.strip(), f"{journal}: status {kernel.rc}: {kernel.stderr}"
+    assert host.run(f"{journal} --lines=1").stdout.strip(), f"{journal} --lines=1: the boot's kernel log is empty"
     return [line for line in kernel.stdout.splitlines()
             if line.strip() and not (expected_denial and is_expected(line, expected_denial))]
 
