@@ -65,6 +65,10 @@ HOST_LABELS: tuple[tuple[str, str], ...] = (
 # Where `systemctl enable` finds a unit file, in its order.
 UNIT_DIRS = ("/etc/systemd/system", "/usr/lib/systemd/system", "/lib/systemd/system")
 OVS_INTERFACES = "/etc/network/interfaces.d/ovs-bridges"
+# What would make ifupdown run at boot beside the bridges' unit (kvm-host's 60-ovs-bridges).
+NETWORKING_LINKS = tuple(f"/etc/systemd/system/{target}.wants/networking.service"
+                         for target in ("multi-user.target", "network-online.target"))
+IFUPDOWN_HOTPLUG_RULE = "/etc/udev/rules.d/80-ifupdown.rules"
 POLICY_MODULES = "/var/lib/selinux/default/active/modules/400"  # semodule's default priority
 DATASOURCES = ("NoCloud", "ConfigDrive", "OpenStack")
 
@@ -537,8 +541,19 @@ def check_bridges(guest: Guest) -> Verdict:
     main = parse_ifupdown(guest.text_if_readable("/etc/network/interfaces") or "")
     if "/etc/network/interfaces.d/*" not in main.sources:
         problems.append("/etc/network/interfaces does not source /etc/network/interfaces.d/*")
+    problems += ifupdown_boot_problems(guest)
     shown = ", ".join(f"{b.name}{f' (uplink {b.uplink})' if b.uplink else ''}" for b in guest.spec.bridges)
     return (problems, f"{OVS_INTERFACES}: {shown}")
+
+
+def ifupdown_boot_problems(guest: Guest) -> list[str]:
+    """networking.service is ordered after Open vSwitch, and cloud-init's network stage after
+    it: enabled, it holds every login behind Open vSwitch. The hotplug rule would run ifquery."""
+    problems = [f"networking.service is enabled ({link}), so logins wait for Open vSwitch"
+                for link in NETWORKING_LINKS if guest.g.is_symlink(link)]
+    if not (guest.g.is_symlink(IFUPDOWN_HOTPLUG_RULE) and guest.g.readlink(IFUPDOWN_HOTPLUG_RULE) == "/dev/null"):
+        problems.append(f"{IFUPDOWN_HOTPLUG_RULE} does not mask udev's ifupdown hotplug rule")
+    return problems
 
 
 def check_manifest(guest: Guest) -> Verdict:

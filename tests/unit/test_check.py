@@ -13,7 +13,15 @@ import pytest
 from pipeline import check, spec
 from pipeline.check import checks
 from pipeline.check import report as reports
-from pipeline.check.checks import SHOWN, bridge_problems, leftover_problems, world_writable
+from pipeline.check.checks import (
+    IFUPDOWN_HOTPLUG_RULE,
+    NETWORKING_LINKS,
+    SHOWN,
+    bridge_problems,
+    ifupdown_boot_problems,
+    leftover_problems,
+    world_writable,
+)
 from pipeline.check.parsers import FileEntry, parse_find_listing, parse_ifupdown
 from pipeline.check.report import CheckResult, Report
 from pipeline.check.session import COMMAND_MOUNTS, LIST_FILES_SCRIPT, CheckFailed, Guest, import_guestfs
@@ -64,6 +72,39 @@ def test_bridge_problems_are_named(edit, problem):
     host = spec.load().images["host-image"]
     problems = bridge_problems(host, parse_ifupdown(edit(OVS_BRIDGES)))
     assert any(problem in p for p in problems), problems
+
+
+class SymlinkGuestFS:
+    """The two libguestfs calls ifupdown_boot_problems makes, over a dict of symlinks."""
+
+    def __init__(self, links: dict[str, str]):
+        self.links = links
+
+    def is_symlink(self, path: str) -> bool:
+        return path in self.links
+
+    def readlink(self, path: str) -> str:
+        return self.links[path]
+
+
+QUIET_IFUPDOWN = {IFUPDOWN_HOTPLUG_RULE: "/dev/null"}
+
+
+def test_ifupdown_quiet_at_boot_passes():
+    assert ifupdown_boot_problems(_guest(SymlinkGuestFS(QUIET_IFUPDOWN))) == []
+
+
+@pytest.mark.parametrize("links, problem", [
+    ({}, f"{IFUPDOWN_HOTPLUG_RULE} does not mask"),
+    ({IFUPDOWN_HOTPLUG_RULE: "/usr/lib/udev/rules.d/80-ifupdown.rules"}, f"{IFUPDOWN_HOTPLUG_RULE} does not mask"),
+    (QUIET_IFUPDOWN | {NETWORKING_LINKS[0]: "/usr/lib/systemd/system/networking.service"},
+     "networking.service is enabled (/etc/systemd/system/multi-user.target.wants/"),
+    (QUIET_IFUPDOWN | {NETWORKING_LINKS[1]: "/usr/lib/systemd/system/networking.service"},
+     "networking.service is enabled (/etc/systemd/system/network-online.target.wants/"),
+])
+def test_ifupdown_run_at_boot_is_named(links, problem):
+    problems = ifupdown_boot_problems(_guest(SymlinkGuestFS(links)))
+    assert len(problems) == 1 and problem in problems[0], problems
 
 
 # --- report
