@@ -33,6 +33,23 @@ def test_user_logs_in_by_key(logins, user):
     assert login.returncode == 0 and login.stdout.strip() == user, login.stdout + login.stderr
 
 
+# Enabled for all users by gnupg and openssh-client, they held up every user's first login
+# with a helper each (kvm-base's 65-no-user-agent-sockets disables them).
+AGENT_SOCKETS = ("gpg-agent.socket", "gpg-agent-ssh.socket", "gpg-agent-extra.socket", "gpg-agent-browser.socket",
+                 "dirmngr.socket", "keyboxd.socket", "ssh-agent.socket")
+
+
+def test_login_starts_no_agent_sockets_and_gpg_starts_its_agent_itself(host):
+    listening = host.check_output("systemctl --user list-sockets --no-legend --plain")
+    assert not [s for s in AGENT_SOCKETS if s in listening.split()], listening
+    try:
+        assert host.run("gpg --batch --list-keys").rc == 0  # makes ~/.gnupg, as a first use does
+        agent = host.run("gpg-connect-agent 'GETINFO version' /bye")
+        assert agent.rc == 0 and agent.stdout.startswith("D "), agent.stdout + agent.stderr
+    finally:
+        host.run("gpgconf --kill gpg-agent; rm -rf ~/.gnupg")
+
+
 def test_default_user_has_sudo(host):
     assert host.check_output("sudo -n id -un") == "root"
 
