@@ -43,7 +43,8 @@ def test_login_starts_no_agent_sockets_and_gpg_starts_its_agent_itself(host):
     listening = host.check_output("systemctl --user list-sockets --no-legend --plain")
     assert not [s for s in AGENT_SOCKETS if s in listening.split()], listening
     try:
-        assert host.run("gpg --batch --list-keys").rc == 0  # makes ~/.gnupg, as a first use does
+        first_use = host.run("gpg --batch --list-keys")  # makes ~/.gnupg, as a first use does
+        assert first_use.rc == 0, first_use.stdout + first_use.stderr
         agent = host.run("gpg-connect-agent 'GETINFO version' /bye")
         assert agent.rc == 0 and agent.stdout.startswith("D "), agent.stdout + agent.stderr
     finally:
