@@ -235,9 +235,10 @@ def test(c, unit=False, image=None):
     """Run the unit tests, then the image tests: build, offline check and boot tests of each
     image (guest-image by BIOS and UEFI, host-image and bookworm's two by UEFI), the bad-input cases,
     a rebuild compared with the first build, the PXE boot, the deploy and publishing. Lint runs first: it
-    takes seconds. While the first image's VMs run, the images of the later sessions are built;
-    then two lanes run side by side: the host's deploy and the guest's rebuild, and the host's boot,
-    bookworm's two boots and the host's publishing."""
+    takes seconds. The unit tests run beside the first image's build. While the first image's VMs
+    run, the images of the later sessions are built; then two lanes run side by side: the host's
+    deploy and the guest's rebuild, and the host's boot, bookworm's two boots and the host's
+    publishing."""
     from pipeline import build
     from pipeline.deploy.inventory import DEFAULT_INSTALLER
     from pipeline.run import concurrently
@@ -248,8 +249,8 @@ def test(c, unit=False, image=None):
         tested = ", ".join(dict.fromkeys(name for name, _, _ in IMAGE_TEST_RUNS + SECOND_LANE_TEST_RUNS))
         raise PipelineError(f"--image {image}: no image tests; the images with tests are {tested}")
     lint(c)
-    _pytest(c, ["tests/unit"])
     if unit:
+        _pytest(c, ["tests/unit"])
         return
     first, lanes[0] = lanes[0][0], lanes[0][1:]
     # The later sessions' images, and the installer their PXE and deploy tests boot.
@@ -261,12 +262,30 @@ def test(c, unit=False, image=None):
             with tagged(name):
                 build.build(_spec(name, None), DEFAULT_OUTPUT, DEFAULT_CACHE)
 
-    # The first session's image is built, then the others are built while its VMs run. Only
-    # then do the lanes start: the rebuild and interrupt sessions run DIB, whose apt cache
-    # another build would share.
-    build.build(_spec(first[0], None), DEFAULT_OUTPUT, DEFAULT_CACHE)
+    def build_first_image() -> None:
+        build.build(_spec(first[0], None), DEFAULT_OUTPUT, DEFAULT_CACHE)
+
+    # The unit tests (a minute, mostly one core) run beside the first build; either failing stops
+    # the other. The other images are built while the first session's VMs run. Only then do the
+    # lanes start: the rebuild and interrupt sessions run DIB, whose apt cache another build would share.
+    concurrently(_unit_tests, build_first_image)
     concurrently(lambda: _image_session(*first), build_later_images)
     concurrently(*(functools.partial(_image_sessions, lane) for lane in lanes))
+
+
+def _unit_tests() -> None:
+    """tests/unit through the subprocess gateway, so a concurrent step that fails stops them; their
+    lines are tagged and also kept in build/logs/unit-tests-TIME.log."""
+    import time
+
+    from pipeline.progress import echo
+    from pipeline.run import run
+
+    log = DEFAULT_OUTPUT / "logs" / f"unit-tests-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    environment = {key: value for key, value in os.environ.items() if key != "PATH"}
+    with tagged("unit tests"):
+        run([sys.executable, "-m", "pytest", "tests/unit"], cwd=ROOT, env=environment, log=log, on_line=echo)
 
 
 def _image_sessions(sessions: Sequence[tuple[str, str | None, list[str]]]) -> None:

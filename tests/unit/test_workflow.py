@@ -318,14 +318,23 @@ def test_missing_key_fails_before_any_build(monkeypatch, tmp_path):
 
 
 def test_later_images_are_built_while_the_first_session_runs(monkeypatch):
-    """The first image is built, then its session runs while the later sessions' images (and the
-    installer) are built one after another. Then two lanes run side by side: the host's deploy
-    and the guest's rebuild, and the host's boot, bookworm's boots and the host's publishing. The
-    waits make this test fail on a timeout if either pair ran one after the other."""
+    """The first image is built beside the unit tests, then its session runs while the later
+    sessions' images (and the installer) are built one after another. Then two lanes run side by
+    side: the host's deploy and the guest's rebuild, and the host's boot, bookworm's boots and the
+    host's publishing. The waits make this test fail on a timeout if any pair ran one after the other."""
     events: list[str] = []
     building_later, second_lane_started = threading.Event(), threading.Event()
+    unit_tests_running, building_first = threading.Event(), threading.Event()
+
+    def unit_tests():
+        unit_tests_running.set()
+        assert building_first.wait(timeout=5), "the first image was not built beside the unit tests"
+        events.append("unit tests")
 
     def fake_build(spec, output_dir, cache_dir, **options):
+        if spec.name == "guest-image":
+            building_first.set()
+            assert unit_tests_running.wait(timeout=5), "the unit tests did not run beside the first build"
         events.append(f"build {spec.name}")
         if spec.name != "guest-image":
             building_later.set()
@@ -347,10 +356,12 @@ def test_later_images_are_built_while_the_first_session_runs(monkeypatch):
 
     monkeypatch.setattr(tasks, "lint", lambda c: None)
     monkeypatch.setattr(tasks, "_pytest", lambda c, args: None)
+    monkeypatch.setattr(tasks, "_unit_tests", unit_tests)
     monkeypatch.setattr(build, "build", fake_build)
     monkeypatch.setattr(workflow, "boot_test", boot)
     monkeypatch.setattr(workflow, "image_tests", image_tests)
     tasks.test(Context())
+    assert "unit tests" in events[:2]
     builds = [e for e in events if e.startswith("build")]
     assert builds == ["build guest-image", "build host-image", "build guest-image-bookworm",
                       "build host-image-bookworm", "build installer"]
