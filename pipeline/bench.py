@@ -393,10 +393,20 @@ def boot_benchmark(spec: ImageSpec, output_dir: Path, runs: int) -> Path:
     with tempfile.TemporaryDirectory(dir=scratch) as workdir:
         for index in range(1, runs + 1):
             for firmware in qemu.Firmware:  # alternated, so a noisy minute does not hit one firmware only
-                with step(f"run {index}: boot {spec.name} to SSH ({firmware})"):
-                    results[firmware].append(boot_run(spec, art.qcow2, firmware, Path(workdir) / f"{firmware}-{index}"))
+                boot_dir = Path(workdir) / f"{firmware}-{index}"
+                try:
+                    with step(f"run {index}: boot {spec.name} to SSH ({firmware})"):
+                        results[firmware].append(boot_run(spec, art.qcow2, firmware, boot_dir))
+                except BaseException:
+                    # The error names the console log: keep it past the scratch directory's removal.
+                    kept = report.with_name(f"{report.stem}-{firmware}-{index}-failed")
+                    if boot_dir.is_dir():
+                        shutil.copytree(boot_dir, kept)
+                        say(f"the failed boot's console and QEMU logs are kept in {kept}")
+                    raise
+                accel, cpu = qemu.accelerator()
                 summary = {"image": spec.name, "qcow2_sha256": qcow2_sha256, "runs": index,
-                           "accelerator": qemu.accelerator()[0],
+                           "accelerator": accel, "cpu": cpu,
                            "median_boot_to_ssh_s": {f: statistics.median(r["boot_to_ssh_s"] for r in found)
                                                     for f, found in results.items() if found}}
                 partial = report.with_suffix(".tmp")

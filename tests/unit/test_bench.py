@@ -67,6 +67,22 @@ def test_boots_need_a_built_image(tmp_path, monkeypatch):
     assert not list(tmp_path.rglob("boots-*.json"))
 
 
+def test_a_failed_boot_keeps_its_console_log_past_the_scratch_directory(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench.tools, "require", lambda *tools: None)
+    monkeypatch.setattr(bench.artifacts.Artifacts, "read_info", lambda self: {"qcow2_sha256": "0" * 64})
+
+    def stalled_boot(spec, qcow2, firmware, workdir):
+        workdir.mkdir(parents=True)
+        (workdir / "console.log").write_text("Kernel panic - not syncing\n")
+        raise PipelineError(f"{firmware} boot stalled; see {workdir / 'console.log'}")
+
+    monkeypatch.setattr(bench, "boot_run", stalled_boot)
+    with pytest.raises(PipelineError, match="boot stalled"):
+        bench.boot_benchmark(specs.load().get("guest-image"), tmp_path, 1)
+    [kept] = (tmp_path / "bench").glob("boots-guest-image-*-bios-1-failed")
+    assert (kept / "console.log").read_text() == "Kernel panic - not syncing\n"
+
+
 def test_rebuild_medians_print_as_measured_not_as_binary_floats():
     runs = [{"cold_s": 99.7, "no_change_s": 0.0, "element_change_s": 42.3, "element_change_ratio": 0.42,
              "check_passed": True},
