@@ -185,8 +185,8 @@ def libguestfs_settings() -> dict[str, str]:
 
 
 # Under TCG, "max" offers AVX2 and the SHA extensions, which glibc and OpenSSL then use and TCG
-# emulates slowly: in a guest, sha256sum ran 3.3x and a boot to SSH about 10% faster with
-# qemu64 (measured in the README's Benchmark section). qemu64 is x86-64's baseline, all Debian needs.
+# emulates slowly: with qemu64, sha256sum ran 3.3x and boots reached SSH 8-17% sooner (the
+# README's Benchmark section). qemu64 is x86-64's baseline, all Debian needs.
 TCG_CPU = "qemu64"
 
 
