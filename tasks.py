@@ -274,18 +274,8 @@ def test(c, unit=False, image=None):
 
 
 def _unit_tests() -> None:
-    """tests/unit through the subprocess gateway, so a concurrent step that fails stops them; their
-    lines are tagged and also kept in build/logs/unit-tests-TIME.log."""
-    import time
-
-    from pipeline.progress import echo
-    from pipeline.run import run
-
-    log = DEFAULT_OUTPUT / "logs" / f"unit-tests-{time.strftime('%Y%m%d-%H%M%S')}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    environment = {key: value for key, value in os.environ.items() if key != "PATH"}
     with tagged("unit tests"):
-        run([sys.executable, "-m", "pytest", "tests/unit"], cwd=ROOT, env=environment, log=log, on_line=echo)
+        workflow.unit_tests(DEFAULT_OUTPUT)
 
 
 def _image_sessions(sessions: Sequence[tuple[str, str | None, list[str]]]) -> None:

@@ -161,13 +161,26 @@ def _pytest_session(spec: ImageSpec, output_dir: Path, kind: str, tests: Sequenc
     logs = artifacts_for(spec, output_dir).logs
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}.log"
-    argv = [sys.executable, "-m", "pytest", "-m", "image", *tests, "--use-built", f"--image={spec.name}",
-            f"--output-dir={output_dir}", f"--spec-file={spec.source}", *options]
+    arguments = ["-m", "image", *tests, "--use-built", f"--image={spec.name}", f"--output-dir={output_dir}",
+                 f"--spec-file={spec.source}", *options]
     say(f"pytest's output is also in {log}")
+    return _pytest(arguments, log, check=False), log
+
+
+def unit_tests(output_dir: Path) -> None:
+    """tests/unit, their output also in OUTPUT_DIR/logs/unit-tests-TIME.log; run through the
+    gateway, so a concurrent step that fails stops them."""
+    log = Path(output_dir) / "logs" / f"unit-tests-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    _pytest(["tests/unit"], log)
+
+
+def _pytest(arguments: Sequence[str], log: Path, check: bool = True):
     # pytest is our own test session: it sees the environment ./inv was given (the cache
     # and libguestfs settings), and its commands go through this gateway's clean one.
     environment = {key: value for key, value in os.environ.items() if key != "PATH"}
-    return run(argv, cwd=ROOT, env=environment, log=log, on_line=echo, check=False), log
+    return run([sys.executable, "-m", "pytest", *arguments], cwd=ROOT, env=environment, log=log, on_line=echo,
+               check=check)
 
 
 def ci(spec_file: Path, output_dir: Path, cache_dir: Path, *, target: str, key: str | None,
