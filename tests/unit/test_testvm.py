@@ -148,3 +148,84 @@ def test_a_boot_id_that_is_not_one_stops_the_reboot_before_it(monkeypatch, tmp_p
     with pytest.raises(testvm.PipelineError, match="is not a boot id: 'x; reboot -f'"):
         vm.reboot(deadline=30)
     assert len(commands) == 1
+
+
+INT3_PANIC = ("[    2.187440] Oops: int3: 0000 [#1] PREEMPT SMP NOPTI\r\n"
+              "[    2.188022] RIP: 0010:sched_clock_cpu+0x9/0x1d0\r\n"
+              "[    2.190525] Kernel panic - not syncing: Fatal exception in interrupt\r\n")
+
+
+@pytest.mark.parametrize(("text", "accelerator", "race"), [
+    (INT3_PANIC, "tcg", True),
+    (INT3_PANIC, "kvm", False),  # under KVM no emulator races the kernel: the panic is the image's
+    ("[    1.5] Kernel panic - not syncing: VFS: Unable to mount root fs on unknown-block(0,0)\r\n", "tcg", False),
+])
+def test_a_kernel_panic_ends_the_wait_at_once_and_says_whether_the_emulator_caused_it(ssh, tmp_path, monkeypatch,
+                                                                                     text, accelerator, race):
+    monkeypatch.setattr(testvm.qemu, "accelerator", lambda: (accelerator, "x"))
+    console = tmp_path / "console.log"
+    console.write_text(text)
+    started = time.monotonic()
+    with pytest.raises(testvm.KernelPanicked, match=r"^uefi boot of x\.qcow2: the kernel panicked; last console "
+                       r"lines: .*Kernel panic - not syncing: .*; see qemu\.log$") as caught:
+        _wait(console, stall=10)
+    assert caught.value.emulator_race is race
+    assert time.monotonic() - started < 5  # not the stall window
+    assert ssh.attempts == 0
+
+
+class FakeBoots:
+    """testvm.VM's start and wait_for_ssh faked: each boot's console gets the next of .consoles,
+    and a console with a kernel panic raises as await_ssh would."""
+
+    def __init__(self, consoles):
+        self.consoles, self.started, self.stopped = list(consoles), 0, 0
+
+    def start(self, vm):
+        self.started += 1
+        vm.console.write_text(self.consoles.pop(0))
+
+    def wait_for_ssh(self, vm, deadline):
+        testvm._raise_on_panic(vm.console, "uefi boot of x.qcow2", "qemu.log")
+        return 1.0
+
+    def stop(self, vm):
+        self.stopped += 1
+
+
+@pytest.fixture
+def boots(monkeypatch):
+    def install(*consoles):
+        fake = FakeBoots(consoles)
+        monkeypatch.setattr(testvm.VM, "start", lambda vm: fake.start(vm))
+        monkeypatch.setattr(testvm.VM, "wait_for_ssh", lambda vm, deadline: fake.wait_for_ssh(vm, deadline))
+        monkeypatch.setattr(testvm.VM, "stop", lambda vm: fake.stop(vm))
+        monkeypatch.setattr(testvm.qemu, "accelerator", lambda: ("tcg", "qemu64"))
+        return fake
+    return install
+
+
+def _boot(tmp_path):
+    return testvm.boot(tmp_path / "x.qcow2", 2**30, testvm.Firmware.UEFI, tmp_path)
+
+
+def test_a_boot_the_emulator_race_panicked_is_booted_once_more_and_its_console_kept(boots, tmp_path):
+    fake = boots(INT3_PANIC, "boot-test login: \r\n")
+    vm = _boot(tmp_path)
+    assert (fake.started, fake.stopped) == (2, 1)
+    assert vm.console.read_bytes() == b"boot-test login: \r\n"
+    assert (tmp_path / "console-panicked.log").read_bytes() == INT3_PANIC.encode()
+
+
+def test_the_emulator_race_twice_in_a_row_fails_the_boot(boots, tmp_path):
+    fake = boots(INT3_PANIC, INT3_PANIC, "never booted\r\n")
+    with pytest.raises(testvm.KernelPanicked, match="the kernel panicked"):
+        _boot(tmp_path)
+    assert (fake.started, fake.stopped) == (2, 2)
+
+
+def test_any_other_kernel_panic_fails_the_boot_without_another_try(boots, tmp_path):
+    fake = boots("Kernel panic - not syncing: VFS: Unable to mount root fs\r\n", "never booted\r\n")
+    with pytest.raises(testvm.KernelPanicked, match="Unable to mount root fs"):
+        _boot(tmp_path)
+    assert (fake.started, fake.stopped) == (1, 1)
