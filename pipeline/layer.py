@@ -12,6 +12,8 @@ runs as in a cold build, so the image is the same (the rebuild test compares fil
     CACHE/layers/KEY/layer.json                                written after a successful build:
                                                                when it was made, the sha256 of both
     CACHE/layers/KEY/apt -> ../../apt                          .debs, shared by every layer
+    CACHE/layers/KEY/policy/MODULES.tar                        the policy store our SELinux modules
+                                                               make from the layer's (kvm-build-speed)
     CACHE/layers/KEY.lock                                      held by the build using the layer
     CACHE/debootstrap-debian-RELEASE-amd64.tar.gz               debootstrap's base, shared too
 
@@ -108,6 +110,10 @@ class PackageLayer:
             return False
 
     @property
+    def policy_cache(self) -> Path:
+        return self.directory / "policy"
+
+    @property
     def lock_path(self) -> Path:
         return _lock_path(self.directory)
 
@@ -130,6 +136,7 @@ class PackageLayer:
             return True
         for stale in (self.directory / RECORD, *self.files):
             stale.unlink(missing_ok=True)
+        shutil.rmtree(self.policy_cache, ignore_errors=True)  # made from the old layer's store
         if self.base.is_file():  # debootstrap need not run: start from its base
             try:
                 os.link(self.base, self.tarball)
@@ -144,6 +151,7 @@ class PackageLayer:
             # (no base yet: root.d/08-package-layer keeps debootstrap's tree as the base)
             "DIB_PACKAGE_LAYER_SAVE": "1" if saving else "",
             "DIB_PACKAGE_LAYER_BASE": str(self.base),
+            "DIB_POLICY_STORE_CACHE": str(self.policy_cache),
         }
 
     def finish(self) -> None:

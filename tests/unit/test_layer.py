@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -170,3 +171,80 @@ def test_the_cache_keeps_a_layer_for_every_image_we_ship():
     from pipeline.paths import SPEC_FILE
 
     assert len(specs.load(SPEC_FILE).images) < layer.KEEP
+
+
+def test_a_layer_made_again_drops_the_policy_stores_cached_from_the_old_one(saved, tmp_path, monkeypatch):
+    """kvm-build-speed caches the store our modules make from the layer's store: a layer that is
+    made again (expired, damaged) has a store of its own, from newer packages."""
+    saved.policy_cache.mkdir()
+    (saved.policy_cache / "0123.tar").write_text("a store")
+    assert saved.prepare()
+    assert (saved.policy_cache / "0123.tar").exists()
+    later = time.time() + layer.MAX_AGE + DAY
+    monkeypatch.setattr(layer.time, "time", lambda: later)
+    assert not saved.prepare()
+    assert not saved.policy_cache.exists()
+    assert saved.environment(saving=True)["DIB_POLICY_STORE_CACHE"] == str(saved.policy_cache)
+
+
+SPEED = ROOT / "elements" / "kvm-build-speed"
+
+
+def _policy_hooks(tmp_path: Path, modules: dict[str, bytes]):
+    """The host side of kvm-build-speed's policy store cache, on a fake build: the modules DIB hands
+    in, the tree's /tmp, the cache. Returns a runner for a hook by its path in the element."""
+    hooks, mnt, cache = tmp_path / "hooks", tmp_path / "mnt", tmp_path / "cache"
+    shutil.rmtree(hooks, ignore_errors=True)
+    (hooks / "selinux-modules").mkdir(parents=True)
+    (mnt / "tmp").mkdir(parents=True, exist_ok=True)
+    for name, content in modules.items():
+        (hooks / "selinux-modules" / name).write_bytes(content)
+    env = {"PATH": os.environ["PATH"], "TMP_HOOKS_PATH": str(hooks), "TMP_MOUNT_PATH": str(mnt),
+           "DIB_POLICY_STORE_CACHE": str(cache)}
+    return lambda hook: subprocess.run([SPEED / hook], env=env, check=True, capture_output=True, text=True)
+
+
+def test_a_policy_store_saved_by_one_build_is_handed_to_the_next_with_the_same_modules(tmp_path):
+    run_hook = _policy_hooks(tmp_path, {"a.pp": b"module a", "b.pp": b"module b"})
+    run_hook("extra-data.d/20-policy-store-cache")  # nothing cached yet
+    handover = tmp_path / "hooks" / "kvm-build-speed-policy"
+    assert not (handover / "store.tar").exists()
+    (tmp_path / "mnt/tmp/kvm-build-speed-policy.tar").write_bytes(b"the store")  # as the wait hook leaves it
+    run_hook("post-root.d/91-policy-store-cache")
+    assert not (tmp_path / "mnt/tmp/kvm-build-speed-policy.tar").exists()  # not left in the image
+    key = (handover / "key").read_text().strip()
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [f"{key}.tar", f"{key}.tar.sha256"]
+
+    run_hook = _policy_hooks(tmp_path, {"a.pp": b"module a", "b.pp": b"module b"})
+    run_hook("extra-data.d/20-policy-store-cache")
+    assert (handover / "store.tar").read_bytes() == b"the store"
+
+    run_hook = _policy_hooks(tmp_path, {"a.pp": b"module a, changed", "b.pp": b"module b"})
+    run_hook("extra-data.d/20-policy-store-cache")
+    assert (handover / "key").read_text().strip() != key
+    assert not (handover / "store.tar").exists()
+
+
+def test_a_cached_policy_store_that_does_not_match_its_sha256_is_not_used(tmp_path):
+    run_hook = _policy_hooks(tmp_path, {"a.pp": b"module a"})
+    run_hook("extra-data.d/20-policy-store-cache")
+    (tmp_path / "mnt/tmp/kvm-build-speed-policy.tar").write_bytes(b"the store")
+    run_hook("post-root.d/91-policy-store-cache")
+    key = (tmp_path / "hooks/kvm-build-speed-policy/key").read_text().strip()
+    (tmp_path / "cache" / f"{key}.tar").write_bytes(b"the store, damaged")
+    run_hook = _policy_hooks(tmp_path, {"a.pp": b"module a"})
+    run_hook("extra-data.d/20-policy-store-cache")
+    assert not (tmp_path / "hooks/kvm-build-speed-policy/store.tar").exists()
+
+
+def test_the_policy_store_cache_keeps_the_four_most_recently_used(tmp_path):
+    for index in range(6):
+        run_hook = _policy_hooks(tmp_path, {"a.pp": f"version {index}".encode()})
+        run_hook("extra-data.d/20-policy-store-cache")
+        (tmp_path / "mnt/tmp/kvm-build-speed-policy.tar").write_bytes(f"store {index}".encode())
+        run_hook("post-root.d/91-policy-store-cache")
+        time.sleep(0.01)  # distinct mtimes
+    stores = sorted((tmp_path / "cache").glob("*.tar"))
+    assert len(stores) == 4
+    assert sorted(p.read_text() for p in stores) == [f"store {index}" for index in range(2, 6)]
+    assert len(list((tmp_path / "cache").glob("*.sha256"))) == 4
