@@ -4,10 +4,12 @@ Installing some 350 packages is most of a build. A rebuild after a change to an 
 hooks, static files or policy needs none of it again, so the tree is saved right after
 the installs (the kvm-package-layer element) under a key of everything that shapes it up
 to there, and a later build with the same key starts from it: diskimage-builder unpacks it
-as its own debootstrap cache tarball and the installs find nothing to do. Every later hook
+in place of its own debootstrap cache tarball and the installs find nothing to do. Every later hook
 runs as in a cold build, so the image is the same (the rebuild test compares file lists).
 
-    CACHE/layers/KEY/debootstrap-debian-RELEASE-amd64.tar.gz   the layer (DIB's cache name)
+    CACHE/layers/KEY/layer.tar                                 the layer, uncompressed
+    CACHE/layers/KEY/debootstrap-debian-RELEASE-amd64.tar.gz   DIB's cache name: an empty tarball
+                                                               (debootstrap's base while one is made)
     CACHE/layers/KEY/xattrs.json                               its file capabilities etc.
     CACHE/layers/KEY/layer.json                                written after a successful build:
                                                                when it was made, the sha256 of both
@@ -93,11 +95,16 @@ def key(spec: ImageSpec, elements: list[Element]) -> str:
 class PackageLayer:
     directory: Path
     base: Path  # debootstrap's own tarball
-    tarball: Path
+    tarball: Path  # in DIB's debootstrap cache's place: the base while a layer is made, then empty
 
     @property
-    def files(self) -> tuple[Path, Path]:
-        return self.tarball, self.directory / XATTRS
+    def contents(self) -> Path:
+        """The tree as a plain tar (kvm-package-layer's root.d/07-package-layer-unpack)."""
+        return self.directory / "layer.tar"
+
+    @property
+    def files(self) -> tuple[Path, Path, Path]:
+        return self.contents, self.tarball, self.directory / XATTRS
 
     @property
     def complete(self) -> bool:

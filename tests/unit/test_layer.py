@@ -20,14 +20,20 @@ DAY = 24 * 3600
 
 
 def _save(tmp_path) -> layer.PackageLayer:
-    """A layer as a build that saved it leaves it: tarball and xattrs.json in place, finished."""
+    """A layer as a build that saved it leaves it: layer.tar, the empty tarball in DIB's debootstrap
+    cache's place and xattrs.json, finished."""
     directory = tmp_path / "cache" / "layers" / "0123456789abcdef"
     directory.mkdir(parents=True)
     package_layer = layer.PackageLayer(directory, tmp_path / "cache" / "base.tar.gz", directory / "layer.tar.gz")
-    package_layer.tarball.write_bytes(b"the packages")
-    (directory / layer.XATTRS).write_text("{}")
+    _store(package_layer)
     package_layer.finish()
     return package_layer
+
+
+def _store(package_layer: layer.PackageLayer) -> None:
+    package_layer.contents.write_bytes(b"the packages")
+    package_layer.tarball.write_bytes(b"an empty tarball")
+    (package_layer.directory / layer.XATTRS).write_text("{}")
 
 
 @pytest.fixture
@@ -39,12 +45,20 @@ def test_a_finished_layer_is_used(saved):
     assert saved.prepare()
 
 
-@pytest.mark.parametrize("damaged", ["tarball", "xattrs"])
+@pytest.mark.parametrize("damaged", ["contents", "tarball", "xattrs"])
 def test_a_damaged_layer_is_not_used(saved, damaged):
-    path = saved.tarball if damaged == "tarball" else saved.directory / layer.XATTRS
+    path = {"contents": saved.contents, "tarball": saved.tarball, "xattrs": saved.directory / layer.XATTRS}[damaged]
     path.write_bytes(b"garbage")
     assert not saved.prepare()
     assert not (saved.directory / layer.RECORD).exists()
+    assert not saved.contents.exists()  # so root.d/07-package-layer-unpack does not unpack it over the base
+
+
+def test_a_layer_made_again_starts_from_debootstraps_base(saved):
+    saved.base.write_bytes(b"debootstrap's tree")
+    (saved.directory / layer.RECORD).unlink()
+    assert not saved.prepare()
+    assert saved.tarball.read_bytes() == b"debootstrap's tree"
 
 
 def test_age_counts_from_creation_not_last_use(tmp_path, monkeypatch):
@@ -87,8 +101,7 @@ with package_layer.locked():
         assert second.stderr.readline() == waiting
         assert second.poll() is None  # waiting for the lock
         assert not saved.prepare()  # the first build: no layer yet, it saves one
-        saved.tarball.write_bytes(b"the packages")
-        (saved.directory / layer.XATTRS).write_text("{}")
+        _store(saved)
         saved.finish()
     assert second.communicate(timeout=30) == ("True\n", "")  # it starts from the first build's layer
 
@@ -126,8 +139,11 @@ def test_the_store_hook_uses_a_temporary_file_of_its_own(tmp_path):
            "DISTRO_NAME": "debian", "DIB_RELEASE": "bookworm", "ARCH": "amd64"}
     subprocess.run([ELEMENT / "post-root.d/90-package-layer-store"], env=env, check=True)
     assert others.read_text() == "another build's, half written"
-    assert subprocess.run(["tar", "--list", "--gzip", "--file", tarball], check=True).returncode == 0
-    assert sorted(p.name for p in cache.iterdir()) == sorted([tarball.name, others.name, "xattrs.json"])
+    # The tree as it was saved, and an empty tarball for debootstrap's 08-debootstrap to unpack.
+    assert subprocess.run(["tar", "--list", "--file", cache / "layer.tar"], check=True).returncode == 0
+    listed = subprocess.run(["tar", "--list", "--gzip", "--file", tarball], check=True, capture_output=True)
+    assert listed.stdout == b""
+    assert sorted(p.name for p in cache.iterdir()) == sorted([tarball.name, others.name, "xattrs.json", "layer.tar"])
 
 
 def _restore_xattrs(root: Path, dump: dict) -> subprocess.CompletedProcess:
@@ -248,3 +264,18 @@ def test_the_policy_store_cache_keeps_the_four_most_recently_used(tmp_path):
     assert len(stores) == 4
     assert sorted(p.read_text() for p in stores) == [f"store {index}" for index in range(2, 6)]
     assert len(list((tmp_path / "cache").glob("*.sha256"))) == 4
+
+
+@pytest.mark.parametrize("saving", ["", "1"])
+def test_the_unpack_hook_unpacks_the_layer_only_in_a_build_that_starts_from_one(tmp_path, saving):
+    cache, target = tmp_path / "cache", tmp_path / "mnt"
+    (tmp_path / "tree/etc").mkdir(parents=True)
+    (tmp_path / "tree/etc/hostname").write_text("layer\n")
+    cache.mkdir()
+    target.mkdir()
+    subprocess.run(["tar", "--create", "--file", cache / "layer.tar", "--directory", tmp_path / "tree", "."],
+                   check=True)
+    env = {"PATH": os.environ["PATH"], "TARGET_ROOT": str(target), "DIB_IMAGE_CACHE": str(cache),
+           "DIB_PACKAGE_LAYER_SAVE": saving}
+    subprocess.run([ELEMENT / "root.d/07-package-layer-unpack"], env=env, check=True)
+    assert (target / "etc/hostname").exists() is (saving == "")
