@@ -81,8 +81,9 @@ def test_layer_prepare_starts_from_debootstraps_base(tmp_path):
     assert (package_layer.directory / "apt").resolve() == (tmp_path / "apt").resolve()
     package_layer.finish()  # the build saved nothing: still not complete
     assert not package_layer.complete
-    package_layer.tarball.unlink()
-    package_layer.tarball.write_bytes(b"layer")  # what the element's post-root.d hook leaves
+    package_layer.tarball.unlink()  # what the element's post-root.d hook leaves: the tree, an empty tarball
+    package_layer.tarball.write_bytes(b"empty")
+    package_layer.contents.write_bytes(b"layer")
     (package_layer.directory / layer.XATTRS).write_text("{}")
     package_layer.finish()
     assert package_layer.complete and package_layer.prepare() is True
