@@ -12,7 +12,7 @@ runs as in a cold build, so the image is the same (the rebuild test compares fil
                                                                (debootstrap's base while one is made)
     CACHE/layers/KEY/xattrs.json                               its file capabilities etc.
     CACHE/layers/KEY/layer.json                                written after a successful build:
-                                                               when it was made, the sha256 of both
+                                                               when it was made, the sha256 of the three above
     CACHE/layers/KEY/apt -> ../../apt                          .debs, shared by every layer
     CACHE/layers/KEY/policy/MODULES.tar                        the policy store our SELinux modules
                                                                make from the layer's (kvm-build-speed)
