@@ -87,6 +87,10 @@ REBOOT_FIRMWARE = "uefi"
 SETTLE_AFTER_REBOOT = "timeout 600 systemctl is-system-running --wait"
 # The kernel logs this when auditd unregisters at its stop: the shutdown's denials come after it.
 AUDITD_STOPPED = "audit_pid=0"
+# Set, the kernel dumps its log into pstore (EFI variables) at a reboot too, not only at a
+# crash, so the boot after runs systemd-pstore as after a crash (printk's always_kmsg_dump).
+DUMP_AT_REBOOT = "echo Y > /sys/module/printk/parameters/always_kmsg_dump"
+PSTORE_ARCHIVE = "/var/lib/systemd/pstore"
 
 
 def test_a_reboot_logs_no_denials_going_down_or_coming_up(vm, firmware, root, settled, expected_denial, ssh_masters,
@@ -94,11 +98,13 @@ def test_a_reboot_logs_no_denials_going_down_or_coming_up(vm, firmware, root, se
     """Users reboot. The shutdown's end is logged only to the kernel's log (auditd has stopped),
     which the journal keeps; the boot after the first is not the first boot over again
     (cloud-init's generator finds the instance it left). Both without a denial, and the system
-    comes up with no failed unit."""
+    comes up with no failed unit. The kernel's log is dumped into pstore at this reboot, as at a
+    crash, so systemd-pstore archives it in the boot after, also without a denial."""
     if pytestconfig.getoption("no_reboot"):
         pytest.skip("this session does not reboot (--no-reboot)")
     if firmware != REBOOT_FIRMWARE:
         pytest.skip(f"one reboot a session, by {REBOOT_FIRMWARE}")
+    assert root.run(DUMP_AT_REBOOT).rc == 0
     seconds = vm.reboot()
     close_masters(ssh_masters)  # their connections were to the boot that is gone
     print(f"\n{firmware}: SSH ready {seconds} s after the reboot")
@@ -113,6 +119,10 @@ def test_a_reboot_logs_no_denials_going_down_or_coming_up(vm, firmware, root, se
     going_down = kernel_logged_denials(root, "-1", expected_denial)
     assert going_down == [], "in the kernel's log of the boot before:\n" + "\n".join(going_down)[-4000:]
     assert_no_denials_since_boot(root, expected_denial)
+    # A directory per dump, the records in it: refused its mkdir, systemd-pstore leaves them loose.
+    archived = root.run(f"find {PSTORE_ARCHIVE} -mindepth 2 -name 'dmesg*' -type f").stdout.split()
+    assert archived, "systemd-pstore archived no dump: " + root.run(
+        f"ls -lR {PSTORE_ARCHIVE}; journalctl -b -u systemd-pstore --no-pager").stdout
 
 
 # Denials that only show with dontaudit rules off, seen while users log in (Debian 12's
