@@ -47,7 +47,7 @@ from .parsers import (
     unlabeled_names,
 )
 from .report import CheckResult
-from .session import DEVICE, CheckFailed, Guest, first_line, mount
+from .session import DEVICE, LABEL_SAMPLE, CheckFailed, Guest, first_line, mount
 
 BOOT_KERNEL_SECTOR = 0x5C  # in GRUB's boot.img: LBA of core.img, see bootloader.py
 GUEST_ELEMENT = "kvm-guest"
@@ -102,10 +102,6 @@ LIVEIMG_LABELED = tuple(path for path, _ in (*LABELS, *HOST_LABELS)
                         if path not in ("/proc", "/sys", "/dev", "/run", "/boot/efi"))
 TUNED_DAEMON = ("/usr/sbin/tuned", "/usr/bin/tuned")
 TUNED_DAEMON_TYPE = "tuned_exec_t"
-# Directories sampled for files with no label at all: (directory, recursive), picked out of
-# the file list the other checks read. About 1 s under TCG: one lxattrlist per directory
-# (libguestfs takes the names of one directory a call); all of /var/lib would cost 1.4 s more.
-LABEL_SAMPLE = (("/etc", True), ("/usr/bin", False), ("/usr/sbin", False), ("/var/lib", False))
 SHOWN = 10  # names listed in a failure's detail
 # Names a shell or an interactive tool leaves its history under, in any home directory.
 HISTORY_FILES = frozenset({".bash_history", ".sh_history", ".ash_history", ".zsh_history", ".history",
@@ -224,7 +220,7 @@ def check_os(guest: Guest) -> Verdict:
 def check_kernel(guest: Guest) -> Verdict:
     version = guest.info["kernel"]
     paths = [f"/boot/vmlinuz-{version}", f"/boot/initrd.img-{version}"]
-    problems = [f"{p} missing" for p in paths if not guest.g.is_file(p)]
+    problems = [f"{p} missing" for p in paths if not guest.is_file(p)]
     return (problems, f"{', '.join(paths)} present")
 
 
@@ -281,7 +277,7 @@ def check_grub_cfg(guest: Guest) -> Verdict:
 def check_uefi(guest: Guest) -> Verdict:
     """Runs after the ESP is mounted on /boot/efi."""
     path = "/boot/efi/EFI/BOOT/BOOTX64.EFI"
-    if not guest.g.is_file(path):
+    if not guest.is_file(path):
         return [f"{path} missing on the ESP"], ""
     if guest.g.pread(path, 2, 0) != b"MZ":
         return [f"{path} is not a PE executable"], ""
@@ -290,7 +286,7 @@ def check_uefi(guest: Guest) -> Verdict:
 
 def check_grub_modules(guest: Guest) -> Verdict:
     paths = ["/boot/grub/i386-pc/normal.mod", "/boot/grub/x86_64-efi/normal.mod"]
-    problems = [f"{p} missing" for p in paths if not guest.g.is_file(p)]
+    problems = [f"{p} missing" for p in paths if not guest.is_file(p)]
     return (problems, "normal.mod for i386-pc and x86_64-efi")
 
 
@@ -341,14 +337,14 @@ def check_tuned(guest: Guest) -> Verdict:
     if mode != "manual":
         problems.append(f"/etc/tuned/profile_mode is {mode!r}, expected 'manual'")
     # tuned 2.23 (trixie) reads the administrator's profiles from /etc/tuned/profiles, 2.20 from /etc/tuned.
-    ours = "/etc/tuned/profiles" if g.is_dir("/usr/lib/tuned/profiles") else "/etc/tuned"
-    if not g.is_file(f"{ours}/{profile}/tuned.conf"):
+    ours = "/etc/tuned/profiles" if guest.is_dir("/usr/lib/tuned/profiles") else "/etc/tuned"
+    if not guest.is_file(f"{ours}/{profile}/tuned.conf"):
         problems.append(f"{ours}/{profile}/tuned.conf missing")
     link = "/etc/systemd/system/multi-user.target.wants/tuned.service"
     # realpath resolves inside the guest's root, so the unit's absolute target is found there.
-    if not g.is_symlink(link):
+    if not guest.is_symlink(link):
         problems.append("tuned.service is not enabled (no multi-user.target.wants link)")
-    elif not g.is_file(g.realpath(link)):
+    elif not guest.is_file(g.realpath(link)):
         problems.append(f"{link} -> {g.readlink(link)}, which does not exist")
     return (problems, f"profile {profile} active (manual), tuned.service enabled")
 
@@ -385,7 +381,7 @@ def check_labels(guest: Guest) -> Verdict:
     """Runs before the ESP is mounted, so /boot/efi is the root filesystem's mountpoint."""
     changed = RELEASE_LABELS.get(guest.spec.release, {})
     table = [(path, changed.get(path, expected)) for path, expected in LABELS]
-    daemon = next((p for p in TUNED_DAEMON if guest.g.is_file(p)), None)
+    daemon = next((p for p in TUNED_DAEMON if guest.is_file(p)), None)
     problems = [] if daemon else [f"no tuned daemon at {' or '.join(TUNED_DAEMON)}"]
     if daemon:
         table.append((daemon, TUNED_DAEMON_TYPE))
@@ -394,12 +390,18 @@ def check_labels(guest: Guest) -> Verdict:
 
 
 def check_unlabeled(guest: Guest) -> Verdict:
+    """LABEL_SAMPLE's paths, picked out of the file list, each have a label: as the command that
+    listed them read it, or else by lxattrlist. A path it did not read counts as unlabeled."""
     missing = []
     count = 0
     for directory, names in label_sample((e.path for e in guest.files), LABEL_SAMPLE).items():
         count += len(names)
-        missing += [posixpath.join(directory, name)
-                    for name in unlabeled_names(names, guest.g.lxattrlist(directory, names))]
+        if guest.labels is not None:
+            missing += [path for path in (posixpath.join(directory, name) for name in names)
+                        if not guest.labels.get(path)]
+        else:
+            missing += [posixpath.join(directory, name)
+                        for name in unlabeled_names(names, guest.g.lxattrlist(directory, names))]
     sample = ", ".join(f"{top}{'/**' if recursive else '/*'}" for top, recursive in LABEL_SAMPLE)
     return ([f"{len(missing)} unlabeled: {', '.join(missing[:SHOWN])}"] if missing else [],
             f"all {count} files in {sample} labeled")
@@ -413,7 +415,7 @@ def check_host_keys(guest: Guest) -> Verdict:
 
 def check_machine_id(guest: Guest) -> Verdict:
     path = "/etc/machine-id"
-    if not guest.g.is_file(path):
+    if not guest.is_file(path):
         return [f"{path} missing or not a regular file"], ""
     size = guest.g.filesize(path)
     return ([f"{path} has {size} bytes: every clone would share it"] if size else [],
@@ -492,7 +494,7 @@ def check_serial_console(guest: Guest) -> Verdict:
 def check_policy_modules(guest: Guest) -> Verdict:
     spec = guest.spec
     wanted = [source.stem for source in selinux.module_sources(spec.elements, spec.release, spec.element_dirs)]
-    missing = [m for m in wanted if not guest.g.is_dir(f"{POLICY_MODULES}/{m}")]
+    missing = [m for m in wanted if not guest.is_dir(f"{POLICY_MODULES}/{m}")]
     return ([f"not installed in the policy store: {', '.join(missing)}"] if missing else [],
             f"installed: {', '.join(wanted)}")
 
@@ -513,9 +515,9 @@ def check_enabled_units(guest: Guest) -> Verdict:
             problems.append(f"{unit}: its [Install] section has no WantedBy= or RequiredBy=")
         for link in links:
             path = f"/etc/systemd/system/{link}"
-            if not guest.g.is_symlink(path):
+            if not guest.is_symlink(path):
                 problems.append(f"{unit} is not enabled (no {posixpath.dirname(link)} link)")
-            elif not guest.g.is_file(guest.g.realpath(path)):
+            elif not guest.is_file(guest.g.realpath(path)):
                 problems.append(f"{path} -> {guest.g.readlink(path)}, which does not exist")
     return (problems, f"enabled: {', '.join(units)}")
 
@@ -550,8 +552,8 @@ def ifupdown_boot_problems(guest: Guest) -> list[str]:
     """networking.service is ordered after Open vSwitch, and cloud-init's network stage after
     it: enabled, it holds every login behind Open vSwitch. The hotplug rule would run ifquery."""
     problems = [f"networking.service is enabled ({link}), so logins wait for Open vSwitch"
-                for link in NETWORKING_LINKS if guest.g.is_symlink(link)]
-    if not (guest.g.is_symlink(IFUPDOWN_HOTPLUG_RULE) and guest.g.readlink(IFUPDOWN_HOTPLUG_RULE) == "/dev/null"):
+                for link in NETWORKING_LINKS if guest.is_symlink(link)]
+    if not (guest.is_symlink(IFUPDOWN_HOTPLUG_RULE) and guest.g.readlink(IFUPDOWN_HOTPLUG_RULE) == "/dev/null"):
         problems.append(f"{IFUPDOWN_HOTPLUG_RULE} does not mask udev's ifupdown hotplug rule")
     return problems
 

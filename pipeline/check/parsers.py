@@ -246,6 +246,41 @@ def parse_find_listing(listing: str) -> list[FileEntry]:
 
 
 
+# find(1)'s -printf for a path's SELinux label, then its path as above. find prints an unlabeled
+# path's label empty (and says so on stderr).
+FIND_LABEL_PRINTF = "%Z\t"
+_LABEL_LINE = re.compile(r"(?P<label>[^\t]*)\t(?P<path>/.+)")
+
+
+def parse_label_listing(listing: str) -> dict[str, str]:
+    """Path -> SELinux label ("" for none) from what `find -printf FIND_LABEL_PRINTF/PATH` wrote;
+    ValueError naming the first line that is not one."""
+    labels = {}
+    for line in listing.removesuffix("\n").split("\n") if listing else ():
+        match = _LABEL_LINE.fullmatch(line)
+        if not match:
+            raise ValueError(f"find listed a line that is not a label and a path: {line[:80]!r}")
+        labels[match["path"]] = match["label"]
+    return labels
+
+
+def parse_blkid_export(text: str) -> dict[str, dict[str, str]]:
+    """Device -> blkid's tags (TYPE, UUID, ...) from `blkid -o export` for several devices: one
+    block of KEY=value lines a device, DEVNAME first; blkid escapes shell specials with a backslash."""
+    devices = {}
+    for block in text.strip().split("\n\n") if text.strip() else ():
+        tags = {}
+        for line in block.strip().split("\n"):
+            key, equals, value = line.partition("=")
+            if not equals or not re.fullmatch(r"[A-Z][A-Z0-9_]*", key):
+                raise ValueError(f"blkid printed a line that is not KEY=value: {line[:80]!r}")
+            tags[key] = re.sub(r"\\(.)", r"\1", value)
+        if "DEVNAME" not in tags:
+            raise ValueError(f"blkid printed tags without a DEVNAME: {block[:80]!r}")
+        devices[tags["DEVNAME"]] = tags
+    return devices
+
+
 def by_directory(top: str, found: list[str]) -> dict[str, list[str]]:
     """Directory -> names in it, for what libguestfs's find(TOP) answered (below TOP; "/a/b", or
     "a/b" from older libguestfs)."""

@@ -2,7 +2,8 @@
 
 The appliance costs about 20 s to launch under TCG, most of the check's time; after
 that it is asked only cheap questions: one read, stat or xattr list each, and one command
-running the image's own find for the file list (one call instead of one a directory). Its
+running the image's own tools (SURVEY_SCRIPT): find for the file list (one call instead of one
+a directory) and the sampled labels, blkid for the partitions. Its
 inspection API is not used: inspect_os costs 13-23 s under TCG (a udev settle per probe,
 then augeas for fstab), more than every check together. So the root is found from the
 GPT, which is read in one call and parsed here, and /etc/os-release, the file inspect_os
@@ -15,7 +16,7 @@ from __future__ import annotations
 import os
 import posixpath
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,15 +30,19 @@ from ..liveimg import Contents
 from ..progress import Timings, say, step
 from ..spec import ImageSpec
 from .parsers import (
+    FIND_LABEL_PRINTF,
     FIND_PRINTF,
+    GPT_BIOS_BOOT,
     GPT_ROOT_X86_64,
     SECTOR,
     FileEntry,
     GptPartition,
     by_directory,
     grub_linux_args,
+    parse_blkid_export,
     parse_find_listing,
     parse_gpt,
+    parse_label_listing,
 )
 
 DEVICE = "/dev/sda"   # libguestfs names the first drive added /dev/sda, whatever the backend
@@ -60,6 +65,28 @@ wait $! || exit 1
 printf '%s\\n' "$rest"
 """
 APPLIANCE_VCPUS = 2  # TCG runs each on a host thread: the two finds above, and the kernel's I/O beside one
+# Directories sampled for files with no label at all: (directory, recursive). Their labels are read
+# by the command that lists the files, beside the listing (about 0.1 s under TCG); libguestfs's
+# lxattrlist takes one directory's names a call (0.35 s for these, a host's 140 directories).
+LABEL_SAMPLE = (("/etc", True), ("/usr/bin", False), ("/usr/sbin", False), ("/var/lib", False))
+# A command costs about 0.5 s under TCG (libguestfs bind-mounts /dev, /proc and /sys into the
+# image's root and back), blkid 0.2 s a partition (a udev settle first): so the one command that
+# lists the files also asks the image's own find for the sample's labels and its own blkid for the
+# partitions ($2...), each answer after a line of its own. Neither may fail the listing: an
+# unlabeled path makes find fail, and a partition without a filesystem blkid.
+SURVEY_LABELS = "#kvmpipe: labels"
+SURVEY_BLKID = "#kvmpipe: blkid"
+_LABEL_FINDS = "\n".join(
+    f"find {top.lstrip('/')} -xdev {'' if recursive else '-maxdepth 1 '}-printf '{FIND_LABEL_PRINTF}/%p\\n'"
+    for top, recursive in LABEL_SAMPLE)
+SURVEY_SCRIPT = f"""{LIST_FILES_SCRIPT}echo '{SURVEY_LABELS}'
+{{ {_LABEL_FINDS}
+}} 2>/dev/null
+echo '{SURVEY_BLKID}'
+shift
+[ $# -eq 0 ] || blkid -c /dev/null -o export "$@" 2>/dev/null
+exit 0
+"""
 
 
 class CheckFailed(Exception):
@@ -81,6 +108,9 @@ class Guest:
     head: bytes = b""  # the disk's first GPT_SECTORS sectors: the MBR and the GPT
     tarball: Future[Contents] | None = None  # the liveimg tarball, read while the appliance launched
     _blkid: dict[str, dict[str, str]] = field(default_factory=dict)
+    # LABEL_SAMPLE's paths -> SELinux label ("" for none), read with the file list; None until
+    # then, and if the image's find could not read them.
+    labels: dict[str, str] | None = None
 
     @staticmethod
     def device(partition: GptPartition) -> str:
@@ -101,6 +131,29 @@ class Guest:
             except RuntimeError:
                 self._blkid[device] = {}
         return self._blkid[device]
+
+    @cached_property
+    def _listed_modes(self) -> dict[str, int]:
+        try:
+            return {entry.path: entry.mode for entry in self.files}
+        except CheckFailed:
+            return {}
+
+    def _is(self, path: str, kind: Callable[[int], bool], ask: Callable[[str], bool]) -> bool:
+        """What the file list's lstat of PATH says, or libguestfs's answer (about 8 ms a call under
+        TCG) for a path it does not hold: not there, below a symlink or on a later mount."""
+        mode = self._listed_modes.get(path)
+        return kind(mode) if mode is not None else ask(path)
+
+    def is_file(self, path: str) -> bool:
+        """A regular file, not followed if a symlink, as libguestfs's is_file."""
+        return self._is(path, stat.S_ISREG, self.g.is_file)
+
+    def is_dir(self, path: str) -> bool:
+        return self._is(path, stat.S_ISDIR, self.g.is_dir)
+
+    def is_symlink(self, path: str) -> bool:
+        return self._is(path, stat.S_ISLNK, self.g.is_symlink)
 
     def uuid(self, partition: GptPartition) -> str:
         return self.blkid(partition).get("UUID", "")
@@ -138,17 +191,26 @@ class Guest:
     @cached_property
     def files(self) -> list[FileEntry]:
         """Every path of the root filesystem with its lstat, from the image's own find
-        (LIST_FILES_SCRIPT): one call instead of one a directory (medians under TCG, a loaded
-        machine: 6.0 against 10.2 s for a guest's 16,000 paths, 14.5 against 19.5 s for a host's
-        22,000, with one find). An image without sh or find, or a listing over libguestfs's 4 MiB
-        reply limit, is listed by those calls instead."""
+        (SURVEY_SCRIPT, which also reads the labels and blkid the other checks ask for): one call
+        instead of one a directory (medians under TCG, a loaded machine: 6.0 against 10.2 s for a
+        guest's 16,000 paths, 14.5 against 19.5 s for a host's 22,000, with one find). An image
+        without sh or find, or a listing over libguestfs's 4 MiB reply limit, is listed by those
+        calls instead."""
+        filesystems = [self.device(p) for p in self.partitions if p.type_guid != GPT_BIOS_BOOT]
         try:
-            listing = self.g.command(["sh", "-c", LIST_FILES_SCRIPT, "sh", "/"])
+            output = self.g.command(["sh", "-c", SURVEY_SCRIPT, "sh", "/", *filesystems])
         except RuntimeError as error:
             say(f"check: find from the image failed ({first_line(error)}); listing by libguestfs calls")
             return self._lstat_tree("/")
+        listing, _, answers = output.partition(f"{SURVEY_LABELS}\n")
+        labels, _, blkid = answers.partition(f"{SURVEY_BLKID}\n")
         try:
             entries = parse_find_listing(listing)
+            self.labels = parse_label_listing(labels) or None  # none at all: a find without SELinux
+            # A partition blkid found nothing on is asked again by libguestfs, after a udev settle:
+            # the image may lack blkid, and it found none in 1 of about 15 fresh appliances.
+            self._blkid.update((device, tags) for device, tags in parse_blkid_export(blkid).items()
+                               if device in filesystems)
         except ValueError as error:
             raise CheckFailed(str(error)) from None
         # The image's own, which the appliance's mounts hid from the command.

@@ -22,9 +22,27 @@ from pipeline.check.checks import (
     leftover_problems,
     world_writable,
 )
-from pipeline.check.parsers import FileEntry, parse_find_listing, parse_ifupdown
+from pipeline.check.parsers import (
+    GPT_ESP,
+    GPT_ROOT_X86_64,
+    FileEntry,
+    GptPartition,
+    parse_blkid_export,
+    parse_find_listing,
+    parse_ifupdown,
+    parse_label_listing,
+)
 from pipeline.check.report import CheckResult, Report
-from pipeline.check.session import COMMAND_MOUNTS, LIST_FILES_SCRIPT, CheckFailed, Guest, import_guestfs
+from pipeline.check.session import (
+    COMMAND_MOUNTS,
+    LIST_FILES_SCRIPT,
+    SURVEY_BLKID,
+    SURVEY_LABELS,
+    SURVEY_SCRIPT,
+    CheckFailed,
+    Guest,
+    import_guestfs,
+)
 from pipeline.errors import PipelineError, ToolMissing
 from pipeline.run import run
 
@@ -75,10 +93,17 @@ def test_bridge_problems_are_named(edit, problem):
 
 
 class SymlinkGuestFS:
-    """The two libguestfs calls ifupdown_boot_problems makes, over a dict of symlinks."""
+    """The libguestfs calls ifupdown_boot_problems makes, over a dict of symlinks: the image's
+    find lists them, and libguestfs answers for any other path."""
 
     def __init__(self, links: dict[str, str]):
         self.links = links
+
+    def command(self, argv) -> str:
+        return "".join(f"l 777 {len(target)} {path}\n" for path, target in self.links.items())
+
+    def lstatnslist(self, directory, names):  # /dev, /proc and /sys: not in this image
+        return [{"st_mode": 0, "st_size": -1} for _ in names]
 
     def is_symlink(self, path: str) -> bool:
         return path in self.links
@@ -288,6 +313,88 @@ def test_the_file_list_script_fails_when_either_find_does(tmp_path, failing):
 def test_the_file_list_script_fails_on_a_missing_root(tmp_path):
     listed = run(["sh", "-c", LIST_FILES_SCRIPT, "sh", tmp_path / "nowhere"], capture=True, check=False)
     assert listed.returncode != 0 and listed.stdout == ""
+
+
+def test_the_survey_lists_the_files_then_reads_the_samples_labels_and_blkid(tmp_path):
+    """SURVEY_SCRIPT by the real sh, find and blkid: the listing as LIST_FILES_SCRIPT's, then each
+    sampled path's label (empty for none: it does not fail the command), then blkid's answer
+    for each filesystem named (a file holding one here; none for one without)."""
+    _tree_on_disk(tmp_path / "root")
+    try:
+        os.setxattr(tmp_path / "root/etc/passwd", "security.selinux", b"system_u:object_r:passwd_file_t:s0\0")
+    except OSError as error:
+        pytest.skip(f"this filesystem keeps no security.selinux xattr: {error}")
+    esp = tmp_path / "esp.img"
+    with open(esp, "wb") as f:
+        f.truncate(40 * 2**20)
+    run(["mkfs.vfat", "-F", "32", "-i", "97AAFF08", esp])
+    blank = tmp_path / "blank.img"
+    blank.write_bytes(b"\0" * 2**20)
+    output = run(["sh", "-c", SURVEY_SCRIPT, "sh", tmp_path / "root", esp, blank], capture=True).stdout
+    listing, _, answers = output.partition(f"{SURVEY_LABELS}\n")
+    labels, _, blkid = answers.partition(f"{SURVEY_BLKID}\n")
+    alone = run(["sh", "-c", LIST_FILES_SCRIPT, "sh", tmp_path / "root"], capture=True).stdout
+    assert parse_find_listing(listing) == parse_find_listing(alone)
+    assert parse_label_listing(labels) == {
+        "/etc": "", "/etc/passwd": "system_u:object_r:passwd_file_t:s0", "/etc/a name with spaces": "",
+        "/usr/bin": "", "/usr/bin/su": "", "/var/lib": "", "/var/lib/apt": ""}  # /usr/sbin: not in this tree
+    found = parse_blkid_export(blkid)
+    assert list(found) == [str(esp)]
+    assert (found[str(esp)]["UUID"], found[str(esp)]["TYPE"]) == ("97AA-FF08", "vfat")
+
+
+class SurveyGuestFS(ListingGuestFS):
+    """A command answering as SURVEY_SCRIPT does; blkid and lxattrlist must not be asked."""
+
+    def __init__(self, tree, labels: str, blkid: str):
+        super().__init__(tree)
+        self.labels, self.blkid_text = labels, blkid
+
+    def command(self, argv):
+        return f"{super().command(argv)}{SURVEY_LABELS}\n{self.labels}{SURVEY_BLKID}\n{self.blkid_text}"
+
+    def blkid(self, device):
+        raise AssertionError(f"blkid {device} asked of libguestfs")
+
+    def lxattrlist(self, directory, names):
+        raise AssertionError(f"lxattrlist {directory} asked of libguestfs")
+
+
+ROOT_PARTITION = GptPartition(3, GPT_ROOT_X86_64, 4096, 8191, "root")
+ESP_PARTITION = GptPartition(2, GPT_ESP, 2048, 4095, "esp")
+
+
+def test_labels_and_uuids_read_with_the_file_list_are_not_asked_again():
+    labels = "".join(f"{label}\t{path}\n" for path, label in (
+        ("/etc", "system_u:object_r:etc_t:s0"), ("/etc/passwd", ""), ("/usr/bin", "system_u:object_r:bin_t:s0"),
+        ("/usr/bin/su", "system_u:object_r:su_exec_t:s0"), ("/usr/sbin", "system_u:object_r:bin_t:s0"),
+        ("/var/lib", "system_u:object_r:var_lib_t:s0")))
+    blkid = "DEVNAME=/dev/sda2\nUUID=97AA-FF08\nTYPE=vfat\n\nDEVNAME=/dev/sda3\nUUID=e833b020\nTYPE=ext4\n"
+    guest = Guest(SurveyGuestFS(TREE, labels, blkid), spec.load().get("guest-image"), {},
+                  [ESP_PARTITION, ROOT_PARTITION], ROOT_PARTITION, Path("/nowhere"), b"", None)
+    guest.files  # noqa: B018 (a cached property)
+    assert guest.uuid(ROOT_PARTITION) == "e833b020" and guest.blkid(ESP_PARTITION)["TYPE"] == "vfat"
+    problems, _ = checks.check_unlabeled(guest)
+    assert problems == ["1 unlabeled: /etc/passwd"]
+
+
+def test_a_sampled_path_the_survey_did_not_label_counts_as_unlabeled():
+    guest = Guest(SurveyGuestFS(TREE, "system_u:object_r:etc_t:s0\t/etc\n", ""), spec.load().get("guest-image"),
+                  {}, [], None, Path("/nowhere"), b"", None)
+    problems, _ = checks.check_unlabeled(guest)
+    assert problems == ["5 unlabeled: /usr/bin, /usr/sbin, /var/lib, /etc/passwd, /usr/bin/su"]
+
+
+def test_files_listed_answer_is_file_and_others_are_asked():
+    g = ListingGuestFS(TREE)
+    asked = []
+    g.is_file = lambda path: asked.append(path) or path == "/lib/os-release"
+    g.is_dir = g.is_symlink = lambda path: asked.append(path) or False
+    guest = _guest(g)
+    assert guest.is_file("/etc/passwd") and not guest.is_file("/etc") and not guest.is_file("/bin")
+    assert guest.is_symlink("/bin") and guest.is_dir("/usr/bin")
+    assert asked == []
+    assert guest.is_file("/lib/os-release") and asked == ["/lib/os-release"]  # below a symlink
 
 
 # --- what a build must not leave in an image

@@ -19,10 +19,12 @@ from pipeline.check.parsers import (
     fstab_uuid,
     grub_linux_args,
     label_sample,
+    parse_blkid_export,
     parse_env_file,
     parse_find_listing,
     parse_fstab,
     parse_gpt,
+    parse_label_listing,
     passwd_problems,
     selinux_type,
     shadow_problems,
@@ -399,3 +401,31 @@ def test_find_listing_gives_each_paths_type_permissions_and_size():
 def test_find_listing_with_a_line_that_is_no_entry_is_refused(listing):
     with pytest.raises(ValueError, match="find listed a line that is not type, mode, size and path"):
         parse_find_listing(listing)
+
+
+def test_label_listing_keeps_an_unlabeled_path_as_empty():
+    listing = "system_u:object_r:etc_t:s0\t/etc\n\t/etc/new file\nsystem_u:object_r:bin_t:s0\t/usr/bin/ls\n"
+    assert parse_label_listing(listing) == {"/etc": "system_u:object_r:etc_t:s0", "/etc/new file": "",
+                                            "/usr/bin/ls": "system_u:object_r:bin_t:s0"}
+    assert parse_label_listing("") == {}
+
+
+def test_a_label_listing_line_without_a_path_is_an_error():
+    with pytest.raises(ValueError, match="not a label and a path: 'broken'"):
+        parse_label_listing("system_u:object_r:etc_t:s0\t/etc\nbroken\n")
+
+
+def test_blkid_export_of_several_devices():
+    text = ("DEVNAME=/dev/sda2\nLABEL_FATBOOT=ESP\nUUID=97AA-FF08\nTYPE=vfat\n\n"
+            "DEVNAME=/dev/sda3\nLABEL=my\\ root\nUUID=e833b020-3ac9-547f-9aa8-cbe84db4471b\nTYPE=ext4\n")
+    found = parse_blkid_export(text)
+    assert found["/dev/sda2"]["UUID"] == "97AA-FF08" and found["/dev/sda2"]["TYPE"] == "vfat"
+    assert found["/dev/sda3"]["LABEL"] == "my root" and found["/dev/sda3"]["TYPE"] == "ext4"
+    assert parse_blkid_export("") == {}
+
+
+@pytest.mark.parametrize("text, error", [("DEVNAME=/dev/sda2\nnot a tag\n", "not KEY=value: 'not a tag'"),
+                                         ("UUID=97AA-FF08\nTYPE=vfat\n", "without a DEVNAME")])
+def test_blkid_export_that_is_not_is_an_error(text, error):
+    with pytest.raises(ValueError, match=error):
+        parse_blkid_export(text)
