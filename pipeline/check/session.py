@@ -13,6 +13,7 @@ LVM, MD and btrfs) and part_get_gpt_type (sgdisk, about 1 s a call).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import stat
@@ -207,12 +208,14 @@ class Guest:
         try:
             entries = parse_find_listing(listing)
             self.labels = parse_label_listing(labels) or None  # none at all: a find without SELinux
-            # A partition blkid found nothing on is asked again by libguestfs, after a udev settle:
-            # the image may lack blkid, and it found none in 1 of about 15 fresh appliances.
-            self._blkid.update((device, tags) for device, tags in parse_blkid_export(blkid).items()
-                               if device in filesystems)
         except ValueError as error:
             raise CheckFailed(str(error)) from None
+        # A partition blkid found nothing on, or an answer that does not parse, is asked again of
+        # libguestfs, after a udev settle: the image may lack blkid, and it found none in 1 of
+        # about 15 fresh appliances.
+        with contextlib.suppress(ValueError):
+            self._blkid.update((device, tags) for device, tags in parse_blkid_export(blkid).items()
+                               if device in filesystems)
         # The image's own, which the appliance's mounts hid from the command.
         return entries + self._lstat_walk("/", [top.lstrip("/") for top in COMMAND_MOUNTS])
 

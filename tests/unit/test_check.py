@@ -378,6 +378,13 @@ def test_labels_and_uuids_read_with_the_file_list_are_not_asked_again():
     assert problems == ["1 unlabeled: /etc/passwd"]
 
 
+def test_a_blkid_answer_that_does_not_parse_is_asked_of_libguestfs():
+    g = SurveyGuestFS(TREE, "", "DEVNAME=/dev/sda3\nnot a tag\n")
+    g.blkid = lambda device: {"UUID": "from-libguestfs", "TYPE": "ext4"}
+    guest = Guest(g, spec.load().get("guest-image"), {}, [ROOT_PARTITION], ROOT_PARTITION, Path("/nowhere"), b"", None)
+    assert guest.files and guest.uuid(ROOT_PARTITION) == "from-libguestfs"
+
+
 def test_a_sampled_path_the_survey_did_not_label_counts_as_unlabeled():
     guest = Guest(SurveyGuestFS(TREE, "system_u:object_r:etc_t:s0\t/etc\n", ""), spec.load().get("guest-image"),
                   {}, [], None, Path("/nowhere"), b"", None)
