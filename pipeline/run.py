@@ -324,3 +324,7 @@ def interrupt_on_termination() -> None:
 
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, interrupt)
+    # A shell without job control starts a background job (`cmd &` in a script) with SIGINT
+    # ignored, which every child inherits: the SIGINT invoke passes on to pytest would stop nothing.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -107,6 +107,15 @@ def test_sigterm_during_inv_test_reaches_pytest(tmp_path, whom):
                 os.kill(child, signal.SIGKILL)
 
 
+def test_a_driver_started_with_sigint_ignored_takes_it_back():
+    """As `./inv test &` from a script starts it: SIGINT ignored, and so for every child."""
+    script = ("import os, signal, time\nfrom pipeline.run import interrupt_on_termination\n"
+              "interrupt_on_termination()\nos.kill(os.getpid(), signal.SIGINT)\ntime.sleep(30)\n")
+    ignoring = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert ignoring.returncode == -signal.SIGINT and "KeyboardInterrupt" in ignoring.stderr
+
+
 @pytest.mark.parametrize("script, ending", [("exit 3", "(exit 3)"), ("kill -TERM $$", "(killed by SIGTERM)")])
 def test_a_failed_command_says_how_it_ended(script, ending):
     from pipeline import run as gateway
