@@ -244,8 +244,7 @@ def check_fstab(guest: Guest) -> Verdict:
         entries = parse_fstab(guest.text("/etc/fstab"))
     except ValueError as error:
         raise CheckFailed(str(error)) from None
-    # A BIOS boot partition holds GRUB's core.img, never a filesystem: no need to ask blkid.
-    on_disk = {guest.uuid(p).lower() for p in guest.partitions if p.type_guid != GPT_BIOS_BOOT} - {""}
+    on_disk = {guest.uuid(p).lower() for p in guest.filesystem_partitions} - {""}
     mounts = {e.mountpoint: e for e in entries}
     problems = []
     for mountpoint, key in (("/", "root_uuid"), ("/boot/efi", "esp_uuid")):

@@ -117,6 +117,11 @@ class Guest:
     def device(partition: GptPartition) -> str:
         return f"{DEVICE}{partition.number}"
 
+    @property
+    def filesystem_partitions(self) -> list[GptPartition]:
+        """Every partition but the BIOS boot one, which holds GRUB's core.img, never a filesystem."""
+        return [p for p in self.partitions if p.type_guid != GPT_BIOS_BOOT]
+
     def partition(self, type_guid: str, what: str) -> GptPartition:
         found = [p for p in self.partitions if p.type_guid == type_guid]
         if len(found) != 1:
@@ -197,7 +202,7 @@ class Guest:
         guest's 16,000 paths, 14.5 against 19.5 s for a host's 22,000, with one find). An image
         without sh or find, or a listing over libguestfs's 4 MiB reply limit, is listed by those
         calls instead."""
-        filesystems = [self.device(p) for p in self.partitions if p.type_guid != GPT_BIOS_BOOT]
+        filesystems = [self.device(p) for p in self.filesystem_partitions]
         try:
             output = self.g.command(["sh", "-c", SURVEY_SCRIPT, "sh", "/", *filesystems])
         except RuntimeError as error:
