@@ -128,6 +128,22 @@ class ReleaseArchive:
             raise PipelineError(f"apt-get download {package}={version} left {len(debs)} .deb files in {directory}")
         return debs[0]
 
+    def fetch(self, packages: list[str], directory: Path, only_release: bool = False,
+              timeout: float = UPDATE_TIMEOUT) -> None:
+        """Download packages (names or apt patterns), with everything they depend on but not what they
+        recommend, as for an image with nothing installed yet, into directory (apt checks each
+        hash). only_release: the versions in RELEASE itself, not -updates or -security (the ones
+        debootstrap takes)."""
+        self.update()
+        options = ["-o", f"Dir::Cache::Archives={directory}", "-o", "APT::Install-Recommends=false"]
+        if only_release:
+            options += ["-o", f"APT::Default-Release={self.release}"]
+        try:
+            self._apt("apt-get", "-q", "-y", "--download-only", *options, "install", *packages, timeout=timeout)
+        except PipelineError as error:
+            raise PipelineError(f"cannot download Debian {self.release}'s packages from {self.debian}: "
+                                f"{error}") from None
+
     def package_names(self) -> set[str]:
         """Every real package of the release (a name only other packages Provide is not one)."""
         self.update()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pykickstart
 
-from . import archive, bootloader, disk, inputs, layer, liveimg, manifest, netboot, profiles, selinux, tools
+from . import archive, bootloader, disk, inputs, layer, liveimg, manifest, netboot, prefetch, profiles, selinux, tools
 from .artifacts import CHECK, Artifacts, artifacts_for
 from .errors import PipelineError
 from .inputs import PIPELINE_SOURCES
@@ -165,6 +165,8 @@ def dib_environment(ctx: BuildContext) -> dict[str, str]:
         "DIB_INSTALLER_PACKAGES": ":".join(str(p) for p in installer_packages()),
         # DIB's own temporary mounts go under our work directory, so cleanup finds them.
         "TMPDIR": str(ctx.work / "tmp"),
+        # Only its tar is used: kvm-build-speed leaves the tree in place of DIB's block device.
+        "DIB_TREE_IN_PLACE": "1",
     }
 
 
@@ -193,12 +195,40 @@ def build_tree(ctx: BuildContext) -> None:
         if ctx.spec.packages:
             argv += ["-p", ",".join(ctx.spec.packages)]
         ctx.tar.parent.mkdir()
+        environment = dib_environment(ctx)
+        # Packages to install: fetched beside DIB, many at a time (stopped if DIB ends first).
+        beside = [_prefetch_beside_dib(ctx, ctx.layer, environment)] if ctx.layer and not ctx.from_layer else []
         say(f"diskimage-builder log: {ctx.log}")
-        run(argv, env=dib_environment(ctx), log=ctx.log, on_line=_phase_reporter(ctx.timings))
+
+        def diskimage_builder() -> None:
+            run(argv, env=environment, log=ctx.log, on_line=_phase_reporter(ctx.timings))
+
+        try:
+            concurrently(diskimage_builder, background=beside)
+        finally:
+            if ctx.layer:
+                shutil.rmtree(ctx.layer.prefetched, ignore_errors=True)
         if ctx.layer:
             started = time.monotonic()
             ctx.layer.finish()
             ctx.timings.seconds[LAYER_TIMING + "layer record"] = round(time.monotonic() - started, 2)
+
+
+def _prefetch_beside_dib(ctx: BuildContext, package_layer: layer.PackageLayer,
+                        environment: dict[str, str]) -> Callable[[], None]:
+    """The prefetch (pipeline/prefetch.py) to run beside DIB, and DIB's environment for it: debootstrap
+    reads the apt cache when it runs (no base tarball yet), kvm-build-speed links the rest in."""
+    apt_cache = None
+    if not package_layer.tarball.is_file():
+        package_layer.apt_cache.mkdir(parents=True, exist_ok=True)  # debootstrap wants it there
+        arguments = prefetch.debootstrap_arguments(package_layer.apt_cache.resolve())
+        if arguments:
+            apt_cache = package_layer.apt_cache
+            environment["DIB_DEBOOTSTRAP_EXTRA_ARGS"] = arguments
+    package_layer.prefetched.mkdir()
+    environment["DIB_PREFETCHED_PACKAGES"] = str(package_layer.prefetched)
+    release = archive.for_spec(ctx.spec, ctx.cache_dir)
+    return lambda: prefetch.prefetch(ctx.spec, release, package_layer.prefetched, apt_cache)
 
 
 def _phase_reporter(timings: Timings):

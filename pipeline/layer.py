@@ -55,6 +55,8 @@ KEEP = 8
 LOCK_TIMEOUT = 3600
 RECORD = "layer.json"
 XATTRS = "xattrs.json"
+SAVING = "saving"  # where install.d/02-package-layer-save writes (root.d/08-package-layer mounts it)
+PREFETCHED = "prefetched"
 # What runs up to and during package installation, in an element's tree (bin/: the commands
 # its hooks call, as kvm-build-speed's pre-install.d does).
 BEFORE_INSTALL = ("root.d", "extra-data.d", "pre-install.d", "environment.d", "package-installs.yaml",
@@ -117,6 +119,17 @@ class PackageLayer:
             return False
 
     @property
+    def apt_cache(self) -> Path:
+        """DIB's apt cache (its dpkg element's DIB_APT_LOCAL_CACHE: DIB_IMAGE_CACHE/apt/DISTRO_NAME),
+        shared by every layer (prepare links apt/ to it)."""
+        return self.directory / "apt" / "debian"
+
+    @property
+    def prefetched(self) -> Path:
+        """Where the build's prefetch (pipeline/prefetch.py) puts the elements' packages."""
+        return self.directory / PREFETCHED
+
+    @property
     def policy_cache(self) -> Path:
         return self.directory / "policy"
 
@@ -143,6 +156,8 @@ class PackageLayer:
             return True
         for stale in (self.directory / RECORD, *self.files):
             stale.unlink(missing_ok=True)
+        for leftover in (SAVING, PREFETCHED):  # what a failed build was saving, and had fetched
+            shutil.rmtree(self.directory / leftover, ignore_errors=True)
         shutil.rmtree(self.policy_cache, ignore_errors=True)  # made from the old layer's store
         if self.base.is_file():  # debootstrap need not run: start from its base
             try:

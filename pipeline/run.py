@@ -177,17 +177,22 @@ class _Group:
 _worker = threading.local()
 
 
-def concurrently(*calls: Callable[[], None]) -> None:
+def concurrently(*calls: Callable[[], None], background: Sequence[Callable[[], None]] = ()) -> None:
     """Run the calls in threads at once and wait for all of them. The first to raise ends it all:
     the other calls' children are stopped (SIGTERM, then SIGKILL) and they start no more, then its
     exception is raised; an interrupt stops them the same way. A call's Python code is not
-    interrupted: it finishes, or fails at its next command."""
+    interrupted: it finishes, or fails at its next command.
+
+    background: calls that run beside the others only while those run; when the last of them
+    ends, the background calls still running are stopped the same way, and waited for."""
     group = _Group()
     errors: list[BaseException] = []
-    finished = threading.Semaphore(0)
+    finished = threading.Semaphore(0)  # released by every call that ends
+    lock = threading.Lock()
+    foreground_left = [len(calls)]
     caller = progress.context()  # the calls' lines nest under, and are tagged as, the caller's
 
-    def work(call: Callable[[], None]) -> None:
+    def work(call: Callable[[], None], foreground: bool) -> None:
         _worker.group = group
         try:
             with progress.inherited(caller):
@@ -195,14 +200,17 @@ def concurrently(*calls: Callable[[], None]) -> None:
         except BaseException as error:  # handed to the main thread
             errors.append(error)
         finally:
+            if foreground:
+                with lock:
+                    foreground_left[0] -= 1
             finished.release()
 
-    threads = [threading.Thread(target=work, args=(call,), name=getattr(call, "__name__", "call"))
-               for call in calls]
+    threads = [threading.Thread(target=work, args=(call, foreground), name=getattr(call, "__name__", "call"))
+               for calls_of_kind, foreground in ((calls, True), (background, False)) for call in calls_of_kind]
     try:
         for thread in threads:
             thread.start()
-        for _ in threads:
+        while foreground_left[0]:
             finished.acquire()
             if errors:
                 break

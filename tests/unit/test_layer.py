@@ -127,9 +127,9 @@ def test_prune_keeps_the_most_recently_used(tmp_path):
 
 def test_the_store_hook_uses_a_temporary_file_of_its_own(tmp_path):
     """Another build's temporary file beside the layer is neither overwritten nor moved."""
-    saved_tree, cache = tmp_path / "mnt/tmp/package-layer", tmp_path / "cache"
+    cache = tmp_path / "cache"
+    saved_tree = cache / layer.SAVING  # bind-mounted on the tree's /tmp/package-layer during the build
     saved_tree.mkdir(parents=True)
-    cache.mkdir()
     subprocess.run(["tar", "--create", "--file", saved_tree / "layer.tar", "--files-from", "/dev/null"], check=True)
     (saved_tree / "xattrs.json").write_text("{}")
     tarball = cache / "debootstrap-debian-bookworm-amd64.tar.gz"
@@ -143,7 +143,9 @@ def test_the_store_hook_uses_a_temporary_file_of_its_own(tmp_path):
     assert subprocess.run(["tar", "--list", "--file", cache / "layer.tar"], check=True).returncode == 0
     listed = subprocess.run(["tar", "--list", "--gzip", "--file", tarball], check=True, capture_output=True)
     assert listed.stdout == b""
-    assert sorted(p.name for p in cache.iterdir()) == sorted([tarball.name, others.name, "xattrs.json", "layer.tar"])
+    assert sorted(p.name for p in cache.iterdir()) == sorted([tarball.name, others.name, "xattrs.json", "layer.tar",
+                                                              layer.SAVING])
+    assert not any(saved_tree.iterdir())  # renamed, not copied
 
 
 def _restore_xattrs(root: Path, dump: dict) -> subprocess.CompletedProcess:

@@ -222,3 +222,40 @@ def test_concurrent_calls_carry_the_callers_tag_and_depth(capsys):
     lines = capsys.readouterr().err.splitlines()
     assert sorted(lines[1:3]) == ["[host-image]   disk", "[host-image]   liveimg"]
     assert lines[0] == "[host-image] assemble ..." and lines[-1] == "after"
+
+
+def test_background_calls_are_stopped_when_the_others_are_done(tmp_path):
+    """The build's prefetch runs beside diskimage-builder only while it does: a download still going
+    when DIB is done is stopped, not waited for."""
+    from pipeline import run
+
+    ended: list[BaseException] = []
+
+    def slow_download() -> None:
+        try:
+            run.run(["sleep", "600"])
+        except CommandFailed as error:
+            ended.append(error)
+
+    started = time.monotonic()
+    run.concurrently(lambda: time.sleep(0.2), background=[slow_download])
+    assert time.monotonic() - started < 30
+    assert len(ended) == 1 and "SIGTERM" in str(ended[0])
+
+
+def test_a_background_call_that_finishes_first_does_not_end_the_others():
+    from pipeline import run
+
+    done: list[str] = []
+    run.concurrently(lambda: (time.sleep(0.3), done.append("dib")), background=[lambda: done.append("prefetch")])
+    assert done == ["prefetch", "dib"]
+
+
+def test_a_background_call_that_fails_ends_it_all():
+    from pipeline import run
+
+    def broken() -> None:
+        raise ValueError("a bug in the prefetch")
+
+    with pytest.raises(ValueError, match="a bug"):
+        run.concurrently(lambda: run.run(["sleep", "600"]), background=[broken])
