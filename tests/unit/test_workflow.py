@@ -320,8 +320,8 @@ def test_missing_key_fails_before_any_build(monkeypatch, tmp_path):
 def test_later_images_are_built_while_the_first_session_runs(monkeypatch):
     """The first image is built beside the unit tests, then its session runs while the later
     sessions' images (and the installer) are built one after another. Then two lanes run side by
-    side: the host's deploy and the guest's rebuild, and the host's boot, bookworm's boots and the
-    host's publishing. The waits make this test fail on a timeout if any pair ran one after the other."""
+    side: the host's deploy and bookworm's host boot, and the host's boot, bookworm's guest boot,
+    the guest's rebuilds and the host's publishing. The waits make this test fail on a timeout if any pair ran one after the other."""
     events: list[str] = []
     building_later, second_lane_started = threading.Event(), threading.Event()
     unit_tests_running, building_first = threading.Event(), threading.Event()
@@ -363,13 +363,13 @@ def test_later_images_are_built_while_the_first_session_runs(monkeypatch):
     tasks.test(Context())
     assert "unit tests" in events[:2]
     builds = [e for e in events if e.startswith("build")]
-    assert builds == ["build guest-image", "build host-image", "build guest-image-bookworm",
-                      "build host-image-bookworm", "build installer"]
+    assert builds == ["build guest-image", "build host-image", "build host-image-bookworm",
+                      "build guest-image-bookworm", "build installer"]
     # No lane starts before the first session and the last build have ended.
     sessions = [e for e in events[max(events.index("boot guest-image"), events.index("build installer")) + 1:]
                 if not e.startswith("reboot")]
-    first_lane = ["tests host-image test_deploy.py", "tests guest-image test_everyday.py"]
-    second_lane = ["boot host-image", "boot guest-image-bookworm", "boot host-image-bookworm",
+    first_lane = ["tests host-image test_deploy.py", "boot host-image-bookworm"]
+    second_lane = ["boot host-image", "boot guest-image-bookworm", "tests guest-image test_everyday.py",
                    "tests host-image test_publish_image.py"]
     assert sorted(sessions) == sorted(first_lane + second_lane)
     assert [e for e in sessions if e in first_lane] == first_lane
@@ -382,7 +382,7 @@ def test_an_image_without_tests_is_a_one_line_error(monkeypatch):
     monkeypatch.setattr(tasks, "lint", lambda c: None)
     monkeypatch.setattr(tasks, "_pytest", lambda c, args: None)
     with pytest.raises(Exit, match=r"^error: --image installer: no image tests; the images with tests are "
-                                   r"guest-image, host-image, guest-image-bookworm, host-image-bookworm$"):
+                                   r"guest-image, host-image, host-image-bookworm, guest-image-bookworm$"):
         tasks.test(Context(), image="installer")
 
 
