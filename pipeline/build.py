@@ -29,7 +29,7 @@ from .errors import PipelineError
 from .inputs import PIPELINE_SOURCES
 from .manifest import sha256
 from .progress import Timings, say, step
-from .run import concurrently, run
+from .run import cleaning_up, concurrently, run
 from .spec import ImageSpec, OutputFormat
 
 MIRROR_TIMEOUT = 15
@@ -459,12 +459,13 @@ def mounts_below(directory: Path, table: Path = MOUNT_TABLE) -> list[str]:
 def cleanup(work: Path, mount_table: Path = MOUNT_TABLE) -> None:
     """Unmount and detach whatever a killed DIB left under `work`, then remove it; refuse to
     remove it while anything is still mounted there (rmtree would delete through the mount)."""
-    for mount in mounts_below(work, mount_table):
-        run(["umount", "--lazy", mount], check=False)
-    loops = run(["losetup", "--list", "--json", "--output", "NAME,BACK-FILE"], capture=True, check=False)
-    for loop in json.loads(loops.stdout or "{}").get("loopdevices", []):
-        if Path(loop["back-file"] or "/").is_relative_to(Path(work).resolve()):
-            run(["losetup", "--detach", loop["name"]], check=False)
+    with cleaning_up():
+        for mount in mounts_below(work, mount_table):
+            run(["umount", "--lazy", mount], check=False)
+        loops = run(["losetup", "--list", "--json", "--output", "NAME,BACK-FILE"], capture=True, check=False)
+        for loop in json.loads(loops.stdout or "{}").get("loopdevices", []):
+            if Path(loop["back-file"] or "/").is_relative_to(Path(work).resolve()):
+                run(["losetup", "--detach", loop["name"]], check=False)
     still_mounted = mounts_below(work, mount_table)
     if still_mounted:
         raise PipelineError(f"{work} is left in place: {still_mounted[0]!r} is still mounted under it "

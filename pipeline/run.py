@@ -99,6 +99,8 @@ def run(argv: Argv, *, env: dict[str, str] | None = None, cwd: Path | str | None
     command = [str(arg) for arg in argv]
     _debug(command)
     group = getattr(_worker, "group", None)  # set in a thread of concurrently()
+    if getattr(_worker, "cleaning_up", False):
+        group = None  # undoing what was done: runs, and is not stopped, whatever the others did
     if group and group.stopping:
         raise CommandFailed(command, -signal.SIGTERM, "not started: a concurrent step failed")
     log_file = open(log, "ab") if log else None  # noqa: SIM115 (closed in the finally below)
@@ -175,6 +177,19 @@ class _Group:
 
 
 _worker = threading.local()
+
+
+@contextmanager
+def cleaning_up() -> Iterator[None]:
+    """Commands that undo what a step did (unmount, detach) start and run to their end even after a
+    concurrent step failed: refused or stopped, they left a build's tmpfs mounted (a local CI run
+    whose unit tests failed while the first image's build was cleaning up)."""
+    before = getattr(_worker, "cleaning_up", False)
+    _worker.cleaning_up = True
+    try:
+        yield
+    finally:
+        _worker.cleaning_up = before
 
 
 def concurrently(*calls: Callable[[], None], background: Sequence[Callable[[], None]] = ()) -> None:

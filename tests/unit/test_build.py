@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -333,3 +334,39 @@ def test_meminfo_reads_bytes(tmp_path):
     table = tmp_path / "meminfo"
     table.write_text("MemTotal:       24576000 kB\nMemAvailable:   20000000 kB\n")
     assert build.meminfo("MemAvailable", table) == 20000000 * 1024
+
+
+def test_a_build_stopped_by_a_failed_concurrent_step_still_unmounts_its_work(tmp_path, monkeypatch):
+    """./inv test builds the first image beside the unit tests: when they failed while the build
+    was cleaning up, its umount was refused ("a concurrent step failed") and its tmpfs stayed."""
+    from pipeline import run as gateway
+
+    work = tmp_path / "work"
+    (work / "tree").mkdir(parents=True)
+    table = tmp_path / "mounts"
+    table.write_text(f"tmpfs {work / 'tree'} tmpfs rw 0 0\n")
+    unmounted: list[str] = []
+
+    def recording_run(argv, **kwargs):
+        if argv[0] == "umount":
+            gateway.run(["true"])  # raises if the gateway refuses to start a command here
+            unmounted.append(str(argv[-1]))
+            table.write_text("")
+            return subprocess.CompletedProcess(argv, 0, "", "")
+        return gateway.run(["true"], **kwargs)
+
+    monkeypatch.setattr(build, "run", recording_run)
+    failed = threading.Event()
+
+    def failing_step():
+        failed.set()
+        raise build.PipelineError("unit tests failed")
+
+    def building():
+        assert failed.wait(timeout=5)
+        time.sleep(0.2)  # the failure has reached the group: new commands are refused
+        build.cleanup(work, table)
+
+    with pytest.raises(build.PipelineError, match="unit tests failed"):
+        gateway.concurrently(failing_step, building)
+    assert unmounted == [str(work / "tree")] and not work.exists()

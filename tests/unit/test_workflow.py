@@ -321,7 +321,8 @@ def test_later_images_are_built_while_the_first_session_runs(monkeypatch):
     """The first image is built beside the unit tests, then its session runs while the later
     sessions' images (and the installer) are built one after another. Then two lanes run side by
     side: the host's deploy and bookworm's host boot, and the host's boot, bookworm's guest boot,
-    the guest's rebuilds and the host's publishing. The waits make this test fail on a timeout if any pair ran one after the other."""
+    the guest's rebuilds and the host's publishing. The waits make this test fail on a timeout if
+    any pair ran one after the other."""
     events: list[str] = []
     building_later, second_lane_started = threading.Event(), threading.Event()
     unit_tests_running, building_first = threading.Event(), threading.Event()
