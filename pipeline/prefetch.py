@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 
 from . import archive, inputs
@@ -65,15 +66,21 @@ def debootstrap_arguments(apt_cache: Path) -> str:
 
 
 def _link_debs(source: Path, target: Path) -> int:
-    """Hard links in target to source's .deb files that target does not have (same file system:
-    both under the cache directory)."""
+    """Hard links in target to source's .deb files that target does not have (both are under the
+    cache directory); copies, renamed into place whole, where target is on another file system."""
     linked = 0
     for deb in source.glob("*.deb"):
+        if (target / deb.name).exists():
+            continue
         try:
             os.link(deb, target / deb.name)
-            linked += 1
         except FileExistsError:
-            pass
+            continue
+        except OSError:  # EXDEV: the apt cache mounted or linked elsewhere
+            partial = target / f".{deb.name}.partial"
+            shutil.copyfile(deb, partial)
+            os.replace(partial, target / deb.name)
+        linked += 1
     return linked
 
 

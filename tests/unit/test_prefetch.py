@@ -3,12 +3,14 @@ hand DIB what it fetched and leave DIB's tree in place."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pickle
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -204,3 +206,34 @@ def test_no_prefetch_no_links(tmp_path):
     env = _hook_env(tmp_path, DIB_IMAGE_CACHE=str(tmp_path), DISTRO_NAME="debian")
     subprocess.run([SPEED / "extra-data.d/30-prefetched-packages"], env=env, check=True)
     assert not (tmp_path / "apt").exists()
+
+
+def test_an_apt_cache_on_another_file_system_gets_copies(tmp_path, monkeypatch):
+    """os.link fails across file systems (EXDEV): the base is copied in, renamed into place whole."""
+    source, target = tmp_path / "base", tmp_path / "apt"
+    source.mkdir()
+    target.mkdir()
+    (source / "apt_3.0_amd64.deb").write_text("fetched")
+
+    def cross_device(src, dst):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(prefetch.os, "link", cross_device)
+    assert prefetch._link_debs(source, target) == 1
+    assert (target / "apt_3.0_amd64.deb").read_text() == "fetched"
+    assert sorted(p.name for p in target.iterdir()) == ["apt_3.0_amd64.deb"]  # no partial file left
+
+
+def test_the_link_hook_copies_into_an_apt_cache_on_another_file_system(tmp_path):
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs /dev/shm on a file system other than the test's temporary directory")
+    with tempfile.TemporaryDirectory(dir=shm) as prefetched:
+        (Path(prefetched) / "tuned_2.25_all.deb").write_text("fetched")
+        image_cache = tmp_path / "layer"
+        (image_cache / "apt" / "debian").mkdir(parents=True)
+        env = _hook_env(tmp_path, DIB_PREFETCHED_PACKAGES=prefetched, DIB_IMAGE_CACHE=str(image_cache),
+                        DISTRO_NAME="debian")
+        subprocess.run([SPEED / "extra-data.d/30-prefetched-packages"], env=env, check=True, capture_output=True)
+    assert [p.name for p in (image_cache / "apt" / "debian").iterdir()] == ["tuned_2.25_all.deb"]
+    assert (image_cache / "apt" / "debian" / "tuned_2.25_all.deb").read_text() == "fetched"
