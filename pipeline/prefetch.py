@@ -5,9 +5,10 @@ here), and the elements' packages come in one apt run after debootstrap and debi
 install (7 s for 184 MB). While diskimage-builder starts, apt with the image's own index
 (archive.ReleaseArchive, fetched by the preflight) downloads them pipelined:
 
-- debootstrap's base, as it takes it (priority required, and apt; from RELEASE alone), linked into
-  the apt cache that debootstrap is told to read (`--cache-dir`);
-- then what the elements install, with what it depends on, into `directory`, which
+- debootstrap's base, as it takes it (priority required, and apt; from RELEASE alone), into
+  `directory`, and linked from there into the apt cache that debootstrap is told to read
+  (`--cache-dir`);
+- then what the elements install, with what it depends on, into `directory` too, which
   kvm-build-speed's extra-data.d/30-prefetched-packages links into the apt cache after
   debian-minimal's root.d has emptied it (apt-get clean).
 
@@ -89,13 +90,12 @@ def prefetch(spec: ImageSpec, release: archive.ReleaseArchive, directory: Path, 
     elements' packages into directory. Best effort: a failure is reported and the build goes on."""
     try:
         if apt_cache:
-            base = directory / "base"
-            base.mkdir(parents=True, exist_ok=True)
-            release.fetch(list(DEBOOTSTRAP_BASE), base, only_release=True, timeout=FETCH_TIMEOUT)
-            say(f"prefetched debootstrap's base: {_link_debs(base, apt_cache)} packages")
+            # Into the same directory: the elements' fetch then skips what the base holds already.
+            release.fetch(list(DEBOOTSTRAP_BASE), directory, only_release=True, timeout=FETCH_TIMEOUT)
+            say(f"prefetched debootstrap's base: {_link_debs(directory, apt_cache)} packages")
         packages = element_packages(spec, release.package_names())
         release.fetch(packages, directory, timeout=FETCH_TIMEOUT)
-        say(f"prefetched the elements' packages: {len(list(directory.glob('*.deb')))} "
+        say(f"prefetched the elements' packages: {len(list(directory.glob('*.deb')))} in all "
             f"(for {len(packages)} named)")
     except (PipelineError, OSError) as error:
         say(f"prefetch stopped, diskimage-builder downloads the rest itself: {error}")
