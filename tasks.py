@@ -241,7 +241,7 @@ def test(c, unit=False, image=None):
     run, the images of the later sessions are built; then two lanes run side by side: the host's
     deploy and the guest's rebuild, and the host's boot, bookworm's two boots and the host's
     publishing."""
-    from pipeline import build
+    from pipeline import build, qemu
     from pipeline.deploy.inventory import DEFAULT_INSTALLER
     from pipeline.run import concurrently
 
@@ -255,6 +255,8 @@ def test(c, unit=False, image=None):
         _pytest(c, ["tests/unit"])
         return
     first, lanes[0] = lanes[0][0], lanes[0][1:]
+    # Two sessions run at once from here on, each VM with half the cores (pipeline/qemu.py says why).
+    os.environ.setdefault(qemu.VM_CPUS_VARIABLE, str(qemu.shared_vm_cpus(sharing=2)))
     # The later sessions' images, and the installer their PXE and deploy tests boot.
     later_images = [name for name in dict.fromkeys(name for lane in lanes for name, _, _ in lane) if name != first[0]]
     later_images += [DEFAULT_INSTALLER] if later_images else []

@@ -262,7 +262,7 @@ def qemu_argv(spec: ImageSpec, directory: Path, firmware: Firmware, port: int, o
     argv = qemu.command(f"vm-{spec.name}", firmware=firmware, memory_mib=sizes["memory_mib"],
                         console=directory / "console.log" if detach else None, workdir=directory,
                         devices=testvm.devices(overlay, seed, port, directory / "qga.sock", sizes["uplink_nics"]),
-                        cpus=testvm.VM.cpus, pidfile=directory / PIDFILE)
+                        cpus=qemu.vm_cpus(), pidfile=directory / PIDFILE)
     return [*argv, "-daemonize"] if detach else argv
 
 

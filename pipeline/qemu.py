@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import tools
+from .errors import PipelineError
 from .progress import say
 from .run import ended, spawn
 
@@ -196,6 +197,28 @@ TCG_CPU = "qemu64,-svm"
 def accelerator() -> tuple[str, str]:
     """(accel, cpu) for this machine."""
     return ("kvm", "host") if kvm_works() else ("tcg", TCG_CPU)
+
+
+# The vCPUs of each VM the pipeline boots (boot tests, ./inv vm, deploy nodes). Under TCG each vCPU
+# is a host thread: alone, a host image reached SSH in 57-60 s with two and 86-95 s with one; but
+# two VMs of two vCPUs at once on two cores did less than two VMs of one (each vCPU spins on locks
+# that a descheduled one holds): 87-123 s against 72-99 s. So `./inv test`, whose sessions run two
+# at a time, sets one (README, Benchmark).
+VM_CPUS_VARIABLE = "PIPELINE_VM_CPUS"
+DEFAULT_VM_CPUS = 2
+
+
+def vm_cpus() -> int:
+    """The vCPUs of a VM: $PIPELINE_VM_CPUS, else DEFAULT_VM_CPUS."""
+    value = os.environ.get(VM_CPUS_VARIABLE, str(DEFAULT_VM_CPUS))
+    if not re.fullmatch(r"[1-9][0-9]{0,2}", value):
+        raise PipelineError(f"{VM_CPUS_VARIABLE}={value!r}: expected a number of vCPUs from 1 to 999")
+    return int(value)
+
+
+def shared_vm_cpus(sharing: int) -> int:
+    """vCPUs for each of SHARING VMs that run at once: their share of the cores, at most the default."""
+    return max(1, min(DEFAULT_VM_CPUS, (os.cpu_count() or 1) // sharing))
 
 
 # --- a running VM

@@ -199,7 +199,7 @@ class VM(qemu.Machine):
     firmware: Firmware
     workdir: Path
     memory_mib: int = 2048
-    cpus: int = 2
+    cpus: int = field(default_factory=qemu.vm_cpus)
     uplink_nics: int = 0    # NICs with no network behind them, for OVS bridges to own
     datasource: Datasource = Datasource.NOCLOUD
     users: list[dict] = field(default_factory=list)  # user-data users beside the default one

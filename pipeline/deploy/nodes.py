@@ -229,7 +229,7 @@ class Node(qemu.Machine):
         if self.spec.seed_disk:
             devices += self.seed_disk_argv()
         return qemu.command(self.spec.name, firmware=self.spec.firmware, memory_mib=self.spec.memory_mib,
-                            console=self.console, workdir=self.workdir, devices=devices, cpus=2,
+                            console=self.console, workdir=self.workdir, devices=devices, cpus=qemu.vm_cpus(),
                             pidfile=self.workdir / "qemu.pid")
 
     def start(self) -> None:

@@ -3,6 +3,7 @@
 (pipeline.deploy.nodes). The argv are whole and literal: they are the ones that boot today, device
 order included (PCI slots, hence NIC names, follow it). No QEMU runs."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,14 @@ import pytest
 from pipeline import qemu, testvm
 from pipeline.deploy import nodes, pxe, pxenode
 from pipeline.deploy.inventory import Loader
+from pipeline.errors import PipelineError
 from pipeline.qemu import Firmware
+
+
+@pytest.fixture(autouse=True)
+def default_vm_cpus(monkeypatch):
+    """The argv below are the ones a user's run builds: ./inv test sets its own vCPU count."""
+    monkeypatch.delenv(qemu.VM_CPUS_VARIABLE, raising=False)
 
 
 @pytest.fixture
@@ -81,6 +89,28 @@ def test_a_deploy_test_node(tmp_path, head):
         "-device", "nvme,drive=d2,serial=deploy2",
         "-drive", f"file={work}/seed-disk.img,if=none,id=seed,format=raw,snapshot=on",
         "-device", "ide-hd,bus=ide.2,drive=seed", *pflash(work)]
+
+
+def test_the_vm_cpus_variable_sets_every_vms_vcpus(tmp_path, monkeypatch):
+    monkeypatch.setenv(qemu.VM_CPUS_VARIABLE, "1")
+    vm = testvm.VM(image=tmp_path / "image.qcow2", disk_size=2**30, firmware=Firmware.BIOS, workdir=tmp_path / "vm")
+    site = nodes.Site(pxe.Tree(tmp_path / "tree", ()), "http://10.0.2.2:8080", tmp_path, tmp_path / "key")
+    for argv in (vm.qemu_argv(tmp_path / "overlay.qcow2", tmp_path / "seed.img"),
+                 nodes.Node(nodes.BIOS_NODE, site).qemu_argv()):
+        assert argv[argv.index("-smp") + 1] == "1"
+
+
+@pytest.mark.parametrize("value", ["0", "two", "1 ", "-1", "1000", ""])
+def test_a_bad_vm_cpus_variable_is_one_line_naming_it(monkeypatch, value):
+    monkeypatch.setenv(qemu.VM_CPUS_VARIABLE, value)
+    with pytest.raises(PipelineError, match=rf"^PIPELINE_VM_CPUS='{re.escape(value)}': expected a number of vCPUs"):
+        qemu.vm_cpus()
+
+
+@pytest.mark.parametrize("cores, each", [(1, 1), (2, 1), (3, 1), (4, 2), (64, 2)])
+def test_vms_sharing_the_machine_get_their_share_of_the_cores(monkeypatch, cores, each):
+    monkeypatch.setattr(qemu.os, "cpu_count", lambda: cores)
+    assert qemu.shared_vm_cpus(sharing=2) == each
 
 
 def test_free_port_is_free_on_loopback():
