@@ -208,9 +208,10 @@ IMAGE_TEST_RUNS = (
     ("host-image-bookworm", "uefi", ["test_artifacts.py", "test_boot.py", "test_login.py", "test_build.py",
                                      "test_host.py", "test_zz_final.py"]),
 )
-# After the first session, these run beside the ones above, in a second lane: a TCG VM leaves
-# much of the machine idle (SSH round trips, waits on cloud-init). The longest session, the
-# deploy, leads the first lane; the README's Benchmark section has each session's time in CI.
+# These run in a second lane beside the first, from when the later images are built (the first
+# session's VMs still run then); the first lane goes on after the first session. The longest
+# session, the deploy, leads the first lane; the README's Benchmark section has each session's
+# time in CI.
 # Bookworm (old stable) boots its two images once each, by UEFI: the default release carries
 # the full matrix, and what differs by release is the packages and the policy, which one boot
 # proves.
@@ -224,9 +225,9 @@ SECOND_LANE_TEST_RUNS = (
 )
 # The boot sessions that also reboot their VM (test_zz_final.py): a reboot costs about what a
 # first boot does under TCG, so one host and one guest, one of each release.
-# The lanes as balanced in a cold local run (cef002b, seconds): the deploy 947 and the bookworm
-# host 283 (1230) beside the host's boot test 609, the bookworm guest 400, the guest's rebuilds
-# 226 and the publish 36 (1271); before, the bookworm host closed the second lane (1292 to 1173).
+# The lanes as balanced in a cold local run (f315fff, seconds): the deploy 771 and the bookworm
+# host 293 (1064) beside the host's boot test 617, the bookworm guest 305, the guest's rebuilds
+# 210 and the publish 36 (1168). The second lane, the longer, now starts first, by about 80 s.
 REBOOTING_SESSIONS = ("host-image", "guest-image-bookworm")
 
 
@@ -238,12 +239,12 @@ def test(c, unit=False, image=None):
     image (guest-image by BIOS and UEFI, host-image and bookworm's two by UEFI), the bad-input cases,
     a rebuild compared with the first build, the PXE boot, the deploy and publishing. Lint runs first: it
     takes seconds. The unit tests run beside the first image's build. While the first image's VMs
-    run, the images of the later sessions are built; then two lanes run side by side: the host's
-    deploy and the guest's rebuild, and the host's boot, bookworm's two boots and the host's
-    publishing."""
+    run, the images of the later sessions are built; then two lanes run side by side: after the
+    first session, the host's deploy and bookworm's host; once the images are built, the host's boot,
+    bookworm's guest, the guest's rebuilds and the host's publishing."""
     from pipeline import build, qemu
     from pipeline.deploy.inventory import DEFAULT_INSTALLER
-    from pipeline.run import concurrently
+    from pipeline.run import Milestone, concurrently
 
     lanes = [[run for run in lane if image in (None, run[0])] for lane in (IMAGE_TEST_RUNS, SECOND_LANE_TEST_RUNS)]
     lanes = [lane for lane in lanes if lane]
@@ -255,38 +256,50 @@ def test(c, unit=False, image=None):
         _pytest(c, ["tests/unit"])
         return
     first, lanes[0] = lanes[0][0], lanes[0][1:]
+    lane_one, lane_two = lanes[0], (lanes[1] if len(lanes) > 1 else [])
     # Two sessions run at once from here on, each VM with half the cores (pipeline/qemu.py says why).
     os.environ.setdefault(qemu.VM_CPUS_VARIABLE, str(qemu.shared_vm_cpus(sharing=2)))
     # The later sessions' images, and the installer their PXE and deploy tests boot.
     later_images = [name for name in dict.fromkeys(name for lane in lanes for name, _, _ in lane) if name != first[0]]
     later_images += [DEFAULT_INSTALLER] if later_images else []
-
-    def build_later_images() -> None:
-        for name in later_images:  # one after another: two DIB builds would share apt's cache lock
-            with tagged(name):
-                build.build(_spec(name, None), DEFAULT_OUTPUT, DEFAULT_CACHE)
+    builds_done, first_done = Milestone("the later images' builds"), Milestone(f"{first[0]}'s first session")
 
     def build_first_image() -> None:
         build.build(_spec(first[0], None), DEFAULT_OUTPUT, DEFAULT_CACHE)
 
+    def lane(sessions: Sequence[tuple[str, str | None, list[str]]]) -> None:
+        """SESSIONS one after another, each once every image is built (the rebuild and interrupt
+        sessions run DIB, whose apt cache a build would share) and, for the first session's image,
+        once that session is done (its rebuild changes its artifacts)."""
+        for session in sessions:
+            builds_done.wait()
+            if session[0] == first[0]:
+                first_done.wait()
+            with tagged(session[0]):
+                _image_session(*session)
+
+    def first_session_then_lane_one() -> None:
+        _image_session(*first)
+        first_done.reached()
+        lane(lane_one)
+
+    def builds_then_lane_two() -> None:
+        for name in later_images:  # one after another: two DIB builds would share apt's cache lock
+            with tagged(name):
+                build.build(_spec(name, None), DEFAULT_OUTPUT, DEFAULT_CACHE)
+        builds_done.reached()
+        lane(lane_two)
+
     # The unit tests (a minute, mostly one core) run beside the first build; either failing stops
-    # the other. The other images are built while the first session's VMs run. Only then do the
-    # lanes start: the rebuild and interrupt sessions run DIB, whose apt cache another build would share.
+    # the other. The other images are built while the first session's VMs run, and the second lane
+    # starts as soon as they are: the first session's last minutes would leave a core idle.
     concurrently(_unit_tests, build_first_image)
-    concurrently(lambda: _image_session(*first), build_later_images)
-    concurrently(*(functools.partial(_image_sessions, lane) for lane in lanes))
+    concurrently(first_session_then_lane_one, builds_then_lane_two)
 
 
 def _unit_tests() -> None:
     with tagged("unit tests"):
         workflow.unit_tests(DEFAULT_OUTPUT)
-
-
-def _image_sessions(sessions: Sequence[tuple[str, str | None, list[str]]]) -> None:
-    """SESSIONS one after another; their lines are tagged with the image, as another lane's run beside."""
-    for session in sessions:
-        with tagged(session[0]):
-            _image_session(*session)
 
 
 def _image_session(name: str, firmware: str | None, files: list[str]) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import IO
 
 from . import progress
-from .errors import CommandFailed, CommandTimedOut, exit_status
+from .errors import CommandFailed, CommandTimedOut, PipelineError, exit_status
 
 _BASE_ENV_KEYS = ("HOME", "LANG", "TERM", "USER")
 Argv = Sequence[str | os.PathLike[str]]  # each item is passed as str(item)
@@ -190,6 +190,24 @@ def cleaning_up() -> Iterator[None]:
         yield
     finally:
         _worker.cleaning_up = before
+
+
+class Milestone:
+    """A point one of concurrently()'s calls reaches (its builds done, a session passed) that another
+    call waits for. If a call fails first, the wait ends with an error instead of waiting forever."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._event = threading.Event()
+
+    def reached(self) -> None:
+        self._event.set()
+
+    def wait(self, poll: float = 0.5) -> None:
+        group = getattr(_worker, "group", None)
+        while not self._event.wait(poll):
+            if group is not None and group.stopping:
+                raise PipelineError(f"not waiting for {self.name}: a concurrent step failed")
 
 
 def concurrently(*calls: Callable[[], None], background: Sequence[Callable[[], None]] = ()) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import CommandFailed
+from pipeline.errors import CommandFailed, PipelineError
 from pipeline.paths import ROOT
 
 # A driver as ./inv runs one: tasks.py loaded, then a task waiting on a long child of the gateway.
@@ -259,3 +259,37 @@ def test_a_background_call_that_fails_ends_it_all():
 
     with pytest.raises(ValueError, match="a bug"):
         run.concurrently(lambda: run.run(["sleep", "600"]), background=[broken])
+
+
+def test_a_call_waits_for_the_milestone_another_reaches():
+    from pipeline import run
+
+    built = run.Milestone("the builds")
+    order: list[str] = []
+
+    def builds() -> None:
+        time.sleep(0.3)
+        order.append("built")
+        built.reached()
+
+    def session() -> None:
+        built.wait(poll=0.05)
+        order.append("session")
+
+    run.concurrently(session, builds)
+    assert order == ["built", "session"]
+
+
+def test_a_wait_for_a_milestone_ends_when_the_call_that_would_reach_it_fails():
+    """Not a hang: the waiting call gives up, and the error raised is the failed call's."""
+    from pipeline import run
+
+    built = run.Milestone("the builds")
+
+    def failing_builds() -> None:
+        raise PipelineError("build failed")
+
+    started = time.monotonic()
+    with pytest.raises(PipelineError, match=r"^build failed$"):
+        run.concurrently(lambda: built.wait(poll=0.05), failing_builds)
+    assert time.monotonic() - started < 10

@@ -408,3 +408,57 @@ def test_every_publish_session_follows_its_images_boot_session_in_the_same_lane(
                 assert name in booted, f"{name} is published before a session of its lane boots it"
             if firmware:
                 booted.add(name)
+
+
+def test_the_second_lane_starts_once_the_images_are_built_and_waits_for_the_first_sessions_image(monkeypatch):
+    """./inv test's schedule, with builds and sessions that only note when they start and end:
+    every later image is built before any lane's session starts; a session of the first session's
+    image (the guest's rebuilds) starts after the first session ends; the second lane starts
+    before the first session ends (its builds are done first), and each lane keeps its order."""
+    events: list[tuple[str, str]] = []
+    lock = threading.Lock()
+    second_lane_started = threading.Event()
+
+    def note(what: str, name: str) -> None:
+        with lock:
+            events.append((what, name))
+
+    def fake_build(spec, output, cache):
+        note("built", spec.name)
+
+    def fake_session(name, firmware, files):
+        key = f"{name} {firmware} {files[0]}"
+        note("start", key)
+        if (name, firmware, files) == tasks.SECOND_LANE_TEST_RUNS[0]:
+            second_lane_started.set()
+        if (name, firmware, files) == tasks.IMAGE_TEST_RUNS[0]:
+            second_lane_started.wait(timeout=30)  # in vain, were the lanes to start only after it
+        note("end", key)
+
+    monkeypatch.setattr(tasks, "lint", lambda c: None)
+    monkeypatch.setattr(tasks, "_unit_tests", lambda: None)
+    monkeypatch.setattr(build, "build", fake_build)
+    monkeypatch.setattr(tasks, "_image_session", fake_session)
+    monkeypatch.delenv("PIPELINE_VM_CPUS", raising=False)
+    tasks.test(Context())
+    monkeypatch.delenv("PIPELINE_VM_CPUS", raising=False)  # tasks.test set it for its sessions
+
+    def at(what: str, key: str) -> int:
+        return events.index((what, key))
+
+    def key(session) -> str:
+        return f"{session[0]} {session[1]} {session[2][0]}"
+
+    first, *lane_one = tasks.IMAGE_TEST_RUNS
+    lane_two = list(tasks.SECOND_LANE_TEST_RUNS)
+    last_build = max(i for i, (what, _) in enumerate(events) if what == "built")
+    assert [name for what, name in events if what == "built"][-1] == "installer"
+    for session in lane_one + lane_two:
+        assert at("start", key(session)) > last_build
+        if session[0] == first[0]:
+            assert at("start", key(session)) > at("end", key(first))
+    assert at("start", key(lane_two[0])) < at("end", key(first))
+    for lane in (lane_one, lane_two):
+        starts = [at("start", key(session)) for session in lane]
+        assert starts == sorted(starts)
+    assert at("start", key(lane_one[0])) > at("end", key(first))
