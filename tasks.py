@@ -138,22 +138,26 @@ def _pytest(c, args: list[str]) -> None:
                                  "builds-only": "the cold builds and their ratios to DIB alone and plain DIB only: "
                                                 "no check, boots or boot test (a third of the time)",
                                  "boots": "boot the built IMAGE --runs times by BIOS and by UEFI, no build: seconds "
-                                          "to SSH-ready and systemd-analyze's critical chain of each boot"})
+                                          "to SSH-ready and systemd-analyze's critical chain of each boot",
+                                 "side-by-side": "with --boots: VMs booted at once in each run (default 1), as "
+                                                 "./inv test's two lanes boot; PIPELINE_VM_CPUS sets their vCPUs"})
 @user_errors
 def bench(c, image, spec_file=None, output_dir=str(DEFAULT_OUTPUT), runs=1, rebuilds=False, publish_runs=1,
-          builds_only=False, boots=False):
+          builds_only=False, boots=False, side_by_side=1):
     """Benchmark: stage times, peak memory, size, check and boot times, and DIB alone on the same elements.
 
     Every build is cold (fresh download cache). Writes build/bench/bench-NAME-TIME.json.
     With --rebuilds, for every image in one run: a cold build, a rebuild with nothing changed,
     a rebuild after a change to one of our elements (package layer and download cache warm),
     and, in the first --publish-runs runs, its boot test and publish time. With --boots, the
-    built artifact is booted instead (build/bench/boots-NAME-TIME.json).
+    built artifact is booted instead (build/bench/boots-NAME-TIME.json); with --side-by-side 2,
+    two VMs at a time (compare PIPELINE_VM_CPUS=1 with the default 2).
     """
     from pipeline import bench as benchmark
 
     if boots:
-        benchmark.boot_benchmark(_disk_image(_spec(image, spec_file), "benchmark"), Path(output_dir), int(runs))
+        benchmark.boot_benchmark(_disk_image(_spec(image, spec_file), "benchmark"), Path(output_dir), int(runs),
+                                 side_by_side=int(side_by_side))
     elif rebuilds:
         loaded = specs.load(Path(spec_file) if spec_file else SPEC_FILE)
         images = [i for i in loaded.images.values() if not i.is_netboot] if image == "all" \

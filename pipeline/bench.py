@@ -7,6 +7,7 @@ build is cold (a fresh download cache each time), and medians are reported.
 
 from __future__ import annotations
 
+import functools
 import json
 import resource
 import shutil
@@ -18,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from . import artifacts, build, check, inputs, qemu, testvm, tools, workflow
+from .errors import PipelineError
 from .progress import say, step
-from .run import run
+from .run import concurrently, run
 from .spec import ImageSpec
 
 
@@ -379,10 +381,24 @@ def boot_run(spec: ImageSpec, qcow2: Path, firmware: qemu.Firmware, workdir: Pat
     return figures
 
 
-def boot_benchmark(spec: ImageSpec, output_dir: Path, runs: int) -> Path:
+def boots_at_once(spec: ImageSpec, qcow2: Path, firmware: qemu.Firmware, workdirs: list[Path]) -> list[dict]:
+    """boot_run in each of WORKDIRS at the same time, as ./inv test's two lanes boot: each one's figures."""
+    found: list[dict] = [{} for _ in workdirs]
+
+    def boot(index: int) -> None:
+        found[index] = boot_run(spec, qcow2, firmware, workdirs[index])
+
+    concurrently(*(functools.partial(boot, index) for index in range(len(workdirs))))
+    return found
+
+
+def boot_benchmark(spec: ImageSpec, output_dir: Path, runs: int, side_by_side: int = 1) -> Path:
     """Boot the built artifact RUNS times by each firmware: seconds to SSH-ready (medians), with
-    systemd-analyze's critical chain of ssh.service for each boot."""
+    systemd-analyze's critical chain of ssh.service for each boot. SIDE_BY_SIDE VMs boot at once in
+    each run (each with qemu.vm_cpus() vCPUs), and the medians are over all of them."""
     tools.require(*tools.BOOT_TOOLS)
+    if side_by_side < 1:
+        raise PipelineError(f"--side-by-side {side_by_side}: expected at least 1 VM at once")
     art = artifacts.artifacts_for(spec, output_dir)
     qcow2_sha256 = art.read_info().get("qcow2_sha256")  # a clear error if it was never built
     scratch = Path(output_dir).resolve() / "bench"
@@ -393,20 +409,24 @@ def boot_benchmark(spec: ImageSpec, output_dir: Path, runs: int) -> Path:
     with tempfile.TemporaryDirectory(dir=scratch) as workdir:
         for index in range(1, runs + 1):
             for firmware in qemu.Firmware:  # alternated, so a noisy minute does not hit one firmware only
-                boot_dir = Path(workdir) / f"{firmware}-{index}"
+                names = [f"{firmware}-{index}"] if side_by_side == 1 else \
+                    [f"{firmware}-{index}-vm{vm}" for vm in range(1, side_by_side + 1)]
+                boot_dirs = [Path(workdir) / name for name in names]
+                at_once = f" ({side_by_side} VMs at once)" if side_by_side > 1 else ""
                 try:
-                    with step(f"run {index}: boot {spec.name} to SSH ({firmware})"):
-                        results[firmware].append(boot_run(spec, art.qcow2, firmware, boot_dir))
+                    with step(f"run {index}: boot {spec.name} to SSH ({firmware}){at_once}"):
+                        results[firmware] += boots_at_once(spec, art.qcow2, firmware, boot_dirs)
                 except BaseException:
                     # The error names the console log: keep it past the scratch directory's removal.
-                    kept = report.with_name(f"{report.stem}-{firmware}-{index}-failed")
-                    if boot_dir.is_dir():
-                        shutil.copytree(boot_dir, kept)
-                        say(f"the failed boot's console and QEMU logs are kept in {kept}")
+                    for boot_dir in boot_dirs:
+                        kept = report.with_name(f"{report.stem}-{boot_dir.name}-failed")
+                        if boot_dir.is_dir():
+                            shutil.copytree(boot_dir, kept)
+                            say(f"the failed boot's console and QEMU logs are kept in {kept}")
                     raise
                 accel, cpu = qemu.accelerator()
                 summary = {"image": spec.name, "qcow2_sha256": qcow2_sha256, "runs": index,
-                           "accelerator": accel, "cpu": cpu,
+                           "accelerator": accel, "cpu": cpu, "vm_cpus": qemu.vm_cpus(), "side_by_side": side_by_side,
                            "median_boot_to_ssh_s": {f: statistics.median(r["boot_to_ssh_s"] for r in found)
                                                     for f, found in results.items() if found}}
                 partial = report.with_suffix(".tmp")
@@ -414,7 +434,8 @@ def boot_benchmark(spec: ImageSpec, output_dir: Path, runs: int) -> Path:
                 partial.replace(report)
     for name, found in results.items():
         seconds = ", ".join(f"{r['boot_to_ssh_s']:.1f}" for r in found)
-        print(f"boot of {spec.name} to SSH-ready, {name.upper()} (target <= {BOOT_TARGET_S} s): "
+        print(f"boot of {spec.name} to SSH-ready, {name.upper()}, {summary['side_by_side']} at a time with "
+              f"{summary['vm_cpus']} vCPUs each (target <= {BOOT_TARGET_S} s, one at a time): "
               f"median {summary['median_boot_to_ssh_s'][name]:.1f} s ({seconds})")
         last = found[-1]["systemd_analyze"].splitlines()
         print(f"  last run's systemd-analyze: {last[0] if last else '-'}")

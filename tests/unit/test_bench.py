@@ -1,5 +1,8 @@
 """The benchmark's summary: medians over runs, both build ratios, the image's release."""
 
+import json
+import threading
+
 import pytest
 
 from pipeline import bench
@@ -54,10 +57,37 @@ def test_the_task_boots_the_built_image_when_asked(monkeypatch, tmp_path):
     import tasks
 
     calls = []
-    monkeypatch.setattr(bench, "boot_benchmark", lambda spec, output_dir, runs: calls.append((spec.name, runs)))
+    monkeypatch.setattr(bench, "boot_benchmark",
+                        lambda spec, output_dir, runs, side_by_side: calls.append((spec.name, runs, side_by_side)))
     monkeypatch.setattr(bench, "benchmark", lambda *args, **kwargs: calls.append("build"))
     tasks.bench(Context(), "host-image", output_dir=str(tmp_path), runs=2, boots=True)
-    assert calls == [("host-image", 2)]
+    tasks.bench(Context(), "host-image", output_dir=str(tmp_path), runs=1, boots=True, side_by_side="2")
+    assert calls == [("host-image", 2, 1), ("host-image", 1, 2)]
+
+
+def test_side_by_side_boots_start_together_and_count_in_the_medians(tmp_path, monkeypatch):
+    """Two VMs a run boot at the same time (each waits until the other has started), and every
+    one of them is in the report."""
+    monkeypatch.setattr(bench.tools, "require", lambda *tools: None)
+    monkeypatch.setattr(bench.artifacts.Artifacts, "read_info", lambda self: {"qcow2_sha256": "0" * 64})
+    both_started = threading.Barrier(2, timeout=30)
+    seconds = iter([50.0, 70.0, 60.0, 80.0])
+
+    def boot(spec, qcow2, firmware, workdir):
+        both_started.wait()  # BrokenBarrierError after 30 s, were they booted one after the other
+        return {"boot_to_ssh_s": next(seconds), "systemd_analyze": "Startup finished"}
+
+    monkeypatch.setattr(bench, "boot_run", boot)
+    report = json.loads(bench.boot_benchmark(specs.load().get("guest-image"), tmp_path, 1, side_by_side=2).read_text())
+    assert report["summary"]["side_by_side"] == 2
+    assert sorted(report["summary"]["median_boot_to_ssh_s"].values()) == [60.0, 70.0]
+    assert [len(found) for found in report["runs"].values()] == [2, 2]
+
+
+def test_side_by_side_needs_at_least_one_vm(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench.tools, "require", lambda *tools: None)
+    with pytest.raises(PipelineError, match=r"^--side-by-side 0: expected at least 1 VM at once$"):
+        bench.boot_benchmark(specs.load().get("guest-image"), tmp_path, 1, side_by_side=0)
 
 
 def test_boots_need_a_built_image(tmp_path, monkeypatch):
