@@ -79,8 +79,11 @@ def _link_debs(source: Path, target: Path) -> int:
             continue
         except OSError:  # EXDEV: the apt cache mounted or linked elsewhere
             partial = target / f".{deb.name}.partial"
-            shutil.copyfile(deb, partial)
-            os.replace(partial, target / deb.name)
+            try:
+                shutil.copyfile(deb, partial)
+                os.replace(partial, target / deb.name)
+            finally:
+                partial.unlink(missing_ok=True)  # a copy cut short (a full disk) is not left in the cache
         linked += 1
     return linked
 

@@ -203,7 +203,7 @@ def accelerator() -> tuple[str, str]:
 # is a host thread: alone, a host image reached SSH in 57-60 s with two and 86-95 s with one; but
 # two VMs of two vCPUs at once on two cores did less than two VMs of one (each vCPU spins on locks
 # that a descheduled one holds): 87-123 s against 72-99 s. So `./inv test`, whose sessions run two
-# at a time, sets one (README, Benchmark).
+# at a time, gives each VM half the cores (shared_vm_cpus; README, Benchmark).
 VM_CPUS_VARIABLE = "PIPELINE_VM_CPUS"
 DEFAULT_VM_CPUS = 2
 

@@ -208,8 +208,9 @@ def test_no_prefetch_no_links(tmp_path):
     assert not (tmp_path / "apt").exists()
 
 
-def test_an_apt_cache_on_another_file_system_gets_copies(tmp_path, monkeypatch):
-    """os.link fails across file systems (EXDEV): the base is copied in, renamed into place whole."""
+@pytest.fixture
+def across_file_systems(tmp_path, monkeypatch):
+    """(source, target): a fetched .deb in source, and os.link failing as across file systems (EXDEV)."""
     source, target = tmp_path / "base", tmp_path / "apt"
     source.mkdir()
     target.mkdir()
@@ -219,9 +220,29 @@ def test_an_apt_cache_on_another_file_system_gets_copies(tmp_path, monkeypatch):
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
     monkeypatch.setattr(prefetch.os, "link", cross_device)
+    return source, target
+
+
+def test_an_apt_cache_on_another_file_system_gets_copies(across_file_systems):
+    """os.link fails across file systems (EXDEV): the base is copied in, renamed into place whole."""
+    source, target = across_file_systems
     assert prefetch._link_debs(source, target) == 1
     assert (target / "apt_3.0_amd64.deb").read_text() == "fetched"
     assert sorted(p.name for p in target.iterdir()) == ["apt_3.0_amd64.deb"]  # no partial file left
+
+
+def test_a_copy_cut_short_leaves_nothing_in_the_apt_cache(across_file_systems, monkeypatch):
+    """A full disk while copying: the error goes on to the prefetch's report, and no partial file stays."""
+    source, target = across_file_systems
+
+    def disk_full(src, dst):
+        Path(dst).write_text("fetc")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(prefetch.shutil, "copyfile", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        prefetch._link_debs(source, target)
+    assert list(target.iterdir()) == []
 
 
 def test_the_link_hook_copies_into_an_apt_cache_on_another_file_system(tmp_path):
